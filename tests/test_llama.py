@@ -8,6 +8,7 @@ import pytest
 from dora_jax.models.llama import (
     Llama,
     LlamaConfig,
+    _causal_attention,
     stack_layer_params,
     unstack_layer_params,
 )
@@ -75,6 +76,36 @@ def test_attention_mask_ignores_padding():
     pos = jnp.maximum(jnp.arange(9) - 3, 0)[None]
     out = model.apply(params, padded, attention_mask=mask, positions=pos)
     np.testing.assert_allclose(out[:, 3:], ref, atol=1e-5)
+
+
+def _attention_reference(q, k, v, mask):
+    """One head at a time in numpy; query head h reads K/V head h // (nh // nkv)."""
+    q, k, v, mask = (np.asarray(a, np.float64) for a in (q, k, v, mask))
+    b, t, nh, hd = q.shape
+    g = nh // k.shape[2]
+    out = np.zeros((b, t, nh, hd))
+    for h in range(nh):
+        s = q[:, :, h] @ k[:, :, h // g].transpose(0, 2, 1) / np.sqrt(hd)
+        s = np.where(mask > 0, s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[:, :, h] = p @ v[:, :, h // g]
+    return out.reshape(b, t, nh * hd)
+
+
+@pytest.mark.parametrize("nh,nkv", [(4, 4), (4, 2), (6, 2), (3, 1)])
+def test_attention_matches_per_head_reference(nh, nkv):
+    b, t, s, hd = 2, 5, 7, 8
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(kq, (b, t, nh, hd))
+    k = jax.random.normal(kk, (b, s, nkv, hd))
+    v = jax.random.normal(kv, (b, s, nkv, hd))
+    mask = (
+        jnp.tril(jnp.ones((t, s), bool), k=s - t)[None]
+        & jnp.array([[1] * s, [0] + [1] * 6], bool)[:, None]
+    )
+    out = jax.jit(_causal_attention, static_argnums=4)(q, k, v, mask, jnp.float32)
+    np.testing.assert_allclose(out, _attention_reference(q, k, v, mask), rtol=1e-5, atol=1e-6)
 
 
 def test_scan_matches_loop():

@@ -155,6 +155,32 @@ def apply_rotary(x, cos, sin):
     return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
+def _causal_attention(q, k, v, mask, dtype):
+    """Softmax attention of ``q`` (b, t, nh, hd) over ``k``, ``v`` (b, s, nkv, hd).
+
+    Grouped-query attention without repeating K/V: the ``g = nh // nkv`` query
+    heads that share a K/V head are folded into the query-length axis, so both
+    products are plain 4-D batched matmuls over (batch, kv_head). XLA on CPU runs
+    these about twice as fast, forward and backward, as the equivalent 5-D
+    grouped einsum. ``mask`` (b, t, s) is True where a query may attend.
+    """
+    b, t, nh, hd = q.shape
+    nkv = k.shape[2]
+    g = nh // nkv
+    q = q * jnp.asarray(hd**-0.5, q.dtype)
+    # (b, t, nkv, g, hd) -> (b, nkv, g * t, hd); rows ordered (group, position).
+    q = q.reshape(b, t, nkv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, nkv, g * t, hd)
+    k = k.transpose(0, 2, 3, 1)  # (b, nkv, hd, s)
+    v = v.transpose(0, 2, 1, 3)  # (b, nkv, s, hd)
+    scores = jnp.matmul(q, k, preferred_element_type=jnp.float32)
+    rows = jnp.tile(mask, (1, g, 1)) if g > 1 else mask
+    scores = jnp.where(rows[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.matmul(probs, v)  # (b, nkv, g * t, hd)
+    out = out.reshape(b, nkv, g, t, hd).transpose(0, 3, 1, 2, 4)
+    return out.reshape(b, t, nh * hd)
+
+
 class LlamaAttention(nn.Module):
     """Grouped-query causal self-attention with rotary embeddings."""
 
@@ -173,15 +199,7 @@ class LlamaAttention(nn.Module):
         v = _dense(x, nkv * hd, "v_proj", **kw).reshape(b, t, nkv, hd)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        # GQA without materialising repeated K/V: split query heads into
-        # (kv_head, group) so each group attends to its shared K/V head.
-        g = nh // nkv
-        q = q.reshape(b, t, nkv, g, hd)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(hd))
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, t, nh * hd)
+        out = _causal_attention(q, k, v, mask, self.dtype)
         return _dense(out, cfg.hidden_size, "o_proj", **kw)
 
 
