@@ -5,6 +5,9 @@ answers the same few questions whatever its kind:
 
 - ``factors()``: ``(L, R)`` with ``L: (*stack, *in, r)`` and ``R: (*stack, r, *out)`` such
   that the weight update is ``dW = L R`` (contracted over ``r``, scale folded into ``R``);
+- ``low_rank()``: the same update as ``dW = L diag(d) R diag(e)`` in the form the forward
+  pass evaluates cheapest (``d``, ``e`` per-rank and per-output scales or None; ``L``/``R``
+  without stack axes when shared by every layer);
 - ``output_scale()``: ``None`` for additive methods, ``m / ||W0 + dW||_c`` for decomposed
   ones (DoRA, Liu et al. 2024, Eq. 5), shape ``(*stack, *out)``, float32;
 - ``materialise()``: the adapted kernel ``W'`` in the base dtype (maths in float32).
@@ -106,6 +109,18 @@ class Adapter:
     # --- what every kind answers -------------------------------------------------------
     def factors(self) -> tuple[Array, Array]:
         raise NotImplementedError
+
+    def low_rank(self) -> tuple[Array, Array | None, Array, Array | None]:
+        """``(L, d, R, e)`` with ``dW = L diag(d) R diag(e)``, for the factored forward.
+
+        ``L: ([*stack,] *in, r)`` and ``R: ([*stack,] r, *out)`` (no stack axes when one
+        matrix serves every layer of a stack); ``d: (*stack, r)`` and ``e: (*stack, *out)``
+        or None. The forward computes ``(((x L) * d) R) * e``: scaling activations instead
+        of folding ``d``/``e`` into ``L``/``R`` keeps the backward pass from forming weight
+        gradients of ``L``/``R``'s size when only the scales train (VeRA).
+        """
+        left, right = self.factors()
+        return left, None, right, None
 
     def output_scale(self, base: Array | None = None) -> Array | None:
         """Per-output-feature factor applied after the contraction, or None."""
@@ -238,11 +253,16 @@ class _SharedRandomFactors(Adapter):
     d: Array
     b: Array
 
-    def factors(self) -> tuple[Array, Array]:
+    def low_rank(self) -> tuple[Array, Array, Array, Array]:
         rank = self.shared_a.shape[-1]
         n_in, n_out = _prod(self.in_shape), _prod(self.out_shape)
         a = self.shared_a[:n_in].reshape(*self.in_shape, rank)
         b = self.shared_b[:, :n_out].reshape(rank, *self.out_shape)
+        return a, self.d, b, self.b
+
+    def factors(self) -> tuple[Array, Array]:
+        a, _, b, _ = self.low_rank()
+        rank = a.shape[-1]
         d = self.d.reshape(*self.stack_shape, *(1,) * self.inputs, rank)
         scale_out = self.b.reshape(*self.stack_shape, 1, *self.out_shape)
         return a * d.astype(a.dtype), b * scale_out.astype(b.dtype)

@@ -273,16 +273,22 @@ def _dot_general(eqn, invals, ctx: _Context):
     x2 = x.reshape(*stack_shape, n_free, n_i)
 
     dtype = view.dtype
-    left, right = node.factors()
+    left, mid, right, post = node.low_rank()
     rank = left.shape[-1]
-    l2 = left.reshape(*stack_shape, n_i, rank).astype(dtype)
-    r2 = right.reshape(*stack_shape, rank, n_o).astype(dtype)
     s = tuple(range(n_stack))
     dims = (((n_stack + 1,), (n_stack,)), (s, s))
     kw = dict(
         precision=eqn.params["precision"],
         preferred_element_type=eqn.params["preferred_element_type"],
     )
+
+    def matmul(h, w, rows: int, cols: int, unstacked_ndim: int):
+        """``(*stack, n, rows) @ ([*stack,] rows, cols)``; ``w`` may be shared by the stack."""
+        if n_stack and w.ndim == unstacked_ndim:
+            w = w.reshape(rows, cols).astype(dtype)
+            return lax.dot_general(h, w, (((n_stack + 1,), (0,)), ((), ())), **kw)
+        w = w.reshape(*stack_shape, rows, cols).astype(dtype)
+        return lax.dot_general(h, w, dims, **kw)
 
     def base_terms(node, x2):
         base = node.dequantised_base()  # frozen: its gradient was stopped on entry
@@ -297,8 +303,13 @@ def _dot_general(eqn, invals, ctx: _Context):
     if node.dropout > 0.0 and ctx.key is not None:
         keep = jax.random.bernoulli(ctx.next_key(), 1.0 - node.dropout, x2.shape)
         x2 = jnp.where(keep, x2 / (1.0 - node.dropout), 0).astype(x2.dtype)
-    h = lax.dot_general(x2, l2, dims, **kw)
-    y = y + lax.dot_general(h, r2, dims, **kw)
+    h = matmul(x2, left, n_i, rank, n_in + 1)
+    if mid is not None:
+        h = h * mid.reshape(*stack_shape, 1, rank).astype(dtype)
+    z = matmul(h, right, rank, n_o, 1 + len(out_shape))
+    if post is not None:
+        z = z * post.reshape(*stack_shape, 1, n_o).astype(dtype)
+    y = y + z
     if scale is not None:
         scale = scale.reshape(*stack_shape, 1, n_o)
         y = (y * scale).astype(y.dtype)
@@ -375,8 +386,9 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
                 # Stop the base's gradient once, here: stopped again inside a scan body, the
                 # sliced kernel would become a new value that the backward pass saves for
                 # every layer, instead of reusing the stacked input.
-                base = jax.tree.map(lax.stop_gradient, leaf.base)
-                leaf = dataclasses.replace(leaf, base=base)
+                # VeRA's shared random matrices are frozen too.
+                frozen = {n: getattr(leaf, n) for n in ("base", *getattr(leaf, "shared", ()))}
+                leaf = dataclasses.replace(leaf, **jax.tree.map(lax.stop_gradient, frozen))
                 inputs.append(_View(leaf, stand_ins[len(inputs)].dtype, path))
             else:
                 inputs.append(leaf)

@@ -193,6 +193,31 @@ def test_training_step_forms_no_kernel_sized_array(method):
     assert _kernel_shaped_outputs(jax.make_jaxpr(jax.grad(slow))(trainable).jaxpr, shapes, [])
 
 
+def test_vera_trains_its_scales_without_factor_sized_products():
+    """VeRA's d and b scale activations: the gradient's jaxpr has no product of the shared
+    matrices' slice shapes (in, r) or (r, out), as folding d, b into them would give."""
+    x = jax.random.normal(jax.random.key(0), (8, 16))
+    model = Wide()
+    params = model.init(jax.random.key(0), x)["params"]
+    adapted = perturb(dora_jax.wrap(params, rank=4, method="vera"))
+    frozen, trainable = dora_jax.partition(adapted)
+    shapes = {(16, 4), (4, 40), (40, 4), (4, 24)}
+
+    def loss(t):
+        return jnp.sum(dora_jax.apply(model.apply)({"params": dora_jax.combine(frozen, t)}, x))
+
+    found = _kernel_shaped_outputs(jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr, shapes, [])
+    assert [f for f in found if f.split()[0] in ("dot_general", "mul")] == []
+
+    # Negative control: a loss through the folded factors is caught.
+    def folded(t):
+        nodes = jax.tree.leaves(dora_jax.combine(frozen, t), is_leaf=dora_jax.is_adapter)
+        return sum(jnp.sum(x @ n.factors()[0][: x.shape[1]]) for n in nodes[:1])
+
+    found = _kernel_shaped_outputs(jax.make_jaxpr(jax.grad(folded))(trainable).jaxpr, shapes, [])
+    assert [f for f in found if f.split()[0] in ("dot_general", "mul")]
+
+
 def test_fallback_warns_once_and_strict_raises(setup):
     _, params, x = setup
 
