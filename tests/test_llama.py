@@ -107,6 +107,19 @@ def test_attention_matches_per_head_reference(nh, nkv):
     out = jax.jit(_causal_attention, static_argnums=4)(q, k, v, mask, jnp.float32)
     np.testing.assert_allclose(out, _attention_reference(q, k, v, mask), rtol=1e-5, atol=1e-6)
 
+    # Gradients (the model's softmax has its own VJP) against autodiff of plain jnp.
+    def plain(q, k, v):
+        k, v = (jnp.repeat(a, nh // nkv, axis=2) for a in (k, v))
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
+        p = jax.nn.softmax(jnp.where(mask[:, None], s, -jnp.inf), axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, t, nh * hd)
+
+    w = jax.random.normal(jax.random.PRNGKey(1), (b, t, nh * hd))
+    grads = jax.grad(lambda *a: jnp.sum(_causal_attention(*a, mask, jnp.float32) * w), (0, 1, 2))
+    expected = jax.grad(lambda *a: jnp.sum(plain(*a) * w), (0, 1, 2))
+    for got, want in zip(grads(q, k, v), expected(q, k, v)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
 
 def test_scan_matches_loop():
     cfg = LlamaConfig.tiny()
