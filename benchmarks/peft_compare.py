@@ -207,9 +207,9 @@ class JaxSide:
         self.device = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
 
     def cross_entropy(self, logits, tokens):
-        jnp = self.jax.numpy
-        logp = self.jax.nn.log_softmax(logits[:, :-1])
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+        from dora_jax.models.llama import next_token_loss
+
+        return next_token_loss(logits, tokens)
 
     def make(self, case: Case) -> tuple[Callable[[int], None], int]:
         """Returns (run one step i and block, trainable parameter count)."""

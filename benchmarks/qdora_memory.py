@@ -30,13 +30,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import dora_jax  # noqa: E402
 from dora_jax.memory import PeakRSS, release_free_heap, rss_mb  # noqa: E402
 from dora_jax.models import smollm2  # noqa: E402
-from dora_jax.models.llama import Llama  # noqa: E402
+from dora_jax.models.llama import Llama, next_token_loss  # noqa: E402
 
 METHODS = ("dora", "qdora_nf4", "qdora_int8", "qdora_q4_1")
 MODULES = {"q": "self_attn/q_proj", "k": "self_attn/k_proj", "v": "self_attn/v_proj",
@@ -85,8 +84,7 @@ def measure(method: str, args) -> dict:
 
     def loss_fn(t, frozen, tokens):
         logits = fn({"params": dora_jax.combine(frozen, t)}, tokens)
-        logp = jax.nn.log_softmax(logits[:, :-1])
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+        return next_token_loss(logits, tokens)
 
     # The frozen half is an argument, not a closure (closed over, it would be a constant).
     def step(state, frozen, tokens):

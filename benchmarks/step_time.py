@@ -31,15 +31,14 @@ import optax  # noqa: E402
 
 import dora_jax  # noqa: E402
 from dora_jax.memory import PeakRSS  # noqa: E402
-from dora_jax.models.llama import Llama, LlamaConfig  # noqa: E402
+from dora_jax.models.llama import Llama, LlamaConfig, next_token_loss  # noqa: E402
 
 METHODS = ("full", "lora", "dora", "dora_merge", "dora_exact")
 PROJECTIONS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
 
 
 def cross_entropy(logits, tokens):
-    logp = jax.nn.log_softmax(logits[:, :-1])
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    return next_token_loss(logits, tokens)
 
 
 def make_step(method: str, model, params, rank: int, dropout: float, lr: float = 1e-4):

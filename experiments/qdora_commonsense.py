@@ -30,7 +30,7 @@ import optax  # noqa: E402
 
 import dora_jax  # noqa: E402
 from dora_jax.models import smollm2  # noqa: E402
-from dora_jax.models.llama import Llama  # noqa: E402
+from dora_jax.models.llama import Llama, next_token_loss  # noqa: E402
 
 MODULES = {"q": "self_attn/q_proj", "k": "self_attn/k_proj", "v": "self_attn/v_proj",
            "o": "self_attn/o_proj", "gate": "mlp/gate_proj", "up": "mlp/up_proj",
@@ -51,10 +51,7 @@ def adapt(method: str, params, args, axes):
 
 
 def masked_lm_loss(logits, tokens, loss_mask):
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    mask = loss_mask[:, 1:]
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return next_token_loss(logits, tokens, loss_mask)
 
 
 def train(model, adapted, batches, args):

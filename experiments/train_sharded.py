@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import dora_jax  # noqa: E402
 from dora_jax import checkpoint, sharding  # noqa: E402
-from dora_jax.models.llama import Llama, LlamaConfig  # noqa: E402
+from dora_jax.models.llama import Llama, LlamaConfig, next_token_loss  # noqa: E402
 
 PROJECTIONS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
 CONFIGS = {
@@ -42,8 +42,7 @@ CONFIGS = {
 
 
 def cross_entropy(logits, tokens):
-    logp = jax.nn.log_softmax(logits[:, :-1])
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    return next_token_loss(logits, tokens)
 
 
 def tokens_at(index: int, batch: int, seq: int, vocab: int) -> np.ndarray:

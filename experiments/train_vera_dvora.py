@@ -40,7 +40,7 @@ from tqdm.auto import tqdm  # noqa: E402
 import dora_jax  # noqa: E402
 import dora_jax.checkpoint  # noqa: E402
 from dora_jax.memory import PeakRSS  # noqa: E402
-from dora_jax.models.llama import Llama, LlamaConfig  # noqa: E402
+from dora_jax.models.llama import Llama, LlamaConfig, next_token_loss  # noqa: E402
 
 METHODS = ("base", "lora", "dora", "vera", "dvora")
 MODULES = {
@@ -183,10 +183,7 @@ def target_regex(targets) -> str:
 
 def masked_lm_loss(logits, tokens, loss_mask):
     """Mean next-token cross-entropy over the answer tokens only."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    mask = loss_mask[:, 1:]
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return next_token_loss(logits, tokens, loss_mask)
 
 
 def adapter_settings(method: str, args) -> dict:

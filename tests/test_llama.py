@@ -9,6 +9,7 @@ from dora_jax.models.llama import (
     Llama,
     LlamaConfig,
     _causal_attention,
+    next_token_loss,
     stack_layer_params,
     unstack_layer_params,
 )
@@ -167,3 +168,21 @@ def test_smollm2_greedy_says_paris():
         logits = fwd(params, jnp.asarray([ids]))
         ids.append(int(jnp.argmax(logits[0, -1])))
     assert "Paris" in tok.decode(ids[-3:])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_next_token_loss_matches_shifted_log_softmax(weighted):
+    b, t, v = 3, 7, 11
+    logits = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (b, t, v))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (b, t), 0, v)
+    weights = jax.random.bernoulli(jax.random.PRNGKey(2), 0.6, (b, t)).astype(jnp.float32)
+
+    def reference(logits):
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        w = weights[:, 1:] if weighted else jnp.ones_like(nll)
+        return jnp.sum(nll * w) / jnp.sum(w)
+
+    loss = lambda x: next_token_loss(x, tokens, weights if weighted else None)  # noqa: E731
+    np.testing.assert_allclose(loss(logits), reference(logits), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(loss)(logits), jax.grad(reference)(logits), atol=1e-7)
