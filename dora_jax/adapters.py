@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
@@ -192,6 +193,12 @@ class Adapter:
         """Leaves shared by every node of a tree, from the ``(in, out)`` sizes of its kernels."""
         return {}
 
+    def with_base(self, base, column_norm: Callable[[], Array] | None = None) -> Adapter:
+        """The node over another base of the same shape and layout (e.g. its quantised
+        copy); leaves that depend on the base are re-initialised from it (DoRA's magnitude:
+        ``column_norm()`` if given, else the norm of ``base`` over its input axes)."""
+        return dataclasses.replace(self, base=base)
+
     # --- what every kind answers -------------------------------------------------------
     def factors(self) -> tuple[Array, Array]:
         raise NotImplementedError
@@ -247,12 +254,10 @@ class Adapter:
     def delta(self) -> Array:
         """``dW = L R`` in float32, in the kernel's layout. Forms a kernel-sized array."""
         left, right = self.factors()
-        ns = len(self.stack)
         n_in, n_out, r = _prod(self.in_shape), _prod(self.out_shape), left.shape[-1]
         left = left.astype(jnp.float32).reshape(*self.stack_shape, n_in, r)
         right = right.astype(jnp.float32).reshape(*self.stack_shape, r, n_out)
         d = jnp.matmul(left, right).reshape(*self.stack_shape, *self.in_shape, *self.out_shape)
-        del ns
         return to_kernel_layout(d, self.base.ndim, self.stack, self.inputs)
 
     def materialise(self) -> Array:
@@ -279,6 +284,14 @@ class _Decomposed(Adapter):
 
     magnitude: Array
     exact_norm_grad: bool
+
+    def with_base(self, base, column_norm: Callable[[], Array] | None = None) -> Adapter:
+        if column_norm is None:
+            deq = base.dequantize() if hasattr(base, "dequantize") else base
+            norm = magnitude_init(deq, self.stack, self.inputs, jnp.float32)
+        else:
+            norm = column_norm()
+        return dataclasses.replace(self, base=base, magnitude=norm.astype(self.magnitude.dtype))
 
     def weight_norm(self, base: Array | None = None) -> Array:
         """``||W0 + dW||_c`` by the factored formula, float32, shape ``(*stack, *out)``."""

@@ -1,10 +1,11 @@
 """Quantised frozen bases (QLoRA / QDoRA): a kernel stored as codes plus per-block scales.
 
-A :class:`QuantizedArray` stands in for a frozen kernel ``W0`` (Flax layout
-``(*stack, *in, *out)``) wherever an adapter node holds its ``base``: it reports the logical
-``shape`` and ``dtype`` and dequantises on demand, so :func:`dora_jax.apply` turns it back
-into floats one kernel at a time, at the contraction that uses it, and ``merge`` returns
-full-precision kernels in the dtype the base had before quantisation.
+A :class:`QuantizedArray` stands in for a frozen kernel ``W0`` (stack axes first, input and
+output axes at any positions after them) wherever an adapter node holds its ``base``: it
+reports the logical ``shape`` and ``dtype`` and dequantises on demand, so
+:func:`dora_jax.apply` turns it back into floats one kernel at a time, at the contraction
+that uses it, and ``merge`` returns full-precision kernels in the dtype the base had before
+quantisation.
 
 Layout. Blocks run along the flattened input axes of each output feature, as in llama.cpp's
 GGUF files and bitsandbytes (both block the torch ``(out, in)`` weight row by row)::
@@ -14,8 +15,10 @@ GGUF files and bitsandbytes (both block the torch ``(out, in)`` weight row by ro
     scales  (*stack, out, n_blocks)
     offsets (*stack, out, n_blocks) or None            "q4_1" only
 
-Leading stack axes stay leading on every leaf, so ``nn.scan`` slices a quantised stack
-layer by layer exactly as it slices a float one. Formats:
+The codes are blocked in the canonical ``(*stack, *in, *out)`` order whatever the kernel's
+layout; ``input_axes`` records where the input axes sit, and ``dequantize`` returns the
+kernel in its own layout. Leading stack axes stay leading on every leaf, so ``nn.scan``
+slices a quantised stack layer by layer exactly as it slices a float one. Formats:
 
 - ``"nf4"``: 4-bit NormalFloat (Dettmers et al., QLoRA, 2023, Sec. 3), ``w = NF4[q] * absmax``.
 - ``"int8"``: symmetric absmax, ``w = q * absmax / 127`` with ``q`` in ``[-127, 127]``.
@@ -30,7 +33,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Mapping
@@ -333,15 +335,11 @@ def quantize_base(
             if q.shape != tuple(node.base.shape):
                 raise ValueError(
                     f"Quantised kernel for '{p}' has shape {q.shape}, the kernel "
-                    f"{tuple(node.base.shape)}; it must be the same kernel in Flax layout."
+                    f"{tuple(node.base.shape)}; it must be the same kernel in the same layout."
                 )
         else:
             q = _quantize(node.base, format, block=block, stack=node.stack, inputs=node.inputs)
-        new = {"base": q}
-        if "magnitude" in {f.name for f in dataclasses.fields(node)}:
-            norm = _column_norm(q, node.stack, node.inputs)
-            new["magnitude"] = norm.astype(node.magnitude.dtype)
-        return dataclasses.replace(node, **new)
+        return node.with_base(q, lambda: _column_norm(q, node.stack, node.inputs))
 
     return jax.tree_util.tree_map_with_path(convert, adapted, is_leaf=is_adapter)
 

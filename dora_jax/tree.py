@@ -105,8 +105,8 @@ def _check_axes(path: str, leaf, ax: Axes) -> int:
         _, inputs, outputs = ax.split(leaf.ndim)
     except ValueError as e:
         raise ValueError(
-            f"{ax!r} does not fit kernel '{path}' with shape {tuple(leaf.shape)}: {e} "
-            f"Write it as {example_hint(tuple(leaf.shape))}."
+            f"The axes given for kernel '{path}' with shape {tuple(leaf.shape)} do not fit: "
+            f"{e} Write them as {example_hint(tuple(leaf.shape))}."
         ) from None
     n_in = math.prod(leaf.shape[p] for p in inputs)
     n_out = math.prod(leaf.shape[p] for p in outputs)
@@ -147,9 +147,14 @@ def wrap(
         them (only leaves with at least 2 axes are considered), or a predicate
         ``(path, leaf) -> bool``. Default: every float leaf named
         ``kernel`` with at least 2 axes (Dense, DenseGeneral, Einsum, Linear...).
-      axes: how each kernel's axes split into stack/input/output when the shape cannot
-        tell (kernels with more than 2 axes): ``{path_or_regex: Axes(stack, inputs)}``, a
-        callable ``(path, leaf) -> Axes | None``, or the result of :func:`infer_axes`.
+      axes: how each kernel's axes split into stack/input/output axes when the shape
+        cannot tell: ``{path_or_regex: Axes(stack, inputs)}`` (positions, or legacy counts;
+        see :class:`dora_jax.Axes` and ``Axes.from_einsum``), a callable
+        ``(path, leaf) -> Axes | None``, or the result of :func:`infer_axes`. Without it a
+        2-D kernel is taken as Flax's ``(in, out)`` (a Flax Embed ``embedding`` table
+        ``(vocab, features)`` likewise: input the vocabulary), and any other kernel is an
+        error that says how to give its axes. The adapter leaves always have the layout
+        ``A (*stack, *in, r)``, ``B (*stack, r, *out)``, ``magnitude (*stack, *out)``.
       key: PRNG key for the initialisation of ``A`` (default ``jax.random.key(0)``).
       dropout: dropout rate on the input of the low-rank branch (active when
         :func:`dora_jax.apply` gets a ``key``).
