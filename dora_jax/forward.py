@@ -419,6 +419,13 @@ def _layout_error(view: _View, stack_axes, input_axes, use: str) -> ValueError:
         f"x @ w.T), wrap it with axes={{'{view.path}': dora_jax.Axes(stack={stack_axes}, "
         f"inputs={input_axes})}} (in einsum letters: dora_jax.Axes.from_einsum('{hint}')), "
         f"or learn the axes from the model with axes=dora_jax.infer_axes(fn, params, *args)."
+        + (
+            f" If the kernel is (in, out) and this is a deliberate use of W' transposed (a tied "
+            f"embedding or decoder), give its axes explicitly, axes={{'{view.path}': "
+            f"dora_jax.Axes(0, 1)}}, to allow it."
+            if node.assumed_layout
+            else ""
+        )
     )
 
 
