@@ -312,3 +312,28 @@ class DVoRA(_SharedRandomFactors, _Decomposed):
 def is_adapter(x: Any) -> bool:
     """True for an adapter node (use as ``is_leaf`` when mapping over adapted trees)."""
     return isinstance(x, Adapter)
+
+
+@_pytree_dataclass
+class Magnitude(_Decomposed):
+    """Magnitude only (DoRA's ``Wdecompose_target_modules``): ``W' = m W0 / ||W0||_c``.
+
+    The pre-trained direction is kept and only the per-output-feature magnitude
+    ``magnitude (*stack, *out)`` trains (initialised to ``||W0||_c``, so the node starts as
+    the base kernel). Its update is empty: ``factors()`` are rank-0 arrays, so every code
+    path that asks a node for ``(L, R)`` works unchanged and forms nothing.
+    """
+
+    trainable: ClassVar[tuple[str, ...]] = ("magnitude",)
+    base: Array
+    magnitude: Array
+    stack: int = static(0)
+    inputs: int = static(1)
+    dropout: float = static(0.0)
+    exact_norm_grad: bool = static(False)
+
+    def factors(self) -> tuple[Array, Array]:
+        dtype = self.magnitude.dtype
+        left = jnp.zeros((*self.stack_shape, *self.in_shape, 0), dtype)
+        right = jnp.zeros((*self.stack_shape, 0, *self.out_shape), dtype)
+        return left, right

@@ -5,17 +5,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from dora_jax.adapters import DoRA, DVoRA, LoRA, VeRA, is_adapter
+from dora_jax.adapters import DoRA, DVoRA, LoRA, Magnitude, VeRA, is_adapter
 
 PyTree = Any
 
-METHODS = ("lora", "dora", "vera", "dvora")
+METHODS = ("lora", "dora", "vera", "dvora", "magnitude")
+# What a rule of wrap(rules=...) may set for the kernels it matches.
+RULE_KEYS = ("method", "rank", "alpha", "rslora", "dropout", "exact_norm_grad")
 # VeRA/DVoRA: one pair of shared random matrices; their rank is not bounded by a kernel.
 _SHARED = ("vera", "dvora")
 
@@ -129,6 +131,7 @@ def wrap(
     rslora: bool = False,
     exact_norm_grad: bool = False,
     dtype: Any = jnp.float32,
+    rules: Sequence[tuple[str, Mapping[str, Any]]] | None = None,
 ) -> PyTree:
     """Returns ``params`` with every targeted kernel replaced by an adapter node.
 
@@ -138,7 +141,9 @@ def wrap(
       params: a parameter tree: Linen ``variables["params"]``, an NNX ``nnx.State`` from
         ``nnx.split``, or any dict of arrays.
       rank: the rank ``r`` of the update.
-      method: ``"dora"`` (default), ``"lora"``, ``"vera"`` or ``"dvora"`` (DoRA over VeRA).
+      method: ``"dora"`` (default), ``"lora"``, ``"vera"``, ``"dvora"`` (DoRA over VeRA) or
+        ``"magnitude"`` (only DoRA's magnitude trains, ``W' = m W0 / ||W0||_c``: the DoRA
+        code's ``Wdecompose_target_modules``; ``rank`` and ``alpha`` do not apply).
         VeRA/DVoRA draw one pair of frozen random matrices ``A_s (in_max, rank)``,
         ``B_s (rank, out_max)`` from ``key``, shared by every node (stored in each node, so
         they travel with the adapter and are never re-drawn); their rank may exceed a
@@ -160,6 +165,15 @@ def wrap(
       exact_norm_grad: DoRA only: differentiate through ``||W0 + dW||_c`` instead of
         treating it as a constant (the paper's Sec. 4.3 ablation; costs more).
       dtype: dtype of the trainable leaves (float32 keeps updates exact on bf16 bases).
+      rules: per-kernel settings, as PEFT's ``rank_pattern``/``alpha_pattern`` and more: an
+        ordered list of ``(regex, settings)``; for each targeted kernel the first rule whose
+        regex is found in its path overrides the arguments above with ``settings``, a dict
+        with keys among ``method``, ``rank``, ``alpha``, ``rslora``, ``dropout``,
+        ``exact_norm_grad`` (a kernel no rule matches takes the arguments as they are).
+        An ``alpha`` given by neither the rule nor the call is ``2 * rank`` of the kernel.
+        Rules choose settings, not targets (``targets`` does that); a rule that matches no
+        targeted kernel is an error, as is a key outside that list. VeRA/DVoRA kernels
+        share one pair of random matrices, so all of them must have the same rank.
 
     Returns:
       A tree of the same structure whose targeted kernels are ``LoRA``/``DoRA``/``VeRA``/
@@ -169,20 +183,21 @@ def wrap(
 
       adapted = dora_jax.wrap(variables["params"], rank=8)
       y = dora_jax.apply(model.apply)({"params": adapted}, x)
+      # DoRA r16 on the MLP, LoRA r4 on q/v, magnitude only on the rest:
+      adapted = dora_jax.wrap(params, method="magnitude", rules=[
+          (r"mlp/", dict(method="dora", rank=16)),
+          (r"(q|v)_proj", dict(method="lora", rank=4, alpha=8))])
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {METHODS}.")
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}.")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+    _check_settings(dict(method=method, rank=rank, dropout=dropout))
     if any(is_adapter(x) for x in jax.tree.leaves(params, is_leaf=is_adapter)):
         raise ValueError(
             "params already holds adapters: wrapping twice would adapt the adapters. Call "
             "dora_jax.merge(params) first to fold them in, or wrap the original params."
         )
-    alpha = 2.0 * rank if alpha is None else float(alpha)
-    scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+    defaults = dict(
+        method=method, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
+        exact_norm_grad=exact_norm_grad,
+    )  # fmt: skip
     key = jax.random.key(0) if key is None else key
     predicate = _target_predicate(targets)
 
@@ -206,31 +221,106 @@ def wrap(
             f"regex that matches some of them (searched in the '/'-joined path), e.g. "
             f"targets=r'(query|value)/kernel$'."
         )
+    settings = _resolve_rules(rules, [p for _, p, _, _ in chosen], defaults)
 
-    too_small = [(p, limit) for _, p, _, limit in chosen if rank > limit]
-    if method in _SHARED:
-        too_small = []
+    too_small = [
+        (p, limit, cfg["rank"])
+        for (_, p, _, limit), cfg in zip(chosen, settings)
+        if cfg["method"] in ("lora", "dora") and cfg["rank"] > limit
+    ]
     if too_small:
-        listed = ", ".join(f"'{p}' (max {limit})" for p, limit in too_small[:6])
+        ranks = sorted({r for _, _, r in too_small})
+        each = len(ranks) > 1  # rules gave different ranks: name each kernel's
+        listed = ", ".join(
+            f"'{p}' ({f'rank {r}, ' if each else ''}max {limit})" for p, limit, r in too_small[:6]
+        )
         raise ValueError(
-            f"rank={rank} is larger than some kernels allow: {listed}. A rank above "
+            f"rank={ranks[0] if not each else ranks} is larger than some kernels allow: "
+            f"{listed}. A rank above "
             f"min(in, out) adds parameters without adding expressiveness. Pass rank <= "
-            f"{min(limit for _, limit in too_small)}, or leave those kernels out with targets=."
+            f"{min(limit for _, limit, _ in too_small)}, or leave those kernels out with "
+            f"targets=."
         )
     new_leaves = [leaf for _, leaf in leaves_with_path]
-    if method in _SHARED:
-        shared = _shared_matrices(new_leaves, chosen, rank, key, dtype)
-        for i, _, ax, _ in chosen:
-            new_leaves[i] = _make_vera_node(
-                new_leaves[i], ax, method, shared, dropout, exact_norm_grad, dtype
+    shared_kernels = [c for c, cfg in zip(chosen, settings) if cfg["method"] in _SHARED]
+    if shared_kernels:
+        ranks = sorted({cfg["rank"] for cfg in settings if cfg["method"] in _SHARED})
+        if len(ranks) > 1:
+            raise ValueError(
+                f"VeRA/DVoRA kernels share one pair of random matrices, so they need one "
+                f"rank; the rules give {ranks}. Give every vera/dvora kernel the same rank."
             )
-        return jax.tree.unflatten(treedef, new_leaves)
-    keys = jax.random.split(key, len(chosen))
-    for k, (i, _, ax, _) in zip(keys, chosen):
-        new_leaves[i] = _make_node(
-            new_leaves[i], ax, rank, method, scale, k, dropout, exact_norm_grad, dtype
-        )
+        shared = _shared_matrices(new_leaves, shared_kernels, ranks[0], key, dtype)
+    # Without rules the keys are those of a single-method wrap (same initialisation).
+    keys = jax.random.split(jax.random.fold_in(key, 1) if shared_kernels else key, len(chosen))
+    for k, (i, _, ax, _), cfg in zip(keys, chosen, settings):
+        m = cfg["method"]
+        if m in _SHARED:
+            new_leaves[i] = _make_vera_node(
+                new_leaves[i], ax, m, shared, cfg["dropout"], cfg["exact_norm_grad"], dtype
+            )
+        elif m == "magnitude":
+            magnitude = _magnitude(new_leaves[i], ax, dtype)
+            new_leaves[i] = Magnitude(
+                new_leaves[i], magnitude, stack=ax.stack, inputs=ax.inputs,
+                exact_norm_grad=cfg["exact_norm_grad"],
+            )  # fmt: skip
+        else:
+            r = cfg["rank"]
+            a = 2.0 * r if cfg["alpha"] is None else float(cfg["alpha"])
+            scale = a / math.sqrt(r) if cfg["rslora"] else a / r
+            new_leaves[i] = _make_node(
+                new_leaves[i], ax, r, m, scale, k, cfg["dropout"], cfg["exact_norm_grad"], dtype
+            )
     return jax.tree.unflatten(treedef, new_leaves)
+
+
+def _resolve_rules(rules, paths: list[str], defaults: dict) -> list[dict]:
+    """The settings of each targeted kernel: the first matching rule over ``defaults``."""
+    compiled = []
+    for n, rule in enumerate(rules or ()):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+            raise TypeError(
+                f"rules[{n}] must be a (regex, settings) pair, e.g. "
+                f"(r'mlp/', dict(method='dora', rank=16)); got {rule!r}."
+            )
+        pattern, overrides = rule
+        unknown = sorted(set(overrides) - set(RULE_KEYS))
+        if unknown:
+            raise ValueError(
+                f"rules[{n}] ({pattern!r}) sets {unknown}, which a rule cannot set; allowed "
+                f"keys: {RULE_KEYS}."
+            )
+        compiled.append((re.compile(pattern), dict(overrides)))
+    used = [False] * len(compiled)
+    settings = []
+    for path in paths:
+        cfg = dict(defaults)
+        for n, (regex, overrides) in enumerate(compiled):
+            if regex.search(path):
+                cfg.update(overrides)
+                used[n] = True
+                break
+        _check_settings(cfg, path)
+        settings.append(cfg)
+    unused = [compiled[n][0].pattern for n, u in enumerate(used) if not u]
+    if unused:
+        raise ValueError(
+            f"rules {unused} match no targeted kernel (targeted: {paths[:6]}...); a rule "
+            f"regex is searched in the '/'-joined path of kernels chosen by targets=."
+        )
+    return settings
+
+
+def _check_settings(cfg: dict, path: str | None = None) -> None:
+    where = f" (kernel '{path}')" if path else ""
+    if cfg["method"] not in METHODS:
+        raise ValueError(f"method={cfg['method']!r} is not one of {METHODS}{where}.")
+    rank = cfg["rank"]
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}{where}.")
+    if not 0.0 <= cfg["dropout"] < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {cfg['dropout']}{where}.")
 
 
 def _in_out(shape, ax: Axes) -> tuple[int, int]:
