@@ -161,6 +161,10 @@ def save(
     modules: list[tuple[str, Any]] = []  # (module name, node) per written module
     for path, node in nodes:
         n_in, n_out = math.prod(node.in_shape), math.prod(node.out_shape)
+        # Host copies once per node: slicing device arrays layer by layer dispatches (and
+        # compiles) one op per slice.
+        host = {f: np.asarray(getattr(node, f)) for f in ("a", "b", "d", "magnitude")
+                if hasattr(node, f)}  # fmt: skip
         for index in np.ndindex(*node.stack_shape):
             name = name_map(path, tuple(int(i) for i in index))
             if name is None:
@@ -170,15 +174,15 @@ def save(
                 )
             key = PREFIX + name
             if kind in (LoRA, DoRA):
-                a = np.asarray(node.a[index]).reshape(n_in, -1)
+                a = host["a"][index].reshape(n_in, -1)
                 tensors[key + ".lora_A.weight"] = np.ascontiguousarray(a.T)
-                b = np.asarray(node.b[index]).reshape(-1, n_out)
+                b = host["b"][index].reshape(-1, n_out)
                 tensors[key + ".lora_B.weight"] = np.ascontiguousarray(b.T)
             else:
-                tensors[key + ".vera_lambda_b"] = np.asarray(node.b[index]).reshape(n_out)
-                tensors[key + ".vera_lambda_d"] = np.asarray(node.d[index])
+                tensors[key + ".vera_lambda_b"] = host["b"][index].reshape(n_out)
+                tensors[key + ".vera_lambda_d"] = host["d"][index]
             if kind in (DoRA, DVoRA):
-                magnitude = np.asarray(node.magnitude[index]).reshape(n_out)
+                magnitude = host["magnitude"][index].reshape(n_out)
                 tensors[key + ".lora_magnitude_vector"] = magnitude
             modules.append((name, node))
     if len({name for name, _ in modules}) != len(modules):
