@@ -455,6 +455,8 @@ def load(
         rank, alpha = settings[path]
         method = ("dora" if use_dora else "lora") if peft_type == "LORA" else "vera"
         rule = dict(method=method, rank=rank, alpha=alpha, rslora=bool(config.get("use_rslora")))
+        # Dropout only acts in training, where it should go on as PEFT would have trained.
+        rule["dropout"] = float(config.get("lora_dropout", config.get("vera_dropout")) or 0.0)
         rules.append((f"^{re.escape(path)}$", rule))
 
     path_axes = {where[m][0]: where[m][2] for m in weights}

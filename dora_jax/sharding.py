@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dora_jax.adapters import DoRA, DVoRA, LoRA, VeRA, is_adapter
+from dora_jax.adapters import DoRA, DVoRA, LoRA, Magnitude, VeRA, is_adapter
 from dora_jax.tree import path_str
 
 PyTree = Any
@@ -73,6 +73,7 @@ _LAYOUTS: dict[type, dict[str, tuple[str, ...]]] = {
     },
     VeRA: {"d": ("stack", "rank"), "b": ("stack", "out")},
     DVoRA: {"d": ("stack", "rank"), "b": ("stack", "out"), "magnitude": ("stack", "out")},
+    Magnitude: {"magnitude": ("stack", "out")},
 }
 
 

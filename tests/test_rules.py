@@ -134,3 +134,15 @@ def test_bad_rules_are_refused(setup, rules, error, match):
     _, params, _ = setup
     with pytest.raises(error, match=match):
         dora_jax.wrap(params, rank=4, rules=rules)
+
+
+def test_magnitude_only_nodes_shard_and_quantise(setup):
+    _, params, _ = setup
+    adapted = dora_jax.wrap(params, method="magnitude")
+    mesh = dora_jax.sharding.make_mesh(devices=jax.devices()[:1])
+    specs = dora_jax.sharding.shardings(adapted, mesh)
+    assert isinstance(specs["up_proj"]["kernel"], dora_jax.Magnitude)
+    quantised = dora_jax.quantize_base(adapted, "int8", block=4)
+    node = quantised["up_proj"]["kernel"]
+    w = node.base.dequantize()
+    np.testing.assert_allclose(node.magnitude, np.linalg.norm(w, axis=0), rtol=1e-6)
