@@ -477,7 +477,8 @@ def main(argv=None):
     settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
     total = time.perf_counter() - t_start
     note = (
-        f"SmolLM2-135M-Instruct{' (tiny random stand-in)' if args.tiny else ''}; "
+        f"{args.model or 'SmolLM2-135M-Instruct'}"
+        f"{' (tiny random stand-in)' if args.tiny and not args.model else ''}; "
         f"{args.steps} steps x {args.batch}x{args.seq} tokens; rank {args.rank} "
         f"(VeRA/DVoRA {args.vera_rank}); seeds {args.seeds}; held-out accuracy on a "
         f"fixed-seed half of each validation split; {total / 60:.1f} min on "

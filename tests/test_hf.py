@@ -123,3 +123,23 @@ def test_to_hf_after_from_hf_round_trips_bit_exactly(tmp_path):
         assert torch.equal(a, b), name
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     assert SIZES["hidden_size"] == config.hidden_size
+
+
+def test_config_from_hf_reads_smollm2s_published_config():
+    from dora_jax.models.llama import config_from_hf
+
+    # SmolLM2-135M(-Instruct)'s config.json as published (transformers 4 style).
+    published = {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 576,
+        "initializer_range": 0.041666666666666664, "intermediate_size": 1536,
+        "is_llama_config": True, "max_position_embeddings": 8192, "model_type": "llama",
+        "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_interleaved": False,
+        "rope_scaling": None, "rope_theta": 100000, "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16", "transformers_version": "4.42.3", "use_cache": True,
+        "vocab_size": 49152,
+    }  # fmt: skip
+    assert config_from_hf(published) == LlamaConfig.smollm2_135m()
+    with pytest.raises(ValueError, match="rope_interleaved"):
+        config_from_hf({**published, "rope_interleaved": True})

@@ -276,3 +276,22 @@ def test_main_job_trains_a_hf_directory_and_exports_peft(tmp_path):
         np.testing.assert_allclose(
             torch_logits(model, tokens), jax_logits(config, adapted, tokens), **TOL
         )
+
+
+def test_peft_dora_on_a_bf16_checkpoint(tmp_path):
+    """A bf16 base read as stored (bf16 params) takes a PEFT DoRA adapter exactly."""
+    model = tiny_hf_model(tied=True).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    # The reference: PEFT on the same bf16 values held in float32.
+    base32 = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "up_proj"])
+    peft_model = peft.get_peft_model(base32, config)
+    randomise_peft(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tokens = token_batch(3)
+    expected = torch_logits(peft_model.eval(), tokens)
+
+    llama_config, params = from_hf(tmp_path / "base", scan_layers=True)
+    assert params["layers"]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
+    adapted = dora_jax.peft.load(tmp_path / "adapter", params)
+    np.testing.assert_allclose(jax_logits(llama_config, adapted, tokens), expected, **TOL)

@@ -437,6 +437,8 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
     for option in ("attention_bias", "mlp_bias"):
         if hf.get(option):
             refuse(option, hf[option], "projections have no bias")
+    if hf.get("rope_interleaved"):  # SmolLM configs carry this flag
+        refuse("rope_interleaved", True, "rotary embeddings rotate halves (HF's rotate_half)")
     if hf.get("sliding_window") is not None:
         refuse("sliding_window", hf["sliding_window"], "attention is full causal attention")
     rope = dict(hf.get("rope_parameters") or {})
