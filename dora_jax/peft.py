@@ -336,7 +336,9 @@ def load(
     ``||W0||_c``), which is what PEFT's initialisation gives those layers.
 
     Refused, naming the option: anything PEFT would compute differently from these
-    formulas (``lora_bias``, ``bias`` other than ``"none"``, ``fan_in_fan_out``,
+    formulas (``lora_bias``, ``bias`` other than ``"none"``, ``fan_in_fan_out`` for the
+    project's Llama, whose projections are ``nn.Linear`` (with a ``name_map`` for a model
+    with Conv1D weights it is accepted: it only says how the base stores its weight),
     ``modules_to_save``, an ``init_lora_weights`` that rewrites the base such as PiSSA or
     LoftQ, embedding adapters, any other set option dora_jax does not know), tensors for
     modules ``name_map`` cannot place, tensors whose shapes do not fit ``params`` (an
@@ -371,7 +373,7 @@ def load(
         raise PeftFormatError(
             f"peft_type={peft_type!r} is not read by dora_jax (LORA, incl. DoRA, and VERA are)."
         )
-    _check_options(config, peft_type)
+    _check_options(config, peft_type, llama=name_map is None)
     name_map = name_map or _llama_name_map()
     axes = axes if axes is not None else _llama_axes
 
@@ -502,13 +504,17 @@ def _replace_bases(params, base_weights, where, leaves):
     return jax.tree_util.tree_map_with_path(pick, params)
 
 
-def _check_options(config: dict, peft_type: str) -> None:
+def _check_options(config: dict, peft_type: str, llama: bool) -> None:
     handled, init_only = (
         (_LORA_HANDLED, _LORA_INIT_ONLY)
         if peft_type == "LORA"
         else (_VERA_HANDLED, _VERA_INIT_ONLY)
     )
     for option, value in config.items():
+        if option == "fan_in_fan_out" and not llama:
+            # Says how the base weight is stored (GPT-2's Conv1D keeps (in, out)); PEFT's
+            # lora_A (r, in) and lora_B (out, r) mean the same update either way.
+            continue
         if option in _MUST_BE_DEFAULT:
             if value != _MUST_BE_DEFAULT[option] and not (
                 option == "modules_to_save" and not value

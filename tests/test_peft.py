@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import dora_jax
+import dora_jax.models.llama
 import dora_jax.peft
 from dora_jax.models.llama import Llama, from_hf, to_hf
 from tests.hf_helpers import (
@@ -214,6 +215,22 @@ def test_load_refuses_options_it_does_not_implement(base, tmp_path, option, valu
     _, params = from_hf(directory)
     with pytest.raises(dora_jax.peft.PeftFormatError, match=option):
         dora_jax.peft.load(tmp_path, params)
+
+
+def test_fan_in_fan_out_is_accepted_with_a_name_map_for_conv1d_models(base, tmp_path):
+    # With a user name_map (say a GPT-2-style model), fan_in_fan_out only describes the base
+    # weight's storage: the adapter tensors mean the same update, and load reads them.
+    directory, tokens = base
+    model = peft.get_peft_model(hf_base(directory), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    randomise_peft(model)
+    model.save_pretrained(tmp_path)
+    expected = torch_logits(model.eval(), tokens)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    llama_config, params = from_hf(directory)
+    name_map = dora_jax.models.llama.hf_module_name
+    adapted = dora_jax.peft.load(tmp_path, params, name_map=name_map)
+    np.testing.assert_allclose(jax_logits(llama_config, adapted, tokens), expected, **TOL)
 
 
 def test_load_refuses_unmappable_modules_and_another_base(base, tmp_path):
