@@ -333,7 +333,9 @@ def load(
     same base; train it on, ``merge`` it or ``save`` it back. The modules that get adapters
     are those with weights in the file. In a scanned stack, layers the file has no weights
     for get an identity adapter (``B = 0``, VeRA's ``b = 0``, DoRA's magnitude
-    ``||W0||_c``), which is what PEFT's initialisation gives those layers.
+    ``||W0||_c``), which is what PEFT's initialisation gives those layers. A base weight
+    PEFT saved beside the adapter (``lm_head.base_layer.weight``, ``save_embedding_layers``)
+    replaces that kernel in the returned tree, as PEFT loads it over the base.
 
     Refused, naming the option: anything PEFT would compute differently from these
     formulas (``lora_bias``, ``bias`` other than ``"none"``, ``fan_in_fan_out`` for the
@@ -444,7 +446,7 @@ def load(
     for module in weights:
         path, index, _ = where[module]
         per_path[path][index] = module
-    rules, settings = [], {}
+    rules = []
     for path, modules in per_path.items():
         found = {_module_settings(config, peft_type, m, weights[m]) for m in modules.values()}
         if len(found) > 1:
@@ -453,8 +455,7 @@ def load(
                 f"have different (rank, alpha) {sorted(found)}: load onto unscanned params "
                 f"(from_hf(..., scan_layers=False))."
             )
-        settings[path] = found.pop()
-        rank, alpha = settings[path]
+        rank, alpha = found.pop()
         method = ("dora" if use_dora else "lora") if peft_type == "LORA" else "vera"
         rule = dict(method=method, rank=rank, alpha=alpha, rslora=bool(config.get("use_rslora")))
         # Dropout only acts in training, where it should go on as PEFT would have trained.
