@@ -312,3 +312,57 @@ def test_peft_dora_on_a_bf16_checkpoint(tmp_path):
     assert params["layers"]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
     adapted = dora_jax.peft.load(tmp_path / "adapter", params)
     np.testing.assert_allclose(jax_logits(llama_config, adapted, tokens), expected, **TOL)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_name_map_carries_adapters_of_any_model_both_ways(tmp_path, use_dora):
+    """A Flax MLP and its torch twin: a two-line name_map is all PEFT interchange needs."""
+    from tests.test_apply import MLP
+
+    x = np.random.default_rng(0).normal(size=(4, 12)).astype(np.float32)
+    params = MLP().init(jax.random.key(0), jnp.asarray(x))["params"]
+
+    class TorchMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(12, 16), torch.nn.Linear(16, 5)
+
+        def forward(self, h):
+            return self.fc2(torch.tanh(self.fc1(h)))
+
+    def twin():
+        model = TorchMLP()
+        with torch.no_grad():
+            for name in ("fc1", "fc2"):
+                getattr(model, name).weight.copy_(
+                    torch.tensor(np.asarray(params[name]["kernel"]).T)
+                )
+                getattr(model, name).bias.copy_(torch.tensor(np.asarray(params[name]["bias"])))
+        return model
+
+    def name_map(path, index):  # "fc1/kernel" <-> torch module "fc1"
+        return path.split("/")[0] if path.endswith("/kernel") else None
+
+    def torch_out(model):
+        with torch.no_grad():
+            return model(torch.tensor(x)).numpy()
+
+    forward = dora_jax.apply(MLP().apply)
+    # PEFT -> dora_jax
+    peft_model = peft.get_peft_model(
+        twin(), peft.LoraConfig(r=2, lora_alpha=3, use_dora=use_dora, target_modules=["fc1", "fc2"])
+    )
+    randomise_peft(peft_model)
+    assert np.abs(torch_out(peft_model.eval()) - torch_out(twin())).max() > 1e-2
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    adapted = dora_jax.peft.load(tmp_path / "from_peft", params, name_map=name_map)
+    np.testing.assert_allclose(
+        forward({"params": adapted}, x), torch_out(peft_model.eval()), atol=1e-5, rtol=1e-5
+    )
+    # dora_jax -> PEFT
+    mine = perturb(dora_jax.wrap(params, rank=3, method="dora" if use_dora else "lora"), size=0.3)
+    dora_jax.peft.save(tmp_path / "to_peft", mine, name_map=name_map)
+    loaded = peft.PeftModel.from_pretrained(twin(), tmp_path / "to_peft").eval()
+    np.testing.assert_allclose(
+        torch_out(loaded), forward({"params": mine}, x), atol=1e-5, rtol=1e-5
+    )
