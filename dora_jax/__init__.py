@@ -1,7 +1,7 @@
 """dora_jax: DoRA, LoRA and friends for any JAX/Flax model, as pure functions over pytrees."""
 
-from dora_jax import checkpoint, sharding
-from dora_jax.adapters import DoRA, DVoRA, LoRA, VeRA, column_norm_sq, is_adapter
+from dora_jax import checkpoint, peft, sharding
+from dora_jax.adapters import DoRA, DVoRA, LoRA, Magnitude, VeRA, column_norm_sq, is_adapter
 from dora_jax.checkpoint import CheckpointError
 from dora_jax.forward import FallbackWarning, apply, infer_axes
 from dora_jax.optim import only_trainable
@@ -16,6 +16,7 @@ __all__ = [
     "DVoRA",
     "FallbackWarning",
     "LoRA",
+    "Magnitude",
     "QuantizedArray",
     "VeRA",
     "apply",
@@ -27,6 +28,7 @@ __all__ = [
     "merge",
     "mesh_from_string",
     "only_trainable",
+    "peft",
     "partition",
     "quantize",
     "quantize_base",

@@ -526,9 +526,48 @@ class DVoRA(_SharedRandomFactors, _Decomposed):
 
 
 # The kinds wrap(method=...) knows, by name.
-KINDS: dict[str, type[Adapter]] = {"lora": LoRA, "dora": DoRA, "vera": VeRA, "dvora": DVoRA}
-
-
 def is_adapter(x: Any) -> bool:
     """True for an adapter node (use as ``is_leaf`` when mapping over adapted trees)."""
     return isinstance(x, Adapter)
+
+
+@_pytree_dataclass
+class Magnitude(_Decomposed):
+    """Magnitude only (DoRA's ``Wdecompose_target_modules``): ``W' = m W0 / ||W0||_c``.
+
+    The pre-trained direction is kept and only the per-output-feature magnitude
+    ``magnitude (*stack, *out)`` trains (initialised to ``||W0||_c``, so the node starts as
+    the base kernel). Its update is empty: ``factors()`` are rank-0 arrays, so every code
+    path that asks a node for ``(L, R)`` works unchanged and forms nothing.
+    """
+
+    trainable: ClassVar[tuple[str, ...]] = ("magnitude",)
+    layout: ClassVar[dict[str, tuple[str, ...]]] = {"magnitude": ("stack", "out")}
+    rank_bounded: ClassVar[bool] = False
+    base: Array
+    magnitude: Array
+    stack: tuple[int, ...] = static(())
+    inputs: tuple[int, ...] = static((0,))
+    dropout: float = static(0.0)
+    exact_norm_grad: bool = static(False)
+    assumed_layout: bool = static(False)
+
+    @classmethod
+    def init(cls, base, axes, *, dtype=jnp.float32, exact_norm_grad=False,
+             assumed_layout=False, path="", **_):  # fmt: skip
+        s, i, _ = axes.split(base.ndim)
+        magnitude = magnitude_init(base, s, i, dtype, path)
+        return cls(base, magnitude, stack=s, inputs=i, exact_norm_grad=exact_norm_grad,
+                   assumed_layout=assumed_layout)  # fmt: skip
+
+    def factors(self) -> tuple[Array, Array]:
+        dtype = self.magnitude.dtype
+        left = jnp.zeros((*self.stack_shape, *self.in_shape, 0), dtype)
+        right = jnp.zeros((*self.stack_shape, 0, *self.out_shape), dtype)
+        return left, right
+
+
+# Method name -> adapter kind (what wrap(method=...) and rules choose from).
+KINDS: dict[str, type[Adapter]] = {
+    "lora": LoRA, "dora": DoRA, "vera": VeRA, "dvora": DVoRA, "magnitude": Magnitude,
+}  # fmt: skip

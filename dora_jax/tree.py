@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,6 +17,8 @@ from dora_jax.axes import Axes, example_hint
 PyTree = Any
 
 METHODS = tuple(KINDS)
+# What a rule of wrap(rules=...) may set for the kernels it matches.
+RULE_KEYS = ("method", "rank", "alpha", "rslora", "dropout", "exact_norm_grad")
 
 
 def path_str(path: tuple) -> str:
@@ -126,6 +128,7 @@ def wrap(
     rslora: bool = False,
     exact_norm_grad: bool = False,
     dtype: Any = jnp.float32,
+    rules: Sequence[tuple[str, Mapping[str, Any]]] | None = None,
 ) -> PyTree:
     """Returns ``params`` with every targeted kernel replaced by an adapter node.
 
@@ -135,7 +138,9 @@ def wrap(
       params: a parameter tree: Linen ``variables["params"]``, an NNX ``nnx.State`` from
         ``nnx.split``, or any dict of arrays.
       rank: the rank ``r`` of the update.
-      method: ``"dora"`` (default), ``"lora"``, ``"vera"`` or ``"dvora"`` (DoRA over VeRA).
+      method: ``"dora"`` (default), ``"lora"``, ``"vera"``, ``"dvora"`` (DoRA over VeRA) or
+        ``"magnitude"`` (only DoRA's magnitude trains, ``W' = m W0 / ||W0||_c``: the DoRA
+        code's ``Wdecompose_target_modules``; ``rank`` and ``alpha`` do not apply).
         VeRA/DVoRA draw one pair of frozen random matrices ``A_s (in_max, rank)``,
         ``B_s (rank, out_max)`` from ``key``, shared by every node (stored in each node, so
         they travel with the adapter and are never re-drawn); their rank may exceed a
@@ -162,6 +167,15 @@ def wrap(
       exact_norm_grad: DoRA only: differentiate through ``||W0 + dW||_c`` instead of
         treating it as a constant (the paper's Sec. 4.3 ablation; costs more).
       dtype: dtype of the trainable leaves (float32 keeps updates exact on bf16 bases).
+      rules: per-kernel settings, as PEFT's ``rank_pattern``/``alpha_pattern`` and more: an
+        ordered list of ``(regex, settings)``; for each targeted kernel the first rule whose
+        regex is found in its path overrides the arguments above with ``settings``, a dict
+        with keys among ``method``, ``rank``, ``alpha``, ``rslora``, ``dropout``,
+        ``exact_norm_grad`` (a kernel no rule matches takes the arguments as they are).
+        An ``alpha`` given by neither the rule nor the call is ``2 * rank`` of the kernel.
+        Rules choose settings, not targets (``targets`` does that); a rule that matches no
+        targeted kernel is an error, as is a key outside that list. VeRA/DVoRA kernels
+        share one pair of random matrices, so all of them must have the same rank.
 
     Returns:
       A tree of the same structure whose targeted kernels are ``LoRA``/``DoRA``/``VeRA``/
@@ -171,20 +185,21 @@ def wrap(
 
       adapted = dora_jax.wrap(variables["params"], rank=8)
       y = dora_jax.apply(model.apply)({"params": adapted}, x)
+      # DoRA r16 on the MLP, LoRA r4 on q/v, magnitude only on the rest:
+      adapted = dora_jax.wrap(params, method="magnitude", rules=[
+          (r"mlp/", dict(method="dora", rank=16)),
+          (r"(q|v)_proj", dict(method="lora", rank=4, alpha=8))])
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {METHODS}.")
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}.")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+    _check_settings(dict(method=method, rank=rank, dropout=dropout))
     if any(is_adapter(x) for x in jax.tree.leaves(params, is_leaf=is_adapter)):
         raise ValueError(
             "params already holds adapters: wrapping twice would adapt the adapters. Call "
             "dora_jax.merge(params) first to fold them in, or wrap the original params."
         )
-    alpha = 2.0 * rank if alpha is None else float(alpha)
-    scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+    defaults = dict(
+        method=method, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
+        exact_norm_grad=exact_norm_grad,
+    )  # fmt: skip
     key = jax.random.key(0) if key is None else key
     predicate = _target_predicate(targets)
 
@@ -208,29 +223,103 @@ def wrap(
             f"regex that matches some of them (searched in the '/'-joined path), e.g. "
             f"targets=r'(query|value)/kernel$'."
         )
+    settings = _resolve_rules(rules, [p for _, p, _, _ in chosen], defaults)
 
-    kind = KINDS[method]
-    too_small = [(p, limit) for _, p, _, _, limit in chosen if rank > limit]
-    if too_small and kind.rank_bounded:
-        listed = ", ".join(f"'{p}' (max {limit})" for p, limit in too_small[:6])
+    too_small = [
+        (p, limit, cfg["rank"])
+        for (_, p, _, _, limit), cfg in zip(chosen, settings)
+        if KINDS[cfg["method"]].rank_bounded and cfg["rank"] > limit
+    ]
+    if too_small:
+        ranks = sorted({r for _, _, r in too_small})
+        each = len(ranks) > 1  # rules gave different ranks: name each kernel's
+        listed = ", ".join(
+            f"'{p}' ({f'rank {r}, ' if each else ''}max {limit})" for p, limit, r in too_small[:6]
+        )
         raise ValueError(
-            f"rank={rank} is larger than some kernels allow: {listed}. A rank above "
+            f"rank={ranks[0] if not each else ranks} is larger than some kernels allow: "
+            f"{listed}. A rank above "
             f"min(in, out) adds parameters without adding expressiveness. Pass rank <= "
-            f"{min(limit for _, limit in too_small)}, or leave those kernels out with targets=."
+            f"{min(limit for _, limit, _ in too_small)}, or leave those kernels out with "
+            f"targets=."
         )
     new_leaves = [leaf for _, leaf in leaves_with_path]
-    sizes = [_in_out(new_leaves[i].shape, ax) for i, _, ax, _, _ in chosen]
-    # A kind with shared leaves (VeRA's matrices) draws them from `key`; the others draw
-    # one key per kernel.
-    shared = kind.init_shared(sizes, rank, key, dtype) if kind.shared else None
-    keys = jax.random.split(key, len(chosen))
-    options = dict(scale=scale, dtype=dtype, dropout=dropout, exact_norm_grad=exact_norm_grad)
-    for k, (i, p, ax, assumed, _) in zip(keys, chosen):
+    # Kinds with shared leaves (VeRA's matrices) draw them once from `key`, over every
+    # kernel of those kinds; the others draw one key per kernel.
+    shared = {}
+    for kind in {KINDS[cfg["method"]] for cfg in settings}:
+        if not kind.shared:
+            continue
+        mine = [(c, cfg) for c, cfg in zip(chosen, settings) if KINDS[cfg["method"]] is kind]
+        ranks = sorted({cfg["rank"] for _, cfg in mine})
+        if len(ranks) > 1:
+            raise ValueError(
+                f"{kind.__name__} kernels share one pair of random matrices, so they need "
+                f"one rank; the rules give {ranks}. Give every such kernel the same rank."
+            )
+        sizes = [_in_out(new_leaves[i].shape, ax) for (i, _, ax, _, _), _ in mine]
+        shared[kind] = kind.init_shared(sizes, ranks[0], key, dtype)
+    # Without rules the keys are those of a single-method wrap (same initialisation).
+    keys = jax.random.split(jax.random.fold_in(key, 1) if shared else key, len(chosen))
+    for k, (i, p, ax, assumed, _), cfg in zip(keys, chosen, settings):
+        kind = KINDS[cfg["method"]]
+        r = cfg["rank"]
+        a = 2.0 * r if cfg["alpha"] is None else float(cfg["alpha"])
+        scale = a / math.sqrt(r) if cfg["rslora"] else a / r
         new_leaves[i] = kind.init(
-            new_leaves[i], ax, rank=rank, key=k, shared=shared, path=p,
-            assumed_layout=assumed, **options,
+            new_leaves[i], ax, rank=r, key=k, shared=shared.get(kind), path=p,
+            assumed_layout=assumed, scale=scale, dtype=dtype, dropout=cfg["dropout"],
+            exact_norm_grad=cfg["exact_norm_grad"],
         )  # fmt: skip
     return jax.tree.unflatten(treedef, new_leaves)
+
+
+def _resolve_rules(rules, paths: list[str], defaults: dict) -> list[dict]:
+    """The settings of each targeted kernel: the first matching rule over ``defaults``."""
+    compiled = []
+    for n, rule in enumerate(rules or ()):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+            raise TypeError(
+                f"rules[{n}] must be a (regex, settings) pair, e.g. "
+                f"(r'mlp/', dict(method='dora', rank=16)); got {rule!r}."
+            )
+        pattern, overrides = rule
+        unknown = sorted(set(overrides) - set(RULE_KEYS))
+        if unknown:
+            raise ValueError(
+                f"rules[{n}] ({pattern!r}) sets {unknown}, which a rule cannot set; allowed "
+                f"keys: {RULE_KEYS}."
+            )
+        compiled.append((re.compile(pattern), dict(overrides)))
+    used = [False] * len(compiled)
+    settings = []
+    for path in paths:
+        cfg = dict(defaults)
+        for n, (regex, overrides) in enumerate(compiled):
+            if regex.search(path):
+                cfg.update(overrides)
+                used[n] = True
+                break
+        _check_settings(cfg, path)
+        settings.append(cfg)
+    unused = [compiled[n][0].pattern for n, u in enumerate(used) if not u]
+    if unused:
+        raise ValueError(
+            f"rules {unused} match no targeted kernel (targeted: {paths[:6]}...); a rule "
+            f"regex is searched in the '/'-joined path of kernels chosen by targets=."
+        )
+    return settings
+
+
+def _check_settings(cfg: dict, path: str | None = None) -> None:
+    where = f" (kernel '{path}')" if path else ""
+    if cfg["method"] not in METHODS:
+        raise ValueError(f"method={cfg['method']!r} is not one of {METHODS}{where}.")
+    rank = cfg["rank"]
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}{where}.")
+    if not 0.0 <= cfg["dropout"] < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {cfg['dropout']}{where}.")
 
 
 def _in_out(shape, ax: Axes) -> tuple[int, int]:

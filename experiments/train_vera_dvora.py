@@ -115,6 +115,16 @@ def parse_args(argv=None):
         help='shard training over a device mesh, e.g. "data=2,fsdp=2,tensor=2" ("" = all '
         "devices on fsdp); see README for multi-host pods",
     )
+    p.add_argument(
+        "--model",
+        help="a local Hugging Face Llama checkpoint directory (config.json, *.safetensors, "
+        "tokenizer.json); default: the packaged SmolLM2-135M-Instruct GGUF",
+    )
+    p.add_argument(
+        "--export-peft",
+        action="store_true",
+        help="also write each trained adapter in PEFT format to adapters/<method>-seed<k>-peft",
+    )
     p.add_argument("--out", default="runs/train_vera_dvora", help="output directory")
     args = p.parse_args(argv)
     settings = dict(DEFAULTS)
@@ -145,8 +155,20 @@ def parse_args(argv=None):
 
 
 def load_model(args):
-    """(config, params, tokenizer): SmolLM2 from GGUF, or a random tiny Llama (--tiny)."""
+    """(config, params, tokenizer): SmolLM2 from GGUF, a Hugging Face directory (--model),
+    or a random tiny Llama (--tiny)."""
     from dora_jax.models import smollm2
+
+    if args.model:
+        from tokenizers import Tokenizer
+
+        from dora_jax.models.llama import from_hf
+
+        tokenizer_file = Path(args.model) / "tokenizer.json"
+        if not tokenizer_file.exists():
+            raise SystemExit(f"--model {args.model}: no tokenizer.json in that directory.")
+        config, params = from_hf(args.model, dtype=jnp.float32, scan_layers=True)
+        return config, params, Tokenizer.from_file(str(tokenizer_file))
 
     if args.tiny:
         import gguf
@@ -400,7 +422,7 @@ def main(argv=None):
     model = Llama(config)
     train_examples, held_out = load_data(args)
     print(
-        f"model: {'tiny random Llama' if args.tiny else 'SmolLM2-135M-Instruct (GGUF)'}, "
+        f"model: {args.model or ('tiny random Llama' if args.tiny else 'SmolLM2 (GGUF)')}, "
         f"{sum(x.size for x in jax.tree.leaves(params)):,} params; tasks {args.tasks}; "
         f"{len(train_examples)} training examples (fixed-seed half of each validation set, "
         f"seed {args.held_out_seed}), held-out "
@@ -439,6 +461,8 @@ def main(argv=None):
                 data_position=args.steps * args.batch,
             )  # fmt: skip
             ckpt.wait_until_finished()
+            if args.export_peft:  # DVoRA is written as a marked extension PEFT refuses
+                dora_jax.peft.save(out / "adapters" / f"{method}-seed{seed}-peft", adapted)
             runs.append(dict(method=method, seed=seed, trainable_params=n_train, accuracy=acc,
                              step_times=times, losses=losses, peak_rss_mb=r["peak_rss_mb"],
                              compile_s=r["compile_s"], step_mb=r["step_mb"],
@@ -453,7 +477,8 @@ def main(argv=None):
     settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
     total = time.perf_counter() - t_start
     note = (
-        f"SmolLM2-135M-Instruct{' (tiny random stand-in)' if args.tiny else ''}; "
+        f"{args.model or 'SmolLM2-135M-Instruct'}"
+        f"{' (tiny random stand-in)' if args.tiny and not args.model else ''}; "
         f"{args.steps} steps x {args.batch}x{args.seq} tokens; rank {args.rank} "
         f"(VeRA/DVoRA {args.vera_rank}); seeds {args.seeds}; held-out accuracy on a "
         f"fixed-seed half of each validation split; {total / 60:.1f} min on "

@@ -355,3 +355,334 @@ def unstack_layer_params(params, num_layers: int):
     for i in range(num_layers):
         params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
     return params
+
+
+# --- Hugging Face checkpoints ------------------------------------------------------------
+
+# Projection names shared by this module and Hugging Face's Llama (``self_attn.q_proj``...).
+PROJECTIONS = (
+    "self_attn/q_proj",
+    "self_attn/k_proj",
+    "self_attn/v_proj",
+    "self_attn/o_proj",
+    "mlp/gate_proj",
+    "mlp/up_proj",
+    "mlp/down_proj",
+)
+_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+_HF_MODEL_TYPES = ("llama", "mistral")
+_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
+
+
+def hf_module_name(path: str, index: tuple[int, ...] = ()) -> str | None:
+    """The Hugging Face module name of a kernel of :class:`Llama`, or None.
+
+    ``path`` is the ``/``-joined Flax path of the kernel (``layers_3/self_attn/q_proj/kernel``,
+    or ``layers/self_attn/q_proj/kernel`` with ``index=(3,)`` for ``scan_layers=True``).
+
+    Example::
+
+      hf_module_name("layers_3/mlp/up_proj/kernel")            # "model.layers.3.mlp.up_proj"
+      hf_module_name("layers/mlp/up_proj/kernel", (3,))        # the same kernel, scanned
+    """
+    parts = path.split("/")
+    if parts[-1] != "kernel":
+        return None
+    if parts[:-1] == ["lm_head"] and not index:
+        return "lm_head"
+    module = "/".join(parts[1:-1])
+    if module not in PROJECTIONS:
+        return None
+    if parts[0] == "layers" and len(index) == 1:
+        layer = index[0]
+    elif parts[0].startswith("layers_") and parts[0][7:].isdigit() and not index:
+        layer = int(parts[0][7:])
+    else:
+        return None
+    return f"model.layers.{layer}.{module.replace('/', '.')}"
+
+
+def _hf_tensors(config: LlamaConfig):
+    """``(flax path, layer or None, hf tensor name, is a kernel)`` for every parameter."""
+    yield ("embed_tokens", "embedding"), None, "model.embed_tokens.weight", False
+    for i in range(config.num_layers):
+        for norm in _LAYER_NORMS:
+            yield (norm, "scale"), i, f"model.layers.{i}.{norm}.weight", False
+        for proj in PROJECTIONS:
+            name = f"model.layers.{i}.{proj.replace('/', '.')}.weight"
+            yield (*proj.split("/"), "kernel"), i, name, True
+    yield ("norm", "scale"), None, "model.norm.weight", False
+    if not config.tie_embeddings:
+        yield ("lm_head", "kernel"), None, "lm_head.weight", True
+
+
+def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
+    """A :class:`LlamaConfig` from a Hugging Face ``config.json`` dict (Llama family).
+
+    Refuses, naming the option, any setting :class:`Llama` does not compute exactly
+    (biases, rope scaling, sliding-window attention, another activation or head size).
+    """
+
+    def refuse(option, value, why):
+        raise ValueError(
+            f"config.json has {option}={value!r}: {why}. dora_jax's Llama does not implement "
+            f"it, and loading the weights anyway would compute a different model."
+        )
+
+    model_type = hf.get("model_type")
+    if model_type not in _HF_MODEL_TYPES:
+        refuse("model_type", model_type, f"only {_HF_MODEL_TYPES} checkpoints are read")
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", hf["hidden_act"], "the MLP is SwiGLU with silu")
+    for option in ("attention_bias", "mlp_bias"):
+        if hf.get(option):
+            refuse(option, hf[option], "projections have no bias")
+    if hf.get("rope_interleaved"):  # SmolLM configs carry this flag
+        refuse("rope_interleaved", True, "rotary embeddings rotate halves (HF's rotate_half)")
+    if hf.get("sliding_window") is not None:
+        refuse("sliding_window", hf["sliding_window"], "attention is full causal attention")
+    rope = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling")
+    if scaling:
+        rope.update(scaling)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        refuse("rope_type", rope_type, "rotary embeddings are unscaled")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 1e4))
+    heads = int(hf["num_attention_heads"])
+    hidden = int(hf["hidden_size"])
+    if hf.get("head_dim") not in (None, hidden // heads):
+        refuse("head_dim", hf["head_dim"], f"head_dim is hidden_size // heads = {hidden // heads}")
+    fields = {
+        "vocab_size": int(hf["vocab_size"]),
+        "hidden_size": hidden,
+        "intermediate_size": int(hf["intermediate_size"]),
+        "num_layers": int(hf["num_hidden_layers"]),
+        "num_heads": heads,
+        "num_kv_heads": int(hf.get("num_key_value_heads") or heads),
+        "rope_theta": float(theta),
+        "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "max_seq_len": int(hf.get("max_position_embeddings", 2048)),
+    }
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
+    """The Hugging Face ``config.json`` dict of a :class:`LlamaConfig`."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.rms_norm_eps,
+        # transformers >= 5 reads rope_parameters, older versions rope_theta.
+        "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
+        "rope_theta": config.rope_theta,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "dtype": dtype,
+    }
+
+
+def _safetensors_files(directory) -> list:
+    """The weight files of a checkpoint directory: from the index json if there is one."""
+    import pathlib
+
+    directory = pathlib.Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        import json
+
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / n for n in names]
+    single = directory / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(directory.glob("*.safetensors"))
+    if not found:
+        raise FileNotFoundError(
+            f"No *.safetensors weights in {directory} (a pytorch_model.bin checkpoint can be "
+            f"converted with transformers: from_pretrained(...).save_pretrained(dir))."
+        )
+    return found
+
+
+def from_hf(directory, *, dtype: Dtype | None = None, scan_layers: bool = False):
+    """Reads a local Hugging Face Llama-family checkpoint into :class:`Llama` params.
+
+    ``directory`` is what ``save_pretrained`` writes: ``config.json`` and one or several
+    ``*.safetensors`` files (with ``model.safetensors.index.json``). Llama, SmolLM2 and
+    Mistral-style (no sliding window) configs, grouped-query attention, tied or untied
+    embeddings and any rope theta are read; options :class:`Llama` does not compute
+    exactly are refused by :func:`config_from_hf`. Tensors are read one at a time with
+    ``safetensors.safe_open`` (memory-mapped), transposed from torch's ``(out, in)`` to
+    Flax's ``(in, out)``; scanned layers are stacked into one preallocated array per
+    parameter, so no file is ever held twice in memory. Never touches the network.
+
+    Args:
+      directory: the checkpoint directory.
+      dtype: dtype of the returned params (default: as stored in the files).
+      scan_layers: return the ``scan_layers=True`` layout (one ``layers`` stack).
+
+    Returns:
+      ``(config, params)``: ``Llama(config).apply({"params": params}, tokens)`` runs it.
+
+    Example::
+
+      config, params = from_hf("SmolLM2-135M", dtype=jnp.bfloat16, scan_layers=True)
+      logits = Llama(config).apply({"params": params}, tokens)
+    """
+    import json
+    import pathlib
+
+    import numpy as np
+    from safetensors import safe_open
+
+    directory = pathlib.Path(directory)
+    hf = json.loads((directory / "config.json").read_text())
+    config = config_from_hf(hf, scan_layers=scan_layers)
+    wanted = {name: (path, layer) for path, layer, name, _ in _hf_tensors(config)}
+    kernels = {name for _, _, name, is_kernel in _hf_tensors(config) if is_kernel}
+    params: dict = {}
+    stacks: dict = {}
+    found = set()
+    for file in _safetensors_files(directory):
+        with safe_open(str(file), framework="numpy") as f:
+            for name in f.keys():
+                if name not in wanted:
+                    if name == "lm_head.weight" and config.tie_embeddings:
+                        continue  # some writers keep the tied copy
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue  # older transformers saved the rope buffer
+                    raise ValueError(
+                        f"{file.name} holds '{name}', which dora_jax's Llama has no place "
+                        f"for: this is not a plain Llama checkpoint."
+                    )
+                x = f.get_tensor(name)
+                if name in kernels:
+                    x = x.T
+                if dtype is not None:
+                    x = x.astype(dtype)
+                path, layer = wanted[name]
+                if layer is None:
+                    _set(params, path, jnp.asarray(x))
+                elif scan_layers:
+                    if path not in stacks:
+                        stacks[path] = np.empty((config.num_layers, *x.shape), x.dtype)
+                    stacks[path][layer] = x
+                else:
+                    _set(params, (f"layers_{layer}", *path), jnp.asarray(x))
+                found.add(name)
+    missing = sorted(set(wanted) - found)
+    if missing:
+        raise ValueError(
+            f"{directory} lacks {len(missing)} tensor(s) the config asks for, e.g. "
+            f"{missing[:3]} (tie_word_embeddings={config.tie_embeddings})."
+        )
+    for path in list(stacks):
+        _set(params, ("layers", *path), jnp.asarray(stacks.pop(path)))
+    return config, params
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def to_hf(
+    directory, config: LlamaConfig, params, *, dtype: Dtype | None = None,
+    max_shard_bytes: int = _SHARD_BYTES,
+) -> None:  # fmt: skip
+    """Writes :class:`Llama` params as a Hugging Face checkpoint directory.
+
+    Writes ``config.json`` and ``model.safetensors`` (or ``model-0000k-of-0000n.safetensors``
+    shards with ``model.safetensors.index.json`` above ``max_shard_bytes``) that
+    ``transformers.LlamaForCausalLM.from_pretrained(directory)`` loads. ``params`` are plain
+    params, scanned or not (for adapted ones, write ``dora_jax.merge(adapted)``). Kernels are
+    transposed to torch's ``(out, in)``; each shard is built and written on its own.
+
+    Args:
+      directory: created if missing.
+      config: the model's config.
+      params: the ``params`` collection of :class:`Llama`.
+      dtype: dtype of the written tensors (default: as in ``params``).
+      max_shard_bytes: largest shard size (default 5 GiB, as transformers).
+
+    Example::
+
+      to_hf("merged", config, dora_jax.merge(adapted), dtype=jnp.bfloat16)
+      # transformers.LlamaForCausalLM.from_pretrained("merged")
+    """
+    import json
+    import pathlib
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    scanned = "layers" in params
+    if scanned == any(f"layers_{i}" in params for i in range(config.num_layers)):
+        raise ValueError(
+            "params must hold either a 'layers' stack (scan_layers=True) or 'layers_{i}' "
+            "entries; pass the 'params' collection of one Llama."
+        )
+    from dora_jax.adapters import is_adapter
+
+    if any(is_adapter(x) for x in jax.tree.leaves(params, is_leaf=is_adapter)):
+        raise TypeError("params hold adapters: write dora_jax.merge(adapted) instead.")
+
+    def leaf(path, layer):
+        if layer is None:
+            return _get(params, path)
+        return _get(params, ("layers", *path) if scanned else (f"layers_{layer}", *path))
+
+    def tensor(path, layer, is_kernel):
+        x = np.asarray(leaf(path, layer))
+        x = x[layer] if scanned and layer is not None else x
+        x = x.astype(dtype) if dtype is not None else x
+        return np.ascontiguousarray(x.T if is_kernel else x)
+
+    entries = list(_hf_tensors(config))
+    # Assign shards from shapes alone, then build and write one shard at a time.
+    shards, size, total = [[]], 0, 0
+    for entry in entries:
+        path, layer, _, _ = entry
+        x = leaf(path, layer)
+        shape = x.shape[1:] if scanned and layer is not None else x.shape
+        nbytes = int(np.prod(shape)) * np.dtype(dtype or x.dtype).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+        total += nbytes
+    out_dtype = str(np.dtype(dtype or _get(params, ("embed_tokens", "embedding")).dtype))
+    n = len(shards)
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        file = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
+        tensors = {name: tensor(path, layer, kern) for path, layer, name, kern in shard}
+        save_file(tensors, str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        del tensors
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (directory / "config.json").write_text(json.dumps(config_to_hf(config, out_dtype), indent=2))

