@@ -1,6 +1,6 @@
 """dora_jax: DoRA, LoRA and friends for any JAX/Flax model, as pure functions over pytrees."""
 
-from dora_jax import checkpoint, sharding
+from dora_jax import analysis, checkpoint, sharding
 from dora_jax.adapters import DoRA, DVoRA, LoRA, VeRA, column_norm_sq, is_adapter
 from dora_jax.checkpoint import CheckpointError
 from dora_jax.forward import FallbackWarning, apply, infer_axes
@@ -18,6 +18,7 @@ __all__ = [
     "LoRA",
     "QuantizedArray",
     "VeRA",
+    "analysis",
     "apply",
     "checkpoint",
     "column_norm_sq",
