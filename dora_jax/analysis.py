@@ -224,3 +224,46 @@ def plot_weight_change(
     ax.set_title(f"{head}r = {fit['correlation']:.2f}, slope = {fit['slope']:.3g}", fontsize=8)
     ax.legend(fontsize=6, title_fontsize=6, title="checkpoint")
     return ax, fit
+
+
+def fit_line_ci(
+    groups: Sequence[Sequence[tuple[float, float]]],
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """:func:`fit_line` over all points, with percentile-bootstrap intervals over groups.
+
+    Args:
+      groups: the ``(ΔM, ΔD)`` points of each group, e.g. of each layer (one point per
+        checkpoint); a resample draws whole groups with replacement, so points of one layer
+        stay together.
+      n_boot, level, seed: bootstrap resamples, coverage and seed.
+
+    Returns:
+      :func:`fit_line`'s dict plus ``correlation_low/high`` and ``slope_low/high``
+      (resamples whose ΔD or ΔM does not vary are left out).
+
+    Example::
+
+      fit = fit_line_ci([[changes_at_t[f"...q_proj/kernel[{i}]"] for changes_at_t in ckpts]
+                         for i in range(num_layers)])
+    """
+    arrays = [np.asarray(list(g), np.float64).reshape(-1, 2) for g in groups]
+    fit = fit_line(np.concatenate(arrays) if arrays else [])
+    rng = np.random.default_rng(seed)
+    corr, slope = [], []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(arrays), len(arrays))
+        f = fit_line(np.concatenate([arrays[i] for i in pick]))
+        if f["correlation"] == f["correlation"]:
+            corr.append(f["correlation"])
+            slope.append(f["slope"])
+    alpha = (1.0 - level) / 2.0
+    nan = float("nan")
+    lo_c, hi_c = np.quantile(corr, [alpha, 1 - alpha]) if corr else (nan, nan)
+    lo_s, hi_s = np.quantile(slope, [alpha, 1 - alpha]) if slope else (nan, nan)
+    fit.update(correlation_low=float(lo_c), correlation_high=float(hi_c),
+               slope_low=float(lo_s), slope_high=float(hi_s))  # fmt: skip
+    return fit

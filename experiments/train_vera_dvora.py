@@ -471,8 +471,9 @@ def plot(rows, claims, tasks, path: Path, title: str) -> None:
     groups = [*tasks, "mean"]
     methods = list(rows)
     width = 0.8 / len(methods)
-    fig, (ax, cx) = plt.subplots(1, 2, figsize=(6 + 1.4 * len(groups), 4.8),
-                                 gridspec_kw={"width_ratios": [1.6, 1]})  # fmt: skip
+    fig, (ax, *claim_axes) = plt.subplots(
+        1, 3, figsize=(8 + 1.4 * len(groups), 4.8), gridspec_kw={"width_ratios": [1.6, 1, 1]}
+    )
     for i, m in enumerate(methods):
         xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, [100 * rows[m][t] for t in groups], width, label=LABELS.get(m, m))
@@ -482,21 +483,28 @@ def plot(rows, claims, tasks, path: Path, title: str) -> None:
     hi = max(100 * rows[m][t] for m in methods for t in groups)
     ax.set_ylim(max(0, lo - 10), min(100, hi + 5))
     ax.legend(fontsize=7, loc="upper left")
-    # Claims: paired differences with their 95% bootstrap intervals, one panel row each.
+    # Claims: paired differences with their 95% bootstrap intervals, one panel per metric.
     colours = {"held": "tab:green", "not held": "tab:red", "inconclusive": "tab:gray"}
-    for j, c in enumerate(claims):
-        scale = 100.0 if c["metric"] == "accuracy" else 1.0
-        est, low, high = (scale * c[k] for k in ("estimate", "ci_low", "ci_high"))
-        cx.errorbar(est, j, xerr=[[est - low], [high - est]], fmt="o", capsize=3,
-                    color=colours[c["verdict"]])  # fmt: skip
-    cx.axvline(0, color="k", lw=0.8)
-    cx.set_yticks(range(len(claims)), [
-        f"{LABELS.get(c['a'], c['a'])} - {LABELS.get(c['b'], c['b'])}, "
-        f"{'acc (pts)' if c['metric'] == 'accuracy' else 'log-lik (nats)'}: {c['verdict']}"
-        for c in claims
-    ], fontsize=7)  # fmt: skip
-    cx.invert_yaxis()
-    cx.set_xlabel("paired difference, 95% bootstrap CI")
+    for cx, metric, scale, unit in zip(
+        claim_axes,
+        ("accuracy", "answer log-likelihood"),
+        (100.0, 1.0),
+        ("points", "nats"),
+        strict=True,
+    ):
+        these = [c for c in claims if c["metric"] == metric]
+        for j, c in enumerate(these):
+            est, low, high = (scale * c[k] for k in ("estimate", "ci_low", "ci_high"))
+            cx.errorbar(est, j, xerr=[[est - low], [high - est]], fmt="o", capsize=3,
+                        color=colours[c["verdict"]])  # fmt: skip
+        cx.axvline(0, color="k", lw=0.8)
+        cx.set_yticks(range(len(these)), [
+            f"{LABELS.get(c['a'], c['a'])} - {LABELS.get(c['b'], c['b'])}\n{c['verdict']}"
+            for c in these
+        ], fontsize=7)  # fmt: skip
+        cx.set_ylim(len(these) - 0.5, -0.5)
+        cx.set_xlabel(f"held-out {metric}: paired difference\n({unit}, 95% bootstrap CI)",
+                      fontsize=8)  # fmt: skip
     fig.suptitle("\n".join(textwrap.wrap(title, 120)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

