@@ -67,7 +67,7 @@ DEFAULTS = dict(
     dev_examples=48,
     dropout=0.0,
     targets="q,k,v,up,down",
-    steps=60,
+    steps=50,
     batch=8,
     seq=128,
     eval_examples=150,
@@ -109,7 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="LoRA/DoRA learning rate")
     p.add_argument("--vera-lr", help='VeRA/DVoRA learning rate, or "search" (grid below)')
     p.add_argument("--vera-lr-grid", help="learning rates tried for VeRA and DVoRA alike")
-    p.add_argument("--search-steps", type=int, help="steps per search run (default steps/3)")
+    p.add_argument("--search-steps", type=int, help="steps per search run (default steps/4)")
     p.add_argument("--dev-examples", type=int, help="training examples kept for the search")
     p.add_argument("--dropout", type=float, help="adapter dropout")
     p.add_argument("--targets", help=f"comma list of {sorted(PROJECTIONS)}")
@@ -146,7 +146,7 @@ def parse_args(argv=None):
     if args.vera_lr != "search":
         args.vera_lr = float(args.vera_lr)
     if args.search_steps is None:
-        args.search_steps = max(1, args.steps // 3)
+        args.search_steps = max(1, args.steps // 4)
     for m in args.methods:
         if m not in METHODS:
             p.error(f"unknown method {m!r}; choose from {METHODS}")
