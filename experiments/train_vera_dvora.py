@@ -299,12 +299,12 @@ def batches_for(examples, tokenizer, args, seed):
     )
 
 
-def dev_loss(model, adapted, dev_batches) -> float:
-    """Mean answer cross-entropy on the dev batches (merged params, no gradient)."""
+def dev_loss(loss_fn, adapted, dev_batches) -> float:
+    """Mean answer cross-entropy on the dev batches (merged params, no gradient);
+    ``loss_fn(params, batch)`` jitted once for every call."""
     merged = dora_jax.merge(adapted)
-    loss = jax.jit(lambda p, b: training.lm_loss(model.apply, {"params": p}, b))
     weights = [float(b["weights"].sum()) for b in dev_batches]
-    values = [float(loss(merged, b)) for b in dev_batches]
+    values = [float(loss_fn(merged, b)) for b in dev_batches]
     return float(np.average(values, weights=weights))
 
 
@@ -317,6 +317,7 @@ def search_vera_lr(model, params, axes, train_examples, dev, tokenizer, args):
         commonsense.training_batches(dev, tokenizer, args.batch, args.seq, pad_id=pad_id,
                                      epochs=1)
     )  # fmt: skip
+    loss_fn = jax.jit(lambda p, b: training.lm_loss(model.apply, {"params": p}, b))
     chosen, trials = {}, []
     for method in ("vera", "dvora"):
         if method not in args.methods:
@@ -326,13 +327,13 @@ def search_vera_lr(model, params, axes, train_examples, dev, tokenizer, args):
             batches = batches_for(train_examples, tokenizer, args, seed=0)
             r = train(method, 0, model, params, axes, batches, args, lr=lr,
                       steps=args.search_steps)  # fmt: skip
-            loss = dev_loss(model, r["adapted"], dev_batches)
+            loss = dev_loss(loss_fn, r["adapted"], dev_batches)
             trials.append(dict(method=method, lr=lr, dev_loss=loss))
             tqdm.write(f"  search {method} lr {lr:g}: dev loss {loss:.4f}")
             if best is None or loss < best[1]:
                 best = (lr, loss)
         chosen[method] = best[0]
-    base = dev_loss(model, params, dev_batches)
+    base = dev_loss(loss_fn, params, dev_batches)
     trials.append(dict(method="base", lr=0.0, dev_loss=base))
     tqdm.write(f"  search: base dev loss {base:.4f}; chosen {chosen}")
     return chosen, trials
