@@ -425,12 +425,15 @@ def summarise(runs, tasks):
         mags = [r["magnitude_change"] for r in rs if r.get("magnitude_change") is not None]
         row["magnitude_change"] = statistics.fmean(mags) if mags else None
         rows[method] = row
+    if "base" in rows:  # has each adapter learnt: held-out answer log-likelihood above base?
+        for row in rows.values():
+            row["loglik_vs_base"] = row["loglik"] - rows["base"]["loglik"]
     return rows
 
 
 def table(rows, tasks) -> str:
-    head = ["method", "trainable", "lr", *tasks, "mean acc", "answer log-lik", "train loss",
-            "|Δm|/m", "step s", "step MB (XLA)"]  # fmt: skip
+    head = ["method", "trainable", "lr", *tasks, "mean acc", "answer log-lik", "vs base",
+            "train loss", "magnitude moved", "step s", "step MB (XLA)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows.values():
         trained = r["method"] != "base"
@@ -438,6 +441,7 @@ def table(rows, tasks) -> str:
                  f"{r['lr']:g}" if trained else "-"]  # fmt: skip
         cells += [f"{100 * r[t]:.1f}" for t in [*tasks, "mean"]]
         cells.append(f"{r['loglik']:.3f}")
+        cells.append(f"{r['loglik_vs_base']:+.3f}" if "loglik_vs_base" in r else "-")
         cells.append(f"{r['final_loss']:.3f}" if trained else "-")
         mag = r["magnitude_change"]
         cells.append(f"{100 * mag:.2f}%" if mag is not None else "-")
