@@ -14,6 +14,10 @@ Runs interleave the two layouts (``--rounds``) so that load from other processes
 both alike; compare ratios from one run.
 
     python benchmarks/commonsense_throughput.py --examples 24 --steps 3 --rounds 2
+    python benchmarks/commonsense_throughput.py --count-only --examples 150   # no timing
+
+``--count-only`` counts, without running the model, the token positions and vocabulary
+rows each layout computes per example (what the work ratio is, whatever the machine's load).
 """
 
 from __future__ import annotations
@@ -32,6 +36,47 @@ from dora_jax.models import smollm2
 from dora_jax.models.llama import Llama, projection_regex
 
 
+def count_work(args) -> None:
+    """Token positions and vocabulary rows per example of each layout (no model run)."""
+    import gguf
+    import numpy as np
+
+    tokenizer = smollm2.tokenizer_from_gguf(gguf.GGUFReader(str(smollm2.find_gguf())))
+    pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
+    held_out, train = {}, []
+    for task in args.tasks.split(","):
+        task_train, task_eval = commonsense.split(commonsense.load_task(task), 0.5, seed=0)
+        held_out[task] = task_eval[: args.examples]
+        train += task_train
+    n = sum(len(v) for v in held_out.values())
+    for packed, batch_size in ((False, 32), (True, 8)):
+        shapes = []
+
+        def fake(batch, shapes=shapes):
+            shapes.append((batch["tokens"].size, batch["targets"].size))
+            return np.zeros(batch["targets"].shape, np.float32)
+
+        for examples in held_out.values():
+            commonsense.score_multiple_choice(
+                fake, examples, tokenizer, batch_size, 64, progress=False, packed=packed,
+                pad_id=pad_id,
+            )  # fmt: skip
+        print(f"scoring, {'packed' if packed else 'unpacked'}: {len(shapes)} forwards, "
+              f"{sum(a for a, _ in shapes) / n:.0f} token positions and "
+              f"{sum(b for _, b in shapes) / n:.1f} vocabulary rows per example")  # fmt: skip
+    for pack, seq in ((False, 64), (True, 128)):
+        positions = real = examples = rows = 0
+        for b in commonsense.training_batches(train, tokenizer, 8, seq, pad_id=pad_id, pack=pack,
+                                              epochs=1):  # fmt: skip
+            positions += b["tokens"].size
+            real += int((b["segments"] > 0).sum())
+            rows += b["targets"].size
+            examples += int(sum(len(set(r[r > 0])) for r in b["segments"]))
+        print(f"training, {'packed' if pack else 'unpacked'} rows of {seq}: "
+              f"{positions / examples:.0f} token positions per example ({real / positions:.0%} "
+              f"real), {rows / examples:.1f} vocabulary rows per example")  # fmt: skip
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="winogrande,obqa,arc_e")
@@ -39,7 +84,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed training steps per round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--count-only", action="store_true", help="count work, do not time")
     args = p.parse_args(argv)
+    if args.count_only:
+        return count_work(args)
 
     config, variables, tokenizer = smollm2.load_smollm2(scan_layers=True)
     params = variables["params"]
