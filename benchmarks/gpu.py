@@ -29,8 +29,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# transformers' module names of the Llama projections (PEFT's target_modules); the jax side
+# takes its targets from dora_jax.models.llama.projection_regex.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-JAX_TARGETS = r"(" + "|".join(PROJECTIONS) + r")/kernel$"
 LR, WEIGHT_DECAY = 1e-4, 0.01
 # Dense bf16 peak FLOP/s (NVIDIA data sheets, SXM parts).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12}
@@ -57,7 +58,8 @@ def jax_worker(model_name: str, scanned: bool, args) -> list[dict]:
     import optax
 
     import dora_jax
-    from dora_jax.models.llama import Llama, LlamaConfig, next_token_loss
+    from dora_jax.experiments import training
+    from dora_jax.models.llama import Llama, LlamaConfig, projection_regex
 
     m = MODELS[model_name]
     cfg = LlamaConfig(
@@ -77,28 +79,19 @@ def jax_worker(model_name: str, scanned: bool, args) -> list[dict]:
         tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
         if method == "full":
             trainable, frozen = jax.tree.map(jnp.copy, params), None
-
-            def loss_fn(t, frozen, tokens):  # noqa: ARG001
-                return next_token_loss(model.apply({"params": t}, tokens), tokens)
         else:
             # A scanned stack's kernels are (layers, in, out): one stack axis.
             axes = {"layers/": dora_jax.Axes(1, 1)} if scanned else None
             adapted = dora_jax.wrap(
-                params, args.rank, method=method, targets=JAX_TARGETS, axes=axes
+                params, args.rank, method=method, targets=projection_regex(), axes=axes
             )
             frozen, trainable = dora_jax.partition(adapted)
+        inner_step = training.make_train_step(model.apply, tx, adapted=method != "full",
+                                              jit=False)  # fmt: skip
 
-            def loss_fn(t, frozen, tokens):
-                logits = dora_jax.apply(model.apply)(
-                    {"params": dora_jax.combine(frozen, t)}, tokens
-                )
-                return next_token_loss(logits, tokens)
-
-        def step(state, frozen, tokens, loss_fn=loss_fn, tx=tx):
-            t, opt = state
-            loss, g = jax.value_and_grad(loss_fn)(t, frozen, tokens)
-            updates, opt = tx.update(g, opt, t)
-            return (optax.apply_updates(t, updates), opt), loss
+        def step(state, frozen, tokens, inner_step=inner_step):
+            t, opt, loss = inner_step(*state, frozen, {"tokens": tokens}, None)
+            return (t, opt), loss
 
         state = (trainable, tx.init(trainable))
         t0 = time.perf_counter()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import dataclasses
 import json
 import math
@@ -46,10 +45,11 @@ from collections.abc import Callable
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
+# transformers' module names of the Llama projections (PEFT's target_modules); the jax side
+# takes its targets from dora_jax.models.llama.PROJECTIONS (importing it here would import
+# jax into the torch-only memory process).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-JAX_TARGETS = r"(" + "|".join(PROJECTIONS) + r")/kernel$"
 LR, WEIGHT_DECAY = 1e-4, 0.01
 # Nominal dense peaks (FLOP/s) by GPU name: (fp32 without tensor cores, tf32 tensor cores).
 GPU_PEAKS = {
@@ -151,35 +151,20 @@ def step_flops(case: Case, cfg: dict, batch: int, seq: int) -> float:
     return float(forward + backward)
 
 
-# --- memory helpers (the method of benchmarks/step_time.py) ----------------------------
+# --- memory helpers ----------------------------------------------------------------------
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def _memory_module():
+    """``dora_jax/memory.py`` loaded on its own: importing the ``dora_jax`` package would
+    import jax into the torch-only memory process. The module needs only the stdlib."""
+    import importlib.util
 
-
-def _status_mb(field: str) -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def _release_free_heap() -> None:
-    """Returns heap freed by compilation to the OS (glibc), so it does not count as peak."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    package = importlib.util.find_spec("dora_jax")  # finds, does not execute, the package
+    path = os.path.join(next(iter(package.submodule_search_locations)), "memory.py")
+    spec = importlib.util.spec_from_file_location("_dora_jax_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # --- dora_jax side -----------------------------------------------------------------------
@@ -206,18 +191,16 @@ class JaxSide:
         self.params = jax.jit(self.model.init)(jax.random.key(0), self.tokens[:, :8])["params"]
         self.device = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
 
-    def cross_entropy(self, logits, tokens):
-        from dora_jax.models.llama import next_token_loss
-
-        return next_token_loss(logits, tokens)
-
     def make(self, case: Case) -> tuple[Callable[[int], None], int]:
         """Returns (run one step i and block, trainable parameter count)."""
         jax = self.jax
         import optax
 
         import dora_jax
+        from dora_jax.experiments import training
+        from dora_jax.models.llama import projection_regex
 
+        jax_targets = projection_regex()
         model, params, tokens = self.model, self.params, self.tokens
         if case.inference:
             plain = jax.jit(lambda p, t: model.apply({"params": p}, t))
@@ -225,7 +208,7 @@ class JaxSide:
                 fn, p = plain, params
             else:
                 kind = "dora" if case.method == "merged" else case.method
-                adapted = dora_jax.wrap(params, case.rank, method=kind, targets=JAX_TARGETS)
+                adapted = dora_jax.wrap(params, case.rank, method=kind, targets=jax_targets)
                 if case.method == "merged":
                     fn, p = plain, jax.jit(dora_jax.merge)(adapted)
                 else:
@@ -240,30 +223,23 @@ class JaxSide:
         tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
         if case.method == "full":
             trainable, frozen = jax.tree.map(jax.numpy.copy, params), None
-
-            def loss_fn(t, frozen, tokens, key):  # noqa: ARG001
-                return self.cross_entropy(model.apply({"params": t}, tokens), tokens)
         else:
             adapted = dora_jax.wrap(
                 params,
                 case.rank,
                 method=case.method,
-                targets=JAX_TARGETS,
+                targets=jax_targets,
                 dropout=case.dropout,
             )
             frozen, trainable = dora_jax.partition(adapted)
-
-            def loss_fn(t, frozen, tokens, key):
-                forward = dora_jax.apply(model.apply, key=key if case.dropout else None)
-                logits = forward({"params": dora_jax.combine(frozen, t)}, tokens)
-                return self.cross_entropy(logits, tokens)
-
         # The frozen half is an argument: closed-over arrays would become constants.
+        inner_step = training.make_train_step(
+            model.apply, tx, adapted=case.method != "full", dropout=bool(case.dropout), jit=False
+        )
+
         def step(state, frozen, tokens, key):
-            t, opt = state
-            loss, g = jax.value_and_grad(loss_fn)(t, frozen, tokens, key)
-            updates, opt = tx.update(g, opt, t)
-            return (optax.apply_updates(t, updates), opt), loss
+            t, opt, loss = inner_step(*state, frozen, {"tokens": tokens}, key)
+            return (t, opt), loss
 
         step = jax.jit(step, donate_argnums=0)
         holder = {"state": (trainable, tx.init(trainable))}
@@ -439,12 +415,11 @@ def memory_of(case: Case, args) -> dict:
         out.update(run.xla_memory())
     if case.framework == "torch" and side.dev.type == "cuda":
         side.torch.cuda.reset_peak_memory_stats()
-    _release_free_heap()
-    out["rss_before_steps_mb"] = _status_mb("VmRSS:")
-    reset = _reset_peak_rss()
-    for i in range(1, 4):
-        run(i)
-    out["peak_rss_mb"] = _status_mb("VmHWM:") if reset else float("nan")
+    with _memory_module().PeakRSS() as peak:
+        for i in range(1, 4):
+            run(i)
+    out["rss_before_steps_mb"] = peak.before_mb
+    out["peak_rss_mb"] = peak.mb
     out["device_peak_mb"] = side.device_peak_mb()
     return out
 

@@ -27,27 +27,23 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import optax
 
-import jax  # noqa: E402
-import optax  # noqa: E402
-
-import dora_jax  # noqa: E402
-from dora_jax.memory import PeakRSS, release_free_heap, rss_mb  # noqa: E402
-from dora_jax.models import smollm2  # noqa: E402
-from dora_jax.models.llama import Llama, next_token_loss  # noqa: E402
+import dora_jax
+from dora_jax.experiments import training
+from dora_jax.memory import PeakRSS, release_free_heap, rss_mb
+from dora_jax.models import smollm2
+from dora_jax.models.llama import Llama, projection_regex
 
 METHODS = ("dora", "qdora_nf4", "qdora_int8", "qdora_q4_1")
-MODULES = {"q": "self_attn/q_proj", "k": "self_attn/k_proj", "v": "self_attn/v_proj",
-           "o": "self_attn/o_proj", "gate": "mlp/gate_proj", "up": "mlp/up_proj",
-           "down": "mlp/down_proj"}  # fmt: skip
 
 
 def setup(method: str, args):
     """(model, frozen, trainable): the float kernels that were quantised are released."""
     config, variables, _ = smollm2.load_smollm2(scan_layers=True)
     model = Llama(config)
-    targets = "(" + "|".join(MODULES[t] for t in args.targets.split(",")) + ")/kernel$"
+    targets = projection_regex(args.targets.split(","))
     adapted = dora_jax.wrap(
         variables["params"], rank=args.rank, targets=targets, axes={"^layers/": (1, 1)}
     )
@@ -80,18 +76,12 @@ def measure(method: str, args) -> dict:
     base_bytes = sum(nbytes(b) for b in base)
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, 49152)
     tx = optax.adamw(1e-4)
-    fn = dora_jax.apply(model.apply)
-
-    def loss_fn(t, frozen, tokens):
-        logits = fn({"params": dora_jax.combine(frozen, t)}, tokens)
-        return next_token_loss(logits, tokens)
+    inner_step = training.make_train_step(model.apply, tx, jit=False)
 
     # The frozen half is an argument, not a closure (closed over, it would be a constant).
     def step(state, frozen, tokens):
-        t, opt = state
-        loss, g = jax.value_and_grad(loss_fn)(t, frozen, tokens)
-        updates, opt = tx.update(g, opt, t)
-        return (optax.apply_updates(t, updates), opt), loss
+        t, opt, loss = inner_step(*state, frozen, {"tokens": tokens}, None)
+        return (t, opt), loss
 
     state = (trainable, tx.init(trainable))
     release_free_heap()

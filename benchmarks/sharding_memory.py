@@ -18,17 +18,15 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
+import dora_jax
+from dora_jax import checkpoint, sharding
+from dora_jax.models.llama import Llama, LlamaConfig, projection_regex
 
-import dora_jax  # noqa: E402
-from dora_jax import checkpoint, sharding  # noqa: E402
-from dora_jax.models.llama import Llama, LlamaConfig  # noqa: E402
-
-PROJECTIONS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
+PROJECTIONS = projection_regex()
 CONFIGS = {
     "tiny": LlamaConfig.tiny,
     "bench": LlamaConfig.bench,

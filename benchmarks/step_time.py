@@ -23,18 +23,16 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
-import dora_jax  # noqa: E402
-from dora_jax.memory import PeakRSS  # noqa: E402
-from dora_jax.models.llama import Llama, LlamaConfig, next_token_loss  # noqa: E402
+import dora_jax
+from dora_jax.memory import PeakRSS
+from dora_jax.models.llama import Llama, LlamaConfig, next_token_loss, projection_regex
 
 METHODS = ("full", "lora", "dora", "dora_merge", "dora_exact")
-PROJECTIONS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
+PROJECTIONS = projection_regex()
 
 
 def cross_entropy(logits, tokens):

@@ -1,6 +1,6 @@
 """dora_jax: DoRA, LoRA and friends for any JAX/Flax model, as pure functions over pytrees."""
 
-from dora_jax import checkpoint, peft, sharding
+from dora_jax import analysis, checkpoint, peft, sharding
 from dora_jax.adapters import DoRA, DVoRA, LoRA, Magnitude, VeRA, column_norm_sq, is_adapter
 from dora_jax.checkpoint import CheckpointError
 from dora_jax.forward import FallbackWarning, apply, infer_axes
@@ -19,6 +19,7 @@ __all__ = [
     "Magnitude",
     "QuantizedArray",
     "VeRA",
+    "analysis",
     "apply",
     "checkpoint",
     "column_norm_sq",

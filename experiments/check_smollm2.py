@@ -12,12 +12,7 @@ Same paragraph: scan_layers=True 6.35, bfloat16 compute 6.31; without undoing
 llama.cpp's Q/K row permutation it is 21.7 (so the un-permutation matters).
 """
 
-import pathlib
-import sys
 import time
-
-# Allow running as `python experiments/check_smollm2.py` from a plain checkout.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp

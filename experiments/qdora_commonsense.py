@@ -15,33 +15,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
 
-import commonsense  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
-import dora_jax  # noqa: E402
-from dora_jax.models import smollm2  # noqa: E402
-from dora_jax.models.llama import Llama, next_token_loss  # noqa: E402
-
-MODULES = {"q": "self_attn/q_proj", "k": "self_attn/k_proj", "v": "self_attn/v_proj",
-           "o": "self_attn/o_proj", "gate": "mlp/gate_proj", "up": "mlp/up_proj",
-           "down": "mlp/down_proj"}  # fmt: skip
+import dora_jax
+from dora_jax.experiments import commonsense, training
+from dora_jax.models import smollm2
+from dora_jax.models.llama import Llama, projection_regex
 
 
 def adapt(method: str, params, args, axes):
     """DoRA on the targeted kernels, with the base quantised as the method says."""
-    targets = "(" + "|".join(MODULES[t] for t in args.targets.split(",")) + ")/kernel$"
     adapted = dora_jax.wrap(
-        params, rank=args.rank, targets=targets, axes=axes, key=jax.random.key(args.seed)
+        params,
+        rank=args.rank,
+        targets=projection_regex(args.targets.split(",")),
+        axes=axes,
+        key=jax.random.key(args.seed),
     )
     if method == "qdora_q4_1":
         return dora_jax.quantize_base(adapted, smollm2.q4_1_kernels(scan_layers=True))
@@ -50,54 +42,29 @@ def adapt(method: str, params, args, axes):
     return adapted
 
 
-def masked_lm_loss(logits, tokens, loss_mask):
-    return next_token_loss(logits, tokens, loss_mask)
-
-
 def train(model, adapted, batches, args):
     frozen, trainable = dora_jax.partition(adapted)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.steps // 10, args.steps)
-    tx = optax.adamw(schedule, weight_decay=0.0)
-    opt_state = tx.init(trainable)
-    fn = dora_jax.apply(model.apply)
+    tx = training.optimizer(args.lr, args.steps)
+    step = training.make_train_step(model.apply, tx)
 
-    @jax.jit
-    def step(trainable, opt_state, frozen, tokens, loss_mask):
-        def loss_fn(t):
-            logits = fn({"params": dora_jax.combine(frozen, t)}, tokens)
-            return masked_lm_loss(logits, tokens, loss_mask)
-
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    losses, times = [], []
-    for i in range(args.steps):
-        batch = next(batches)
-        t0 = time.perf_counter()
-        trainable, opt_state, loss = step(
-            trainable, opt_state, frozen, batch["tokens"], batch["loss_mask"]
-        )
-        losses.append(float(loss))
-        times.append(time.perf_counter() - t0)
+    def report(i, loss, _):
         if i % 20 == 0 or i == args.steps - 1:
-            print(f"  step {i:4d} loss {losses[-1]:.3f} ({times[-1]:.2f} s)", flush=True)
+            print(f"  step {i:4d} loss {loss:.3f}", flush=True)
+
+    trainable, _, losses, times, _ = training.run_steps(
+        step, trainable, tx.init(trainable), frozen, batches, args.steps, jax.random.key(0),
+        on_step=report,
+    )  # fmt: skip
     return dora_jax.combine(frozen, trainable), losses, times
 
 
 def evaluate(model, adapted, held_out, tokenizer, args):
-    fn = dora_jax.apply(model.apply)
-    frozen, trainable = dora_jax.partition(adapted)
-    # The params travel as arguments: closed over, they would be baked into the program.
-    logits = jax.jit(lambda f, t, tokens: fn({"params": dora_jax.combine(f, t)}, tokens))
-    logprob_fn = commonsense.make_logprob_fn(lambda tokens: logits(frozen, trainable, tokens))
-    return {
-        task: commonsense.score_multiple_choice(
-            logprob_fn, examples, tokenizer, batch_size=32, seq_len=args.seq, task=task,
-            progress=False,
-        ).primary
-        for task, examples in held_out.items()
-    }  # fmt: skip
+    # Quantised bases merge to float kernels: scoring runs the merged model.
+    results = training.evaluate(
+        training.make_logprob_fn(model.apply), adapted, held_out, tokenizer, batch_size=8,
+        seq_len=args.seq, pad_id=tokenizer.token_to_id("<|endoftext|>") or 0,
+    )  # fmt: skip
+    return {task: r.primary for task, r in results.items()}
 
 
 def main(argv=None):
@@ -108,8 +75,8 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8, help="packed training rows per step")
+    p.add_argument("--seq", type=int, default=64, help="training row length")
     p.add_argument("--eval-examples", type=int, default=200, help="held-out examples per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)

@@ -16,24 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import dora_jax
+from dora_jax import checkpoint, sharding
+from dora_jax.experiments import training
+from dora_jax.models.llama import Llama, LlamaConfig, next_token_loss, projection_regex
 
-import dora_jax  # noqa: E402
-from dora_jax import checkpoint, sharding  # noqa: E402
-from dora_jax.models.llama import Llama, LlamaConfig, next_token_loss  # noqa: E402
-
-PROJECTIONS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
+PROJECTIONS = projection_regex()
 CONFIGS = {
     "tiny": LlamaConfig.tiny,
     "bench": LlamaConfig.bench,
@@ -74,17 +71,15 @@ class Trainer:
         self.state = (trainable, opt_state, key)
         self.batch_sharding = sharding.batch_sharding(mesh)
 
-        def loss_fn(trainable, frozen, tokens):
-            params = dora_jax.combine(frozen, trainable)
-            logits = dora_jax.apply(self.model.apply)({"params": params}, tokens)
-            return cross_entropy(logits, tokens)
+        inner_step = training.make_train_step(self.model.apply, self.tx, jit=False)
 
         def train_step(state, frozen, tokens):
             trainable, opt_state, key = state
-            key, _ = jax.random.split(key)  # where dropout would draw; saved with the state
-            loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, tokens)
-            updates, opt_state = self.tx.update(grads, opt_state, trainable)
-            return (optax.apply_updates(trainable, updates), opt_state, key), loss
+            key, sub = jax.random.split(key)  # where dropout would draw; saved with the state
+            trainable, opt_state, loss = inner_step(
+                trainable, opt_state, frozen, {"tokens": tokens}, sub
+            )
+            return (trainable, opt_state, key), loss
 
         state_sh = (trainable_sh, opt_sh, replicated)
         self.step_fn = jax.jit(

@@ -7,9 +7,17 @@ with a fixed seed into a training half and a held-out half (``--held-out-seed``)
 train on the mixture of the training halves and are scored on the held-out halves by the
 log-likelihood of each answer (letter-format prompting is at chance for a 135M model).
 
-    python experiments/train_vera_dvora.py                    # default budget, ~15 min CPU
+    python experiments/train_vera_dvora.py                    # default budget, ~20 min CPU
+    python experiments/train_vera_dvora.py --preset long      # 3 seeds, 5 tasks, ~2 h CPU
     python experiments/train_vera_dvora.py --preset paper     # NVlabs settings, long
     python experiments/train_vera_dvora.py --tiny             # random tiny model (CI)
+
+Every method trains on the same packed batches (same seeds, same budget) and is scored on
+the same held-out examples, so differences are paired: ``results.json`` holds a ``claims``
+list (DoRA vs LoRA at equal rank, DoRA at r/2 vs LoRA at r, DVoRA vs VeRA), each on held-out
+accuracy and on held-out answer log-likelihood, with a 95% paired-bootstrap interval and a
+verdict. VeRA's and DVoRA's learning rate comes from one search over the same grid, scored
+on training examples kept out of training.
 
 Writes ``<out>/results.json``, ``<out>/results.png``, ``<out>/results.md`` and one orbax
 checkpoint of each adapter under ``<out>/adapters/<method>-seed<k>``.
@@ -18,67 +26,68 @@ checkpoint of each adapter under ``<out>/adapters/<method>-seed<k>``.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import math
-import os
 import statistics
-import sys
 import textwrap
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
 
-import commonsense  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import dora_jax
+import dora_jax.checkpoint
+from dora_jax.experiments import commonsense, stats, training
+from dora_jax.memory import PeakRSS
+from dora_jax.models.llama import PROJECTIONS, Llama, LlamaConfig, projection_regex
 
-import dora_jax  # noqa: E402
-import dora_jax.checkpoint  # noqa: E402
-from dora_jax.memory import PeakRSS  # noqa: E402
-from dora_jax.models.llama import Llama, LlamaConfig, next_token_loss  # noqa: E402
+METHODS = ("base", "lora", "dora", "dora_half", "vera", "dvora")
+LABELS = {"dora_half": "dora r/2"}
+# Claims of the papers, each "A beats B" on the same held-out examples and seeds.
+CLAIMS = (
+    ("dora", "lora", "DoRA beats LoRA at equal rank"),
+    ("dora_half", "lora", "DoRA at half rank beats LoRA at full rank"),
+    ("dvora", "vera", "DVoRA beats VeRA"),
+)
 
-METHODS = ("base", "lora", "dora", "vera", "dvora")
-MODULES = {
-    "q": "self_attn/q_proj",
-    "k": "self_attn/k_proj",
-    "v": "self_attn/v_proj",
-    "o": "self_attn/o_proj",
-    "gate": "mlp/gate_proj",
-    "up": "mlp/up_proj",
-    "down": "mlp/down_proj",
-}
-
-# Defaults sized for a 2-core CPU in about 15 minutes, and the NVlabs DoRA setup
+# Defaults sized for a quiet 2-core CPU in about 20 minutes, and the NVlabs DoRA setup
 # (commonsense_reasoning scripts: r=32, alpha=64, lr 2e-4, dropout 0.05, q/k/v/up/down).
 DEFAULTS = dict(
-    methods="base,lora,dora,vera,dvora",
+    methods="base,lora,dora,dora_half,vera,dvora",
     tasks="winogrande,obqa,arc_e",
     rank=8,
     vera_rank=256,
     alpha=None,
-    lr=1e-3,
-    vera_lr=1e-2,
+    lr=2e-3,
+    vera_lr="search",
+    vera_lr_grid="5e-3,2e-2,8e-2",
+    search_steps=None,
+    dev_examples=48,
     dropout=0.0,
     targets="q,k,v,up,down",
-    steps=30,
+    steps=50,
     batch=8,
-    seq=64,
-    eval_examples=60,
-    eval_batch=32,
+    seq=128,
+    eval_examples=150,
+    eval_batch=8,
     seeds="0",
 )
 PRESETS = {
+    # About 2 h on a quiet 2-core CPU (not yet run): three seeds, more steps, five tasks.
+    "long": dict(
+        tasks="winogrande,obqa,arc_e,arc_c,piqa",
+        steps=200,
+        eval_examples=250,
+        seeds="0,1,2",
+    ),
     "paper": dict(
         tasks=",".join(commonsense.TASKS),
         rank=32,
         alpha=64.0,
         lr=2e-4,
-        vera_lr=4e-3,
+        vera_lr="4e-3",
         dropout=0.05,
         steps=1000,
         batch=16,
@@ -94,18 +103,21 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), help="settings for longer runs")
     p.add_argument("--methods", help=f"comma list of {METHODS}")
     p.add_argument("--tasks", help=f"comma list of {commonsense.ALL_TASKS}")
-    p.add_argument("--rank", type=int, help="LoRA/DoRA rank")
+    p.add_argument("--rank", type=int, help="LoRA/DoRA rank (dora_half: rank // 2)")
     p.add_argument("--vera-rank", type=int, help="VeRA/DVoRA rank (shared matrices)")
     p.add_argument("--alpha", type=float, help="LoRA/DoRA alpha (default 2*rank)")
     p.add_argument("--lr", type=float, help="LoRA/DoRA learning rate")
-    p.add_argument("--vera-lr", type=float, help="VeRA/DVoRA learning rate")
+    p.add_argument("--vera-lr", help='VeRA/DVoRA learning rate, or "search" (grid below)')
+    p.add_argument("--vera-lr-grid", help="learning rates tried for VeRA and DVoRA alike")
+    p.add_argument("--search-steps", type=int, help="steps per search run (default steps/4)")
+    p.add_argument("--dev-examples", type=int, help="training examples kept for the search")
     p.add_argument("--dropout", type=float, help="adapter dropout")
-    p.add_argument("--targets", help=f"comma list of {sorted(MODULES)}")
+    p.add_argument("--targets", help=f"comma list of {sorted(PROJECTIONS)}")
     p.add_argument("--steps", type=int, help="training steps per method")
-    p.add_argument("--batch", type=int, help="training batch size")
-    p.add_argument("--seq", type=int, help="sequence length (train and eval)")
+    p.add_argument("--batch", type=int, help="training rows per step (examples are packed)")
+    p.add_argument("--seq", type=int, help="training row length (tokens)")
     p.add_argument("--eval-examples", type=int, help="held-out examples per task (0 = all)")
-    p.add_argument("--eval-batch", type=int, help="scoring batch size")
+    p.add_argument("--eval-batch", type=int, help="scoring rows per forward")
     p.add_argument("--seeds", help="comma list of seeds; several give a mean and 95%% CI")
     p.add_argument("--held-out-seed", type=int, default=0, help="seed of the data split")
     p.add_argument("--tiny", action="store_true", help="random tiny model, few examples (CI)")
@@ -131,7 +143,8 @@ def parse_args(argv=None):
     if args.preset:
         settings.update(PRESETS[args.preset])
     if args.tiny:
-        settings.update(steps=4, batch=4, seq=64, eval_examples=8, eval_batch=8, vera_rank=16)
+        settings.update(steps=4, batch=4, seq=64, eval_examples=8, eval_batch=4, vera_rank=16,
+                        search_steps=2, dev_examples=8, vera_lr_grid="1e-2,5e-2")  # fmt: skip
     for k, v in settings.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -139,6 +152,11 @@ def parse_args(argv=None):
     args.tasks = args.tasks.split(",")
     args.targets = args.targets.split(",")
     args.seeds = [int(s) for s in str(args.seeds).split(",")]
+    args.vera_lr_grid = [float(x) for x in str(args.vera_lr_grid).split(",")]
+    if args.vera_lr != "search":
+        args.vera_lr = float(args.vera_lr)
+    if args.search_steps is None:
+        args.search_steps = max(1, args.steps // 4)
     for m in args.methods:
         if m not in METHODS:
             p.error(f"unknown method {m!r}; choose from {METHODS}")
@@ -146,8 +164,10 @@ def parse_args(argv=None):
         if t not in commonsense.ALL_TASKS:
             p.error(f"unknown task {t!r}; choose from {commonsense.ALL_TASKS}")
     for t in args.targets:
-        if t not in MODULES:
-            p.error(f"unknown target {t!r}; choose from {sorted(MODULES)}")
+        if t not in PROJECTIONS:
+            p.error(f"unknown target {t!r}; choose from {sorted(PROJECTIONS)}")
+    if "dora_half" in args.methods and args.rank < 2:
+        p.error("dora_half trains DoRA at rank // 2: pass --rank >= 2")
     return args
 
 
@@ -183,6 +203,8 @@ def load_model(args):
 
 
 def load_data(args):
+    """(train, dev, held_out): the training halves' mixture less ``dev_examples`` kept for
+    the learning-rate search, and ``{task: held-out examples}``."""
     train, held_out = [], {}
     for task in args.tasks:
         examples = commonsense.load_task(task)
@@ -193,48 +215,43 @@ def load_data(args):
             task_train = task_train[:32]
         train += task_train
         held_out[task] = task_eval
-    return train, held_out
+    order = np.random.default_rng(args.held_out_seed).permutation(len(train))
+    dev = [train[i] for i in order[: args.dev_examples]]
+    train = [train[i] for i in sorted(order[args.dev_examples :])]
+    return train, dev, held_out
 
 
 # --- training ------------------------------------------------------------------------------
 
 
-def target_regex(targets) -> str:
-    return "(" + "|".join(MODULES[t] for t in targets) + ")/kernel$"
-
-
-def masked_lm_loss(logits, tokens, loss_mask):
-    """Mean next-token cross-entropy over the answer tokens only."""
-    return next_token_loss(logits, tokens, loss_mask)
-
-
-def adapter_settings(method: str, args) -> dict:
+def adapter_settings(method: str, args, vera_lr=None) -> dict:
     if method in ("vera", "dvora"):
-        return dict(rank=args.vera_rank, lr=args.vera_lr)
-    return dict(rank=args.rank, lr=args.lr, alpha=args.alpha)
+        return dict(method=method, rank=args.vera_rank, lr=vera_lr or args.vera_lr)
+    rank = args.rank // 2 if method == "dora_half" else args.rank
+    alpha = None if args.alpha is None else args.alpha * rank / args.rank  # same scale s
+    return dict(method=method.removesuffix("_half"), rank=rank, lr=args.lr, alpha=alpha)
 
 
-def train(method, seed, model, params, axes, batches, args, mesh=None):
-    """Wraps and trains ``args.steps`` steps.
+def train(method, seed, model, params, axes, batches, args, mesh=None, *, lr=None, steps=None):
+    """Wraps and trains ``steps`` (default ``args.steps``) steps.
 
-    Returns a dict: the adapted tree, optimiser state and key, step times, losses, the peak
-    resident MB while training, compile seconds and the MB of the step's buffers by XLA's
-    accounting.
+    Returns a dict: the adapted tree, optimiser state and key, step times, losses, tokens
+    trained, the peak resident MB while training, compile seconds and the MB of the step's
+    buffers by XLA's accounting.
     """
-    s = adapter_settings(method, args)
+    s = adapter_settings(method, args, lr)
+    steps = args.steps if steps is None else steps
     adapted = dora_jax.wrap(
         params,
         rank=s["rank"],
-        method=method,
+        method=s["method"],
         alpha=s.get("alpha"),
-        targets=target_regex(args.targets),
+        targets=projection_regex(args.targets),
         axes=axes,
         dropout=args.dropout,
         key=jax.random.key(seed),
     )
-    warmup = max(1, args.steps // 10)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, s["lr"], warmup, args.steps, s["lr"] / 10)
-    tx = optax.adamw(schedule, weight_decay=0.0)
+    tx = training.optimizer(s["lr"], steps)
     jit_kw = {}
     if mesh is not None:
         # Base kernels by the default Llama rules; each adapter leaf follows its kernel.
@@ -249,28 +266,15 @@ def train(method, seed, model, params, axes, batches, args, mesh=None):
         batch_sh = dora_jax.sharding.batch_sharding(mesh)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         jit_kw = dict(
-            in_shardings=(trainable_sh, opt_sh, frozen_sh, batch_sh, batch_sh, replicated),
+            in_shardings=(trainable_sh, opt_sh, frozen_sh, batch_sh, replicated),
             out_shardings=(trainable_sh, opt_sh, replicated),
         )
-
-    def loss_fn(trainable, frozen, tokens, loss_mask, key):
-        fn = dora_jax.apply(model.apply, key=key if args.dropout else None)
-        logits = fn({"params": dora_jax.combine(frozen, trainable)}, tokens)
-        return masked_lm_loss(logits, tokens, loss_mask)
-
-    @functools.partial(jax.jit, **jit_kw)
-    def step(trainable, opt_state, frozen, tokens, loss_mask, key):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, tokens, loss_mask, key)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
+    step = training.make_train_step(model.apply, tx, dropout=bool(args.dropout), **jit_kw)
     key = jax.random.key(1000 + seed)
     first = next(batches)
     t0 = time.perf_counter()
     # Compile before measuring, so step times and peak memory are those of training.
-    step = step.lower(
-        trainable, opt_state, frozen, first["tokens"], first["loss_mask"], key
-    ).compile()
+    step = step.lower(trainable, opt_state, frozen, first, key).compile()
     compile_s = time.perf_counter() - t0
     mem = step.memory_analysis()
     # XLA's own accounting of one step: live buffers (temporaries, inputs, outputs not
@@ -281,67 +285,148 @@ def train(method, seed, model, params, axes, batches, args, mesh=None):
         + mem.output_size_in_bytes
         - mem.alias_size_in_bytes
     ) / 2**20
-    times, losses = [], []
+    bar = tqdm(total=steps, desc=f"train {method} seed {seed}", leave=False)
+
+    def on_step(i, loss, _):
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    def with_first():
+        yield first
+        yield from batches
+
     with PeakRSS() as peak:
-        bar = tqdm(range(args.steps), desc=f"train {method} seed {seed}", leave=False)
-        for i in bar:
-            batch = first if i == 0 else next(batches)
-            t0 = time.perf_counter()
-            trainable, opt_state, loss = step(
-                trainable,
-                opt_state,
-                frozen,
-                batch["tokens"],
-                batch["loss_mask"],
-                jax.random.fold_in(key, i),
-            )
-            loss = float(loss)
-            times.append(time.perf_counter() - t0)
-            losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.3f}")
+        trainable, opt_state, losses, times, tokens = training.run_steps(
+            step, trainable, opt_state, frozen, with_first(), steps, key, on_step=on_step
+        )
+    bar.close()
     return dict(
         adapted=dora_jax.combine(frozen, trainable),
         opt_state=opt_state,
         key=key,
         times=times,
         losses=losses,
+        tokens=tokens,
         peak_rss_mb=peak.mb,
         compile_s=compile_s,
         step_mb=step_mb,
+        lr=s["lr"],
     )
 
 
-def evaluate(model, params_or_adapted, held_out, tokenizer, args, desc):
-    """Accuracy per task (the task's primary metric) on the held-out examples."""
-    fn = dora_jax.apply(model.apply)
-    logprob_fn = commonsense.make_logprob_fn(lambda t: fn({"params": params_or_adapted}, t))
-    out = {}
-    for task, examples in held_out.items():
-        res = commonsense.score_multiple_choice(
-            logprob_fn,
-            examples,
-            tokenizer,
-            batch_size=args.eval_batch,
-            seq_len=args.seq,
-            task=task,
-            progress=False,
+def batches_for(examples, tokenizer, args, seed):
+    pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
+    return commonsense.training_batches(
+        examples, tokenizer, args.batch, args.seq, seed=seed, pad_id=pad_id
+    )
+
+
+def dev_loss(loss_fn, adapted, dev_batches) -> float:
+    """Mean answer cross-entropy on the dev batches (merged params, no gradient);
+    ``loss_fn(params, batch)`` jitted once for every call."""
+    merged = dora_jax.merge(adapted)
+    weights = [float(b["weights"].sum()) for b in dev_batches]
+    values = [float(loss_fn(merged, b)) for b in dev_batches]
+    return float(np.average(values, weights=weights))
+
+
+def search_vera_lr(model, params, axes, train_examples, dev, tokenizer, args):
+    """The same search for VeRA and DVoRA: each learning rate of the grid trains
+    ``search_steps`` steps (seed 0); the lowest answer loss on the dev examples (kept out
+    of training for every method) wins. Returns ``{method: lr}`` and the table of trials."""
+    pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
+    dev_batches = list(
+        commonsense.training_batches(dev, tokenizer, args.batch, args.seq, pad_id=pad_id,
+                                     epochs=1)
+    )  # fmt: skip
+    loss_fn = jax.jit(lambda p, b: training.lm_loss(model.apply, {"params": p}, b))
+    chosen, trials = {}, []
+    for method in ("vera", "dvora"):
+        if method not in args.methods:
+            continue
+        best = None
+        for lr in args.vera_lr_grid:
+            batches = batches_for(train_examples, tokenizer, args, seed=0)
+            r = train(method, 0, model, params, axes, batches, args, lr=lr,
+                      steps=args.search_steps)  # fmt: skip
+            loss = dev_loss(loss_fn, r["adapted"], dev_batches)
+            trials.append(dict(method=method, lr=lr, dev_loss=loss))
+            tqdm.write(f"  search {method} lr {lr:g}: dev loss {loss:.4f}")
+            if best is None or loss < best[1]:
+                best = (lr, loss)
+        chosen[method] = best[0]
+    base = dev_loss(loss_fn, params, dev_batches)
+    trials.append(dict(method="base", lr=0.0, dev_loss=base))
+    tqdm.write(f"  search: base dev loss {base:.4f}; chosen {chosen}")
+    return chosen, trials
+
+
+def magnitude_change(adapted) -> float | None:
+    """Mean |m - ||W0||_c| / mean ||W0||_c over every decomposed node (None: none)."""
+    moved, total = 0.0, 0.0
+    for node in jax.tree.leaves(adapted, is_leaf=dora_jax.is_adapter):
+        if dora_jax.is_adapter(node) and hasattr(node, "magnitude"):
+            axes = tuple(range(node.stack, node.stack + node.inputs))
+            m0 = jnp.sqrt(jnp.sum(jnp.square(node.base.astype(jnp.float32)), axis=axes))
+            moved += float(jnp.sum(jnp.abs(node.magnitude - m0)))
+            total += float(jnp.sum(m0))
+    return moved / total if total else None
+
+
+# --- evaluation ----------------------------------------------------------------------------
+
+
+def evaluate(logprob_fn, params_or_adapted, held_out, tokenizer, args, desc):
+    """``{task: MCResult}`` on the held-out examples (adapters merged first)."""
+    t0 = time.perf_counter()
+    results = training.evaluate(
+        logprob_fn, params_or_adapted, held_out, tokenizer, batch_size=args.eval_batch,
+        seq_len=args.seq, pad_id=tokenizer.token_to_id("<|endoftext|>") or 0,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    for task, res in results.items():
+        tqdm.write(
+            f"  {desc:<14} {task:<11} {res.metric:<8} {res.primary:.3f}  "
+            f"answer log-lik {res.gold_loglik.mean():.3f}"
         )
-        out[task] = res.primary
-        tqdm.write(f"  {desc:<14} {task:<11} {res.metric:<8} {res.primary:.3f}")
+    n = sum(len(e) for e in held_out.values())
+    tqdm.write(f"  {desc:<14} scored {n} examples in {seconds:.1f} s ({n / seconds:.1f}/s)")
+    return results, seconds
+
+
+def scores(results) -> dict:
+    """What a run keeps of its ``{task: MCResult}``: per-example correctness and gold
+    answer log-likelihood (for the paired claims) and the summary numbers."""
+    out = {"accuracy": {}, "loglik": {}, "correct": {}, "gold_loglik": {}}
+    for task, res in results.items():
+        out["accuracy"][task] = res.primary
+        out["loglik"][task] = float(res.gold_loglik.mean())
+        out["correct"][task] = res.correct.tolist()
+        out["gold_loglik"][task] = res.gold_loglik.tolist()
+    out["accuracy"]["mean"] = statistics.fmean(out["accuracy"].values())
+    out["loglik"]["mean"] = statistics.fmean(out["loglik"].values())
     return out
 
 
 # --- reporting -----------------------------------------------------------------------------
 
 
-def mean_ci(values):
-    """Mean and half-width of a 95% t-interval (0 for a single value)."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, 0.0
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(n, 2.26 if n < 11 else 1.96)
-    return mean, t * statistics.stdev(values) / math.sqrt(n)
+def claims_of(runs, tasks, seeds) -> list[dict]:
+    """Every claim in ``CLAIMS`` whose two methods ran, on held-out accuracy and on held-out
+    answer log-likelihood: paired over examples and seeds, 95% bootstrap interval."""
+    by = {(r["method"], r["seed"]): r for r in runs}
+    out = []
+    for a, b, text in CLAIMS:
+        if not all((m, s) in by for m in (a, b) for s in seeds):
+            continue
+        for metric, field in (("accuracy", "correct"), ("answer log-likelihood", "gold_loglik")):
+            xs = [np.array([by[a, s][field][t] for s in seeds]) for t in tasks]
+            ys = [np.array([by[b, s][field][t] for s in seeds]) for t in tasks]
+            c = stats.claim(f"{text} ({LABELS.get(a, a)} - {LABELS.get(b, b)}, held-out "
+                            f"{metric})", metric, xs, ys)  # fmt: skip
+            c.update(a=a, b=b)
+            out.append(c)
+    return out
 
 
 def summarise(runs, tasks):
@@ -350,30 +435,61 @@ def summarise(runs, tasks):
         rs = [r for r in runs if r["method"] == method]
         row = {"method": method, "trainable_params": rs[0]["trainable_params"]}
         for task in [*tasks, "mean"]:
-            row[task] = mean_ci([r["accuracy"][task] for r in rs])
+            row[task] = statistics.fmean(r["accuracy"][task] for r in rs)
+        row["loglik"] = statistics.fmean(r["loglik"]["mean"] for r in rs)
+        row["lr"] = rs[0].get("lr")
+        row["final_loss"] = statistics.fmean(
+            statistics.fmean(r["losses"][-5:]) if r["losses"] else float("nan") for r in rs
+        )
         row["step_s"] = statistics.median([t for r in rs for t in r["step_times"]] or [0.0])
         row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rs)
         row["step_mb"] = max(r["step_mb"] for r in rs)
+        mags = [r["magnitude_change"] for r in rs if r.get("magnitude_change") is not None]
+        row["magnitude_change"] = statistics.fmean(mags) if mags else None
         rows[method] = row
+    if "base" in rows:  # has each adapter learnt: held-out answer log-likelihood above base?
+        for row in rows.values():
+            row["loglik_vs_base"] = row["loglik"] - rows["base"]["loglik"]
     return rows
 
 
 def table(rows, tasks) -> str:
-    head = ["method", "trainable", *tasks, "mean", "step s", "step MB (XLA)", "peak RSS MB"]
+    head = ["method", "trainable", "lr", *tasks, "mean acc", "answer log-lik", "vs base",
+            "train loss", "magnitude moved", "step s", "step MB (XLA)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows.values():
-        cells = [r["method"], f"{r['trainable_params']:,}"]
-        for task in [*tasks, "mean"]:
-            m, ci = r[task]
-            cells.append(f"{100 * m:.1f}" + (f" ± {100 * ci:.1f}" if ci else ""))
-        cells.append(f"{r['step_s']:.2f}" if r["method"] != "base" else "-")
-        cells.append(f"{r['step_mb']:.0f}" if r["method"] != "base" else "-")
-        cells.append(f"{r['peak_rss_mb']:.0f}" if r["method"] != "base" else "-")
+        trained = r["method"] != "base"
+        cells = [LABELS.get(r["method"], r["method"]), f"{r['trainable_params']:,}",
+                 f"{r['lr']:g}" if trained else "-"]  # fmt: skip
+        cells += [f"{100 * r[t]:.1f}" for t in [*tasks, "mean"]]
+        cells.append(f"{r['loglik']:.3f}")
+        cells.append(f"{r['loglik_vs_base']:+.3f}" if "loglik_vs_base" in r else "-")
+        cells.append(f"{r['final_loss']:.3f}" if trained else "-")
+        mag = r["magnitude_change"]
+        cells.append(f"{100 * mag:.2f}%" if mag is not None else "-")
+        cells.append(f"{r['step_s']:.2f}" if trained else "-")
+        cells.append(f"{r['step_mb']:.0f}" if trained else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(rows, tasks, path: Path, title: str) -> None:
+def claims_table(claims) -> str:
+    lines = [
+        "| claim | metric | estimate | 95% CI | CI width | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in claims:
+        scale = 100.0 if c["metric"] == "accuracy" else 1.0
+        unit = " pts" if c["metric"] == "accuracy" else " nats"
+        lines.append(
+            f"| {c['claim'].split(' (')[0]} | {c['metric']} | {scale * c['estimate']:+.3f}{unit} "
+            f"| [{scale * c['ci_low']:+.3f}, {scale * c['ci_high']:+.3f}] "
+            f"| {scale * (c['ci_high'] - c['ci_low']):.3f} | **{c['verdict']}** |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows, claims, tasks, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -382,19 +498,41 @@ def plot(rows, tasks, path: Path, title: str) -> None:
     groups = [*tasks, "mean"]
     methods = list(rows)
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(2.5 + 1.4 * len(groups), 4.6))
+    fig, (ax, *claim_axes) = plt.subplots(
+        1, 3, figsize=(8 + 1.4 * len(groups), 4.8), gridspec_kw={"width_ratios": [1.6, 1, 1]}
+    )
     for i, m in enumerate(methods):
         xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
-        means = [100 * rows[m][t][0] for t in groups]
-        errs = [100 * rows[m][t][1] for t in groups]
-        ax.bar(xs, means, width, yerr=errs if any(errs) else None, capsize=2, label=m)
+        ax.bar(xs, [100 * rows[m][t] for t in groups], width, label=LABELS.get(m, m))
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    lo = min(100 * rows[m][t][0] for m in methods for t in groups)
-    hi = max(100 * (rows[m][t][0] + rows[m][t][1]) for m in methods for t in groups)
+    lo = min(100 * rows[m][t] for m in methods for t in groups)
+    hi = max(100 * rows[m][t] for m in methods for t in groups)
     ax.set_ylim(max(0, lo - 10), min(100, hi + 5))
+    ax.legend(fontsize=7, loc="upper left")
+    # Claims: paired differences with their 95% bootstrap intervals, one panel per metric.
+    colours = {"held": "tab:green", "not held": "tab:red", "inconclusive": "tab:gray"}
+    for cx, metric, scale, unit in zip(
+        claim_axes,
+        ("accuracy", "answer log-likelihood"),
+        (100.0, 1.0),
+        ("points", "nats"),
+        strict=True,
+    ):
+        these = [c for c in claims if c["metric"] == metric]
+        for j, c in enumerate(these):
+            est, low, high = (scale * c[k] for k in ("estimate", "ci_low", "ci_high"))
+            cx.errorbar(est, j, xerr=[[est - low], [high - est]], fmt="o", capsize=3,
+                        color=colours[c["verdict"]])  # fmt: skip
+        cx.axvline(0, color="k", lw=0.8)
+        cx.set_yticks(range(len(these)), [
+            f"{LABELS.get(c['a'], c['a'])} - {LABELS.get(c['b'], c['b'])}\n{c['verdict']}"
+            for c in these
+        ], fontsize=7)  # fmt: skip
+        cx.set_ylim(len(these) - 0.5, -0.5)
+        cx.set_xlabel(f"held-out {metric}: paired difference\n({unit}, 95% bootstrap CI)",
+                      fontsize=8)  # fmt: skip
+    fig.suptitle("\n".join(textwrap.wrap(title, 120)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -420,37 +558,43 @@ def main(argv=None):
     t_start = time.perf_counter()
     config, params, tokenizer = load_model(args)
     model = Llama(config)
-    train_examples, held_out = load_data(args)
+    train_examples, dev, held_out = load_data(args)
     print(
         f"model: {args.model or ('tiny random Llama' if args.tiny else 'SmolLM2 (GGUF)')}, "
         f"{sum(x.size for x in jax.tree.leaves(params)):,} params; tasks {args.tasks}; "
         f"{len(train_examples)} training examples (fixed-seed half of each validation set, "
-        f"seed {args.held_out_seed}), held-out "
-        + ", ".join(f"{t} {len(e)}" for t, e in held_out.items())
+        f"seed {args.held_out_seed}, less {len(dev)} dev examples for the VeRA/DVoRA "
+        f"learning-rate search), held-out "
+        + ", ".join(f"{t} {len(e)}" for t, e in held_out.items()),
+        flush=True,
     )
     sample = jnp.zeros((1, args.seq), jnp.int32)
     # Learn each kernel's stack/input axes by tracing the model once (scanned layers).
     axes = dora_jax.infer_axes(lambda p, t: model.apply({"params": p}, t), params, sample)
+    logprob_fn = training.make_logprob_fn(model.apply)
 
-    runs = []
+    vera_lrs, search = {}, []
+    if args.vera_lr == "search" and {"vera", "dvora"} & set(args.methods):
+        vera_lrs, search = search_vera_lr(model, params, axes, train_examples, dev, tokenizer, args)
+
+    runs, eval_seconds = [], []
     if "base" in args.methods:
-        acc = evaluate(model, params, held_out, tokenizer, args, "base")
-        acc["mean"] = statistics.fmean(acc.values())
+        results, seconds = evaluate(logprob_fn, params, held_out, tokenizer, args, "base")
+        eval_seconds.append(seconds)
         for seed in args.seeds:
-            runs.append(dict(method="base", seed=seed, trainable_params=0, accuracy=acc,
-                             step_times=[], losses=[], peak_rss_mb=float("nan"),
-                             step_mb=float("nan")))  # fmt: skip
+            runs.append(dict(method="base", seed=seed, trainable_params=0, **scores(results),
+                             step_times=[], losses=[], tokens=0, peak_rss_mb=float("nan"),
+                             step_mb=float("nan"), lr=None))  # fmt: skip
     for seed in args.seeds:
         for method in [m for m in args.methods if m != "base"]:
-            batches = commonsense.training_batches(
-                train_examples, tokenizer, args.batch, args.seq, seed=seed,
-                pad_id=tokenizer.token_to_id("<|endoftext|>") or 0,
-            )  # fmt: skip
-            r = train(method, seed, model, params, axes, batches, args, mesh)
+            batches = batches_for(train_examples, tokenizer, args, seed)
+            r = train(method, seed, model, params, axes, batches, args, mesh,
+                      lr=vera_lrs.get(method))  # fmt: skip
             adapted, times, losses = r["adapted"], r["times"], r["losses"]
             n_train = sum(x.size for x in jax.tree.leaves(dora_jax.partition(adapted)[1]))
-            acc = evaluate(model, adapted, held_out, tokenizer, args, f"{method} s{seed}")
-            acc["mean"] = statistics.fmean(acc.values())
+            results, seconds = evaluate(logprob_fn, adapted, held_out, tokenizer, args,
+                                        f"{method} s{seed}")  # fmt: skip
+            eval_seconds.append(seconds)
             # What training changed (trainable leaves, optimiser state, key, VeRA's shared
             # matrices once), with a fingerprint of the base it belongs to.
             ckpt = dora_jax.checkpoint.manager(
@@ -458,42 +602,68 @@ def main(argv=None):
             )
             dora_jax.checkpoint.save(
                 ckpt, args.steps, adapted, r["opt_state"], key=r["key"],
-                data_position=args.steps * args.batch,
+                data_position=args.steps,
             )  # fmt: skip
             ckpt.wait_until_finished()
             if args.export_peft:  # DVoRA is written as a marked extension PEFT refuses
                 dora_jax.peft.save(out / "adapters" / f"{method}-seed{seed}-peft", adapted)
-            runs.append(dict(method=method, seed=seed, trainable_params=n_train, accuracy=acc,
-                             step_times=times, losses=losses, peak_rss_mb=r["peak_rss_mb"],
-                             compile_s=r["compile_s"], step_mb=r["step_mb"],
+            runs.append(dict(method=method, seed=seed, trainable_params=n_train,
+                             **scores(results), step_times=times, losses=losses,
+                             tokens=r["tokens"], peak_rss_mb=r["peak_rss_mb"],
+                             compile_s=r["compile_s"], step_mb=r["step_mb"], lr=r["lr"],
+                             magnitude_change=magnitude_change(adapted),
                              adapter_bytes=dora_jax.checkpoint.size_bytes(ckpt)))  # fmt: skip
             tqdm.write(
                 f"  {method} seed {seed}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-                f"median step {statistics.median(times):.2f} s, compile {r['compile_s']:.1f} s"
+                f"median step {statistics.median(times):.2f} s, "
+                f"{r['tokens'] / sum(times):.0f} tokens/s trained, compile "
+                f"{r['compile_s']:.1f} s"
             )
 
     rows = summarise(runs, args.tasks)
-    md = table(rows, args.tasks)
+    claims = claims_of(runs, args.tasks, args.seeds)
+    md = table(rows, args.tasks) + "\n\n" + claims_table(claims)
     settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
     total = time.perf_counter() - t_start
+    trained = [r for r in runs if r["method"] != "base"]
+    n_scored = sum(len(e) for e in held_out.values()) * len(eval_seconds)
+    throughput = {
+        "examples_scored_per_s": n_scored / max(sum(eval_seconds), 1e-9),
+        "tokens_trained_per_s": sum(r["tokens"] for r in trained)
+        / max(sum(sum(r["step_times"]) for r in trained), 1e-9),
+    }
     note = (
         f"{args.model or 'SmolLM2-135M-Instruct'}"
         f"{' (tiny random stand-in)' if args.tiny and not args.model else ''}; "
-        f"{args.steps} steps x {args.batch}x{args.seq} tokens; rank {args.rank} "
-        f"(VeRA/DVoRA {args.vera_rank}); seeds {args.seeds}; held-out accuracy on a "
-        f"fixed-seed half of each validation split; {total / 60:.1f} min on "
-        f"{jax.devices()[0].platform}"
+        f"{args.steps} steps x {args.batch} packed rows of {args.seq} tokens; rank "
+        f"{args.rank} (dora r/2: {args.rank // 2}; VeRA/DVoRA {args.vera_rank}); seeds "
+        f"{args.seeds}; held-out "
+        + ", ".join(f"{t} {len(e)}" for t, e in held_out.items())
+        + f" (fixed-seed half of each validation split); claims: paired differences, 95% "
+        f"bootstrap CI over examples{' and seeds' if len(args.seeds) > 1 else ''}; "
+        f"{throughput['examples_scored_per_s']:.1f} examples/s scored, "
+        f"{throughput['tokens_trained_per_s']:.0f} tokens/s trained; {total / 60:.1f} min "
+        f"on {jax.devices()[0].platform}"
     )
     print("\n" + md + "\n\n" + note)
     (out / "results.md").write_text(md + "\n\n" + note + "\n")
     (out / "results.json").write_text(
         json.dumps(
-            {"settings": settings, "runs": runs, "summary": rows, "note": note},
-            indent=2,
+            {
+                "settings": settings,
+                "claims": claims,
+                "summary": rows,
+                "runs": runs,
+                "lr_search": search,
+                "throughput": throughput,
+                "minutes": total / 60,
+                "note": note,
+            },
+            indent=1,
             default=str,
         )  # fmt: skip
     )
-    plot(rows, args.tasks, out / "results.png", note)
+    plot(rows, claims, args.tasks, out / "results.png", note)
     print(f"wrote {out}/results.json, results.md, results.png and adapters/")
 
 

@@ -1,17 +1,17 @@
-"""Tests for experiments/commonsense.py: batching masks, split, MC scoring, real data."""
+"""Tests for dora_jax.experiments.commonsense: packed batches, split, MC scoring, real data."""
 
 import itertools
-import pathlib
-import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dora_jax.experiments import commonsense as cs
+from dora_jax.experiments import training
+from dora_jax.models.llama import Llama, LlamaConfig
 from tests.conftest import require_package
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from experiments import commonsense as cs
 
 CORPUS = [
     "the cat sat on the mat",
@@ -60,32 +60,70 @@ def test_example_accessors():
         cs.Example.shared("x", (" a", " b"), 2)
 
 
+def _rows_of(batch):
+    """Per row: the segments' token lists and, per target, (previous token, target)."""
+    out = []
+    for b in range(batch["tokens"].shape[0]):
+        seg, tok_ = batch["segments"][b], batch["tokens"][b]
+        units = [list(tok_[seg == s]) for s in range(1, seg.max() + 1)]
+        w = batch["weights"][b] > 0
+        pairs = list(zip(tok_[batch["sources"][b][w]], batch["targets"][b][w], strict=True))
+        out.append((units, pairs))
+    return out
+
+
 @pytest.mark.parametrize("bos_id", [None, 7])
-def test_training_mask_covers_exactly_the_continuation(tok, bos_id):
+@pytest.mark.parametrize("pack", [True, False])
+def test_training_batches_target_exactly_the_continuation(tok, bos_id, pack):
     pad = 999
     batches = list(
-        cs.training_batches(EXAMPLES, tok, 2, 32, seed=3, pad_id=pad, bos_id=bos_id, epochs=1)
+        cs.training_batches(
+            EXAMPLES, tok, 2, 32, seed=3, pad_id=pad, bos_id=bos_id, epochs=1, pack=pack
+        )
     )
-    assert len(batches) == 3  # 5 examples, last batch padded
-    tokens = np.concatenate([b["tokens"] for b in batches])
-    mask = np.concatenate([b["loss_mask"] for b in batches])
-    assert tokens.dtype == np.int32 and mask.dtype == np.float32 and tokens.shape == (6, 32)
-    assert mask[5].sum() == 0 and (tokens[5] == pad).all()  # filler row
-    seen = set()
-    for row, m in zip(tokens[:5], mask[:5], strict=True):
-        # Identify the example by its target tokens, then check the exact layout.
-        matches = [
-            e for e in EXAMPLES if list(row[m == 1]) == ids(tok, e.gold[1]) and e.gold not in seen
-        ]
-        assert matches, "masked tokens are not a gold continuation"
-        ctx, cont = matches[0].gold
-        seen.add(matches[0].gold)
-        prompt = ([] if bos_id is None else [bos_id]) + ids(tok, ctx)
-        n = len(prompt) + len(ids(tok, cont))
-        assert list(row[: len(prompt)]) == prompt
-        assert (m[: len(prompt)] == 0).all() and (m[len(prompt) : n] == 1).all()
-        assert (m[n:] == 0).all() and (row[n:] == pad).all()
-    assert len(seen) == 5  # one epoch visits every example once
+    if not pack:
+        assert len(batches) == 3  # 5 examples, one per row, last batch padded
+    seen = []
+    for batch in batches:
+        assert batch["tokens"].shape == (2, 32) and batch["tokens"].dtype == np.int32
+        assert batch["weights"].dtype == np.float32
+        assert (batch["tokens"][batch["segments"] == 0] == pad).all()
+        for units, pairs in _rows_of(batch):
+            at = 0
+            for u in units:
+                # Two examples may share the text but split prompt and answer differently:
+                # the segment must be prompt + gold of an unseen example whose answer tokens
+                # are exactly the next targets, each predicted from the token before it.
+                found = None
+                for e in EXAMPLES:
+                    prompt = ([] if bos_id is None else [bos_id]) + ids(tok, e.gold[0])
+                    cont = ids(tok, e.gold[1])
+                    want = list(zip(u[-len(cont) - 1 : -1], cont, strict=True))
+                    if (
+                        e.gold not in seen
+                        and u == prompt + cont
+                        and pairs[at:][: len(cont)] == want
+                    ):
+                        found = e
+                        break
+                assert found is not None, "a segment is not prompt + its gold continuation"
+                seen.append(found.gold)
+                at += len(ids(tok, found.gold[1]))
+            assert at == len(pairs)
+    assert sorted(seen) == sorted(e.gold for e in EXAMPLES)  # one epoch visits each once
+    if pack:
+        assert len(batches) == 1  # five short examples fill two rows of 32
+
+
+def test_packed_segments_restart_positions(tok):
+    (batch,) = cs.training_batches(EXAMPLES, tok, 2, 32, epochs=1)
+    for b in range(2):
+        seg, pos = batch["segments"][b], batch["positions"][b]
+        for s in range(1, seg.max() + 1):
+            assert list(pos[seg == s]) == list(range((seg == s).sum()))
+    mask = cs.packed_attention_mask(batch["segments"], batch["branches"])
+    assert mask.shape == (2, 32, 32)
+    assert (mask == (batch["segments"][:, :, None] == batch["segments"][:, None, :])).all()
 
 
 def test_training_left_truncates_and_is_deterministic(tok):
@@ -94,7 +132,7 @@ def test_training_left_truncates_and_is_deterministic(tok):
     cont = ids(tok, " the dog")
     full = ids(tok, long.context) + cont
     assert list(b["tokens"][0]) == full[-8:]  # prompt cut from the left
-    assert list(np.nonzero(b["loss_mask"][0])[0]) == list(range(8 - len(cont), 8))
+    assert list(b["targets"][0][b["weights"][0] > 0]) == cont
 
     def first(seed, n=4):
         it = cs.training_batches(EXAMPLES, tok, 2, 32, seed=seed)  # infinite
@@ -124,19 +162,22 @@ def _bigram_fake(tok, calls):
         x = ids(tok, s)
         seen.update(itertools.pairwise(x))
 
-    def logprob_fn(tokens):
-        calls.append(tokens.shape)
-        prev, nxt = tokens[:, :-1], tokens[:, 1:]
-        hit = np.vectorize(lambda a, b: (int(a), int(b)) in seen)(prev, nxt)
+    def logprob_fn(batch):
+        calls.append(batch["tokens"].shape)
+        prev = np.take_along_axis(batch["tokens"], batch["sources"], axis=1)
+        hit = np.vectorize(lambda a, b: (int(a), int(b)) in seen)(prev, batch["targets"])
         return np.where(hit, 0.0, -1.0).astype(np.float32)
 
     return logprob_fn, seen
 
 
-def test_scoring_with_fake_lm(tok):
+@pytest.mark.parametrize("packed", [True, False])
+def test_scoring_with_fake_lm(tok, packed):
     calls = []
     fn, seen = _bigram_fake(tok, calls)
-    res = cs.score_multiple_choice(fn, EXAMPLES, tok, batch_size=4, seq_len=64, progress=False)
+    res = cs.score_multiple_choice(
+        fn, EXAMPLES, tok, batch_size=4, seq_len=64, progress=False, packed=packed
+    )
     # Independent expectation: count continuation bigrams (incl. the boundary
     # one) that the fake does not know.
     for e, ll in zip(EXAMPLES, res.loglik, strict=True):
@@ -151,13 +192,15 @@ def test_scoring_with_fake_lm(tok):
     assert res.acc == 1.0 and res.metric == "acc" and res.primary == 1.0
     # Fixed batch size and 32-token buckets, so a jitted fn compiles rarely.
     assert all(b == 4 and t % 32 == 0 for b, t in calls)
+    if packed:  # all five examples share one row of 256 tokens
+        assert calls == [(4, 256)]
 
 
 def test_scoring_accuracy_and_norm(tok):
     # Every token costs -1: raw sum prefers the choice with fewest tokens, the
     # per-character normalisation can prefer a longer one.
-    def fn(tokens):
-        return -np.ones((tokens.shape[0], tokens.shape[1] - 1), np.float32)
+    def fn(batch):
+        return -np.ones(batch["targets"].shape, np.float32)
 
     exs = [
         cs.Example.shared("the cat", (" sat on the mat", " zq"), 0),
@@ -176,22 +219,61 @@ def test_scoring_left_truncation_keeps_continuation(tok):
     calls = []
     fn, _ = _bigram_fake(tok, calls)
     long = [cs.Example.shared("the dog ran " * 20 + "the", (" cat sat", " park sat"), 0)]
-    res = cs.score_multiple_choice(fn, long, tok, 2, 16, progress=False)
+    res = cs.score_multiple_choice(fn, long, tok, 2, 16, progress=False, packed=False)
     assert calls == [(2, 16)]
     assert res.pred.tolist() == [0]
+    packed = cs.score_multiple_choice(fn, long, tok, 2, 16, progress=False, row_len=16)
+    assert packed.loglik[0].tolist() == res.loglik[0].tolist()
 
 
-def test_make_logprob_fn_matches_numpy():
-    import jax
+@pytest.fixture(scope="module")
+def tiny_llama(tok):
+    config = LlamaConfig.tiny(vocab_size=tok.get_vocab_size() + 8)
+    model = Llama(config)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    # Larger weights than the init's 0.02, so scores differ clearly between choices.
+    params = jax.tree.map(lambda x: x * 8.0 if x.ndim == 2 else x, params)
+    return model, params
 
-    w = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (11, 11)))
-    fn = cs.make_logprob_fn(lambda t: jax.numpy.asarray(w)[t])
-    tokens = np.array([[1, 4, 2, 9], [3, 3, 0, 10]], np.int32)
-    got = np.asarray(fn(tokens))
-    logits = w[tokens][:, :-1]
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    want = np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+def test_packed_scores_equal_one_forward_per_choice(tok, tiny_llama):
+    """Shared-prefix packing gives the log-likelihoods of separate forwards, computed here
+    with a plain full-sequence forward per choice."""
+    model, params = tiny_llama
+    fn = training.make_logprob_fn(model.apply)
+    packed = cs.score_multiple_choice(
+        lambda b: fn(params, b), EXAMPLES, tok, 3, 32, progress=False, row_len=64
+    )
+    unpacked = cs.score_multiple_choice(
+        lambda b: fn(params, b), EXAMPLES, tok, 3, 32, progress=False, packed=False
+    )
+    for e, got, ref in zip(EXAMPLES, packed.loglik, unpacked.loglik, strict=True):
+        want = []
+        for c, k in zip(e.contexts, e.continuations, strict=True):
+            x, n = ids(tok, c), len(ids(tok, k))
+            seq = jnp.asarray([x + ids(tok, k)])
+            logp = jax.nn.log_softmax(model.apply({"params": params}, seq)[0, :-1], axis=-1)
+            want.append(sum(float(logp[t - 1, seq[0, t]]) for t in range(len(x), len(x) + n)))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(ref, want, rtol=1e-4, atol=1e-4)
+    assert packed.pred.tolist() == unpacked.pred.tolist()
+
+
+def test_packed_training_loss_equals_per_example_loss(tok, tiny_llama):
+    """The packed loss is the token-weighted mean of each example's own answer loss."""
+    model, params = tiny_llama
+    (batch,) = cs.training_batches(EXAMPLES, tok, 2, 64, epochs=1)
+    got = training.lm_loss(model.apply, {"params": params}, batch)
+    nll, count = 0.0, 0
+    for e in EXAMPLES:
+        x, k = ids(tok, e.gold[0]), ids(tok, e.gold[1])
+        seq = jnp.asarray([x + k])
+        logp = jax.nn.log_softmax(model.apply({"params": params}, seq)[0, :-1], axis=-1)
+        nll -= sum(float(logp[t - 1, seq[0, t]]) for t in range(len(x), len(x) + len(k)))
+        count += len(k)
+    np.testing.assert_allclose(float(got), nll / count, rtol=1e-5)
+    grads = jax.grad(lambda p: training.lm_loss(model.apply, {"params": p}, batch))(params)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
 def test_real_task_sizes_and_formats():

@@ -18,6 +18,28 @@ from jax import lax
 
 Dtype = Any
 
+# The adaptable projections of a decoder layer, by short name: path inside a layer.
+PROJECTIONS = {
+    "q": "self_attn/q_proj",
+    "k": "self_attn/k_proj",
+    "v": "self_attn/v_proj",
+    "o": "self_attn/o_proj",
+    "gate": "mlp/gate_proj",
+    "up": "mlp/up_proj",
+    "down": "mlp/down_proj",
+}
+
+
+def projection_regex(names=tuple(PROJECTIONS)) -> str:
+    """``targets=`` regex for ``dora_jax.wrap`` matching the named projections' kernels.
+
+    Example: ``projection_regex(["q", "v"])`` -> ``"(self_attn/q_proj|self_attn/v_proj)/kernel$"``.
+    """
+    unknown = [n for n in names if n not in PROJECTIONS]
+    if unknown:
+        raise ValueError(f"unknown projections {unknown}; choose from {sorted(PROJECTIONS)}")
+    return "(" + "|".join(PROJECTIONS[n] for n in names) + ")/kernel$"
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -268,8 +290,11 @@ class LlamaDecoderLayer(nn.Module):
 class Llama(nn.Module):
     """Llama causal LM returning float32 logits of shape (batch, seq, vocab).
 
-    ``attention_mask`` (batch, seq), 1 for real tokens, masks padded keys; the
-    causal mask is always applied. ``positions`` defaults to ``arange(seq)``.
+    ``attention_mask`` (batch, seq), 1 for real tokens, masks padded keys; or (batch, seq,
+    seq), True where query ``t`` may attend key ``s`` (packed sequences); the causal mask is
+    always applied. ``positions`` defaults to ``arange(seq)``. ``logits_at`` (batch, k)
+    int, optional: return the logits at these positions only, (batch, k, vocab) (a loss
+    or a score that reads few positions skips most of the vocabulary projection).
     """
 
     config: LlamaConfig
@@ -277,7 +302,7 @@ class Llama(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None):
+    def __call__(self, input_ids, attention_mask=None, positions=None, logits_at=None):
         cfg = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         b, t = input_ids.shape
@@ -294,7 +319,9 @@ class Llama(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.ndim == 3:
+            mask = mask & attention_mask.astype(bool)
+        elif attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, :]
         mask = jnp.broadcast_to(mask, (b, t, t))
 
@@ -313,6 +340,8 @@ class Llama(nn.Module):
                 x = LlamaDecoderLayer(cfg, name=f"layers_{i}", **kw)(x, cos, sin, mask)
 
         x = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(x)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:

@@ -310,6 +310,121 @@ def _fit(ctx: list[int], cont: list[int], seq_len: int) -> tuple[list[int], int]
     return ids, len(cont)
 
 
+@dataclass
+class _Unit:
+    """Token sequences that must sit in one row: a training example, or the choices of one
+    example sharing their common prefix (scoring). ``branches``: 0 on the shared prefix,
+    ``i + 1`` on choice ``i``'s own tokens; a token sees the prefix and its own branch.
+    ``sources[j]`` is the index (in the unit) of the token whose logits predict
+    ``targets[j]``; ``owners[j]`` the choice it scores (-1 in training)."""
+
+    tokens: list[int]
+    positions: list[int]
+    branches: list[int]
+    sources: list[int]
+    targets: list[int]
+    owners: list[int]
+
+
+def _single_unit(ids: list[int], n_target: int, owner: int, all_sources: bool) -> _Unit:
+    n = len(ids)
+    first = 1 if all_sources else n - n_target
+    return _Unit(
+        list(ids),
+        list(range(n)),
+        [0] * n,
+        list(range(first - 1, n - 1)),
+        list(ids[first:]),
+        [owner] * (n - first),
+    )
+
+
+def _shared_prefix_unit(reqs: Sequence[tuple[list[int], int]], owner0: int) -> _Unit:
+    """The choices of one example in one unit: their common prefix once, then each choice's
+    own tokens, positions continuing from the prefix (scores equal separate forwards)."""
+    seqs = [ids for ids, _ in reqs]
+    cap = min(len(ids) - n for ids, n in reqs)
+    p = 0
+    while p < cap and all(s[p] == seqs[0][p] for s in seqs):
+        p += 1
+    unit = _Unit(seqs[0][:p], list(range(p)), [0] * p, [], [], [])
+    for i, (ids, n_target) in enumerate(reqs):
+        start = len(unit.tokens)
+        unit.tokens += ids[p:]
+        unit.positions += list(range(p, len(ids)))
+        unit.branches += [i + 1] * (len(ids) - p)
+        for k in range(len(ids) - n_target, len(ids)):
+            src = k - 1
+            unit.sources.append(src if src < p else start + src - p)
+            unit.targets.append(ids[k])
+            unit.owners.append(owner0 + i)
+    return unit
+
+
+def _pack(units: Sequence[_Unit], row_len: int, max_targets: int) -> list[list[_Unit]]:
+    """Greedy packing in the given order: a unit joins the current row if it fits."""
+    rows: list[list[_Unit]] = []
+    used = targets = row_len + 1
+    for u in units:
+        if len(u.tokens) > row_len or len(u.targets) > max_targets:
+            raise ValueError(
+                f"a unit of {len(u.tokens)} tokens / {len(u.targets)} targets does not fit a "
+                f"row of {row_len} tokens / {max_targets} targets"
+            )
+        if used + len(u.tokens) > row_len or targets + len(u.targets) > max_targets:
+            rows.append([])
+            used = targets = 0
+        rows[-1].append(u)
+        used += len(u.tokens)
+        targets += len(u.targets)
+    return rows
+
+
+def _assemble(
+    rows: Sequence[Sequence[_Unit]], batch_size: int, row_len: int, max_targets: int, pad_id: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One batch of packed rows (fixed shapes) and the owner of each target (-1: none).
+
+    Keys: ``tokens``, ``positions``, ``segments`` (1, 2, ... per unit in a row, 0 on
+    padding), ``branches``, ``sources``, ``targets`` (int32, ``(B, T)`` / ``(B, K)``) and
+    ``weights`` (float32 ``(B, K)``, 1 on real targets).
+    """
+    shape, kshape = (batch_size, row_len), (batch_size, max_targets)
+    out = {
+        "tokens": np.full(shape, pad_id, np.int32),
+        "positions": np.zeros(shape, np.int32),
+        "segments": np.zeros(shape, np.int32),
+        "branches": np.zeros(shape, np.int32),
+        "sources": np.zeros(kshape, np.int32),
+        "targets": np.zeros(kshape, np.int32),
+        "weights": np.zeros(kshape, np.float32),
+    }
+    owners = np.full(kshape, -1, np.int64)
+    for b, row in enumerate(rows):
+        t = k = 0
+        for seg, u in enumerate(row, start=1):
+            n, m = len(u.tokens), len(u.targets)
+            out["tokens"][b, t : t + n] = u.tokens
+            out["positions"][b, t : t + n] = u.positions
+            out["segments"][b, t : t + n] = seg
+            out["branches"][b, t : t + n] = u.branches
+            out["sources"][b, k : k + m] = np.asarray(u.sources) + t
+            out["targets"][b, k : k + m] = u.targets
+            out["weights"][b, k : k + m] = 1.0
+            owners[b, k : k + m] = u.owners
+            t, k = t + n, k + m
+    return out, owners
+
+
+def packed_attention_mask(segments, branches):
+    """``(B, T, T)`` bool: query ``t`` may see key ``s`` in the same segment, on the shared
+    prefix (branch 0) or on its own branch (the model adds the causal mask). Works on numpy
+    and jax arrays."""
+    same_segment = segments[:, :, None] == segments[:, None, :]
+    visible_branch = (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
+    return same_segment & visible_branch
+
+
 def training_batches(
     examples: Sequence[Example],
     tokenizer,
@@ -320,70 +435,79 @@ def training_batches(
     pad_id: int = 0,
     bos_id: int | None = None,
     epochs: int | None = None,
+    pack: bool = True,
+    max_targets: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yield ``{"tokens": (B, T) int32, "loss_mask": (B, T) float32}`` batches.
+    """Yield training batches of prompt + correct continuation, loss on the continuation.
 
-    Each row is prompt + correct continuation, right-padded with ``pad_id``.
-    ``loss_mask[b, t] == 1`` iff ``tokens[b, t]`` is a continuation token, i.e.
-    it is aligned with the *targets*: the loss is
-    ``-sum(loss_mask[:, 1:] * log p(tokens[:, 1:] | tokens[:, :-1]))``.
-    Examples are reshuffled every epoch from ``default_rng(seed)``; batches run
-    across epoch boundaries. ``epochs=None`` iterates forever; otherwise the
-    last batch is padded with empty (all-masked) rows.
+    Batches are dicts of fixed-shape arrays (see ``_assemble``): ``tokens``,
+    ``positions``, ``segments``, ``branches`` ``(B, seq_len)``; ``sources``, ``targets``,
+    ``weights`` ``(B, K)``: the loss is ``-sum(weights * log p(targets | logits at
+    sources)) / sum(weights)``. With ``pack=True`` each row holds as many examples as fit
+    (one segment each, positions restarting at 0, attention kept inside the segment), so
+    few tokens are padding, and ``K`` covers only the answer tokens (``max_targets``,
+    default the larger of ``seq_len // 4`` and the longest answer). With ``pack=False``
+    each row holds one example, right-padded, and ``sources`` are all ``seq_len - 1``
+    positions (the unpacked layout: logits everywhere).
+
+    Examples are reshuffled every epoch from ``default_rng(seed)``; batches run across
+    epoch boundaries. ``epochs=None`` iterates forever; otherwise the last batch is
+    padded with empty rows. Prompts longer than ``seq_len`` are cut from the left.
     """
     if seq_len < 2:
         raise ValueError("seq_len must be >= 2")
-    rows = [
+    fitted = [
         _fit(c, k, seq_len) for c, k in _pair_ids(tokenizer, [e.gold for e in examples], bos_id)
     ]
-    if not rows:
+    if not fitted:
         raise ValueError("no examples")
+    # Owners mark the answer's targets (1) among all of a row's targets (unpacked layout).
+    units = []
+    for ids, n in fitted:
+        u = _single_unit(ids, n, 1, all_sources=not pack)
+        u.owners = [0] * (len(u.targets) - n) + [1] * n
+        units.append(u)
+    if pack:
+        k_max = max(max_targets or seq_len // 4, max(len(u.targets) for u in units))
+    else:
+        k_max = seq_len - 1
     rng = np.random.default_rng(seed)
 
     def order() -> Iterator[int]:
         epoch = 0
         while epochs is None or epoch < epochs:
-            yield from rng.permutation(len(rows)).tolist()
+            yield from rng.permutation(len(units)).tolist()
             epoch += 1
 
-    it = order()
-    while True:
-        tokens = np.full((batch_size, seq_len), pad_id, np.int32)
-        mask = np.zeros((batch_size, seq_len), np.float32)
-        filled = 0
-        for b, i in zip(range(batch_size), it, strict=False):
-            ids, n_target = rows[i]
-            tokens[b, : len(ids)] = ids
-            mask[b, len(ids) - n_target : len(ids)] = 1.0
-            filled += 1
-        if filled == 0:
-            return
-        yield {"tokens": tokens, "loss_mask": mask}
-        if filled < batch_size:
-            return
+    pending: list[list[_Unit]] = []
+    row_units: list[_Unit] = []
+    used = n_targets = 0
+    for i in order():
+        u = units[i]
+        if not pack or used + len(u.tokens) > seq_len or n_targets + len(u.targets) > k_max:
+            if row_units:
+                pending.append(row_units)
+            row_units, used, n_targets = [], 0, 0
+        row_units.append(u)
+        used += len(u.tokens)
+        n_targets += len(u.targets)
+        if len(pending) == batch_size:
+            yield _training_batch(pending, batch_size, seq_len, k_max, pad_id)
+            pending = []
+    if row_units:
+        pending.append(row_units)
+    while pending:
+        yield _training_batch(pending[:batch_size], batch_size, seq_len, k_max, pad_id)
+        pending = pending[batch_size:]
+
+
+def _training_batch(rows, batch_size, seq_len, k_max, pad_id):
+    batch, owners = _assemble(rows, batch_size, seq_len, k_max, pad_id)
+    batch["weights"] = (owners == 1).astype(np.float32)  # the answer's targets only
+    return batch
 
 
 # ------------------------------------------------------------------------ scoring
-
-
-def next_token_logprobs(logits, tokens):
-    """``(B, T, V)`` logits, ``(B, T)`` tokens -> ``(B, T-1)`` log p(tokens[:, 1:])."""
-    import jax
-    import jax.numpy as jnp
-
-    logits = logits[:, :-1].astype(jnp.float32)
-    target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    return target - jax.nn.logsumexp(logits, axis=-1)
-
-
-def make_logprob_fn(logits_fn: Callable) -> Callable:
-    """Wrap ``logits_fn(tokens) -> (B, T, V)`` into a jitted ``(B, T-1)`` logprob fn.
-
-    The gather happens on device so only ``B * (T-1)`` floats reach the host.
-    """
-    import jax
-
-    return jax.jit(lambda tokens: next_token_logprobs(logits_fn(tokens), tokens))
 
 
 @dataclass(frozen=True)
@@ -396,10 +520,22 @@ class MCResult:
     pred: np.ndarray  # (N,) int
     pred_norm: np.ndarray  # (N,) int
     loglik: tuple[np.ndarray, ...]  # per example: (num_choices,) summed logprobs
+    labels: np.ndarray  # (N,) int
 
     @property
     def primary(self) -> float:
         return getattr(self, self.metric)
+
+    @property
+    def correct(self) -> np.ndarray:
+        """(N,) float: 1 where the primary metric's prediction is the label."""
+        pred = self.pred if self.metric == "acc" else self.pred_norm
+        return (pred == self.labels).astype(np.float64)
+
+    @property
+    def gold_loglik(self) -> np.ndarray:
+        """(N,) float: summed log-likelihood of each example's correct answer."""
+        return np.array([ll[y] for ll, y in zip(self.loglik, self.labels, strict=True)])
 
 
 def _round_up(n: int, m: int) -> int:
@@ -417,50 +553,83 @@ def score_multiple_choice(
     task: str | None = None,
     pad_id: int = 0,
     bos_id: int | None = None,
-    bucket: int = 32,
+    packed: bool = True,
+    row_len: int | None = None,
 ) -> MCResult:
     """Score each choice by ``sum log p(continuation | context)`` and report accuracy.
 
-    ``logprob_fn(tokens (B, T) int32) -> (B, T-1)`` log-probabilities of
-    ``tokens[:, 1:]`` (see ``make_logprob_fn``). Calls always use ``B =
-    batch_size`` and ``T`` a multiple of ``bucket`` (capped at ``seq_len``), so a
-    jitted function compiles at most ``seq_len / bucket`` times. Long prompts
-    are left-truncated. The primary metric is ``PRIMARY_METRIC[task]``
-    (``"acc"`` when ``task`` is None).
+    ``logprob_fn(batch) -> (B, K)``: the log-probability of ``batch["targets"]`` under
+    the logits at ``batch["sources"]`` of a forward over ``batch["tokens"]`` with
+    ``batch["positions"]`` and the mask ``packed_attention_mask(batch["segments"],
+    batch["branches"])`` (``dora_jax.experiments.training.make_logprob_fn`` builds one).
+
+    ``packed=True``: the choices of an example share one forward: their common prefix once,
+    then each choice's own tokens (positions continuing from the prefix, each choice seeing
+    only the prefix and itself), and several examples fill a row of ``row_len`` tokens
+    (default ``max(256, seq_len)``); logits are taken at the answer tokens only. Scores
+    equal separate forwards per choice up to float rounding. ``packed=False``: one row
+    per choice, logits everywhere (the layout of a plain harness). Every call has the same
+    ``(batch_size, T)`` shape (packed) or ``T`` a multiple of 32 (unpacked), so a jitted
+    function compiles rarely. Prompts longer than ``seq_len`` are cut from the left. The
+    primary metric is ``PRIMARY_METRIC[task]`` (``"acc"`` when ``task`` is None).
     """
     from tqdm.auto import tqdm
 
     pairs = _all_pairs(examples)
     reqs = [_fit(c, k, seq_len) for c, k in _pair_ids(tokenizer, pairs, bos_id)]
-
-    # Longest first (like the harness): similar lengths share a batch and the
-    # first batch hits the largest bucket, surfacing OOMs early.
-    order = sorted(range(len(reqs)), key=lambda r: (-len(reqs[r][0]), r))
+    if packed:
+        row_len = max(256, seq_len) if row_len is None else row_len
+        if row_len < seq_len:
+            raise ValueError(f"row_len={row_len} must be at least seq_len={seq_len}")
+        k_max = max(row_len // 2, max(n for _, n in reqs))
+        units, pos = [], 0
+        for e in examples:
+            choice_reqs = reqs[pos : pos + e.num_choices]
+            unit = _shared_prefix_unit(choice_reqs, pos)
+            if len(unit.tokens) <= row_len and len(unit.targets) <= k_max:
+                units.append(unit)
+            else:  # too long to share one row: each choice on its own
+                units += [
+                    _single_unit(ids, n, pos + i, all_sources=False)
+                    for i, (ids, n) in enumerate(choice_reqs)
+                ]
+            pos += e.num_choices
+        rows = _pack(units, row_len, k_max)
+        batches = [
+            (rows[s : s + batch_size], row_len, k_max) for s in range(0, len(rows), batch_size)
+        ]
+    else:
+        # Longest first: similar lengths share a batch, the largest bucket comes first.
+        order = sorted(range(len(reqs)), key=lambda r: (-len(reqs[r][0]), r))
+        batches = []
+        for s in range(0, len(order), batch_size):
+            chunk = order[s : s + batch_size]
+            t = min(seq_len, _round_up(max(len(reqs[r][0]) for r in chunk), 32))
+            rows = []
+            for r in chunk:
+                u = _single_unit(*reqs[r], r, all_sources=True)
+                n_target = reqs[r][1]
+                u.owners = [-1] * (len(u.targets) - n_target) + [r] * n_target
+                rows.append([u])
+            batches.append((rows, t, t - 1))
     scores = np.zeros(len(reqs), np.float64)
 
-    def launch(chunk: list[int]):
-        t = min(seq_len, _round_up(max(len(reqs[r][0]) for r in chunk), bucket))
-        tokens = np.full((batch_size, t), pad_id, np.int32)
-        # Target mask in the (B, T-1) output frame: output t-1 predicts token t.
-        mask = np.zeros((batch_size, t - 1), bool)
-        for b, r in enumerate(chunk):
-            ids, n_target = reqs[r]
-            tokens[b, : len(ids)] = ids
-            mask[b, len(ids) - 1 - n_target : len(ids) - 1] = True
-        return chunk, mask, logprob_fn(tokens)
+    def launch(rows, t, k):
+        batch, owners = _assemble(rows, batch_size, t, k, pad_id)
+        return owners, logprob_fn(batch)
 
-    def collect(chunk, mask, out):
+    def collect(owners, out):
         lp = np.asarray(out, np.float64)
-        assert lp.shape == mask.shape, f"logprob_fn returned {lp.shape}, expected {mask.shape}"
-        sums = np.where(mask, lp, 0.0).sum(axis=1)
-        scores[chunk] = sums[: len(chunk)]
+        if lp.shape != owners.shape:
+            raise ValueError(f"logprob_fn returned {lp.shape}, expected {owners.shape}")
+        keep = owners >= 0
+        np.add.at(scores, owners[keep], lp[keep])
 
-    chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     pending = None
-    for chunk in tqdm(chunks, desc="scoring", disable=not progress):
+    for rows, t, k in tqdm(batches, desc="scoring", disable=not progress):
         # Dispatch the next batch before pulling the previous one to the host so
         # host-side batch building overlaps with (asynchronous) device compute.
-        launched = launch(chunk)
+        launched = launch(rows, t, k)
         if pending is not None:
             collect(*pending)
         pending = launched
@@ -478,7 +647,7 @@ def score_multiple_choice(
         loglik.append(ll)
         pred.append(int(np.argmax(ll)))
         pred_norm.append(int(np.argmax(ll / n_chars)))
-    labels = np.array([e.label for e in examples])
+    labels = np.array([e.label for e in examples], np.int64)
     pred_arr, norm_arr = np.array(pred, np.int64), np.array(pred_norm, np.int64)
     n = max(1, len(examples))
     return MCResult(
@@ -488,6 +657,7 @@ def score_multiple_choice(
         pred=pred_arr,
         pred_norm=norm_arr,
         loglik=tuple(loglik),
+        labels=labels,
     )
 
 

@@ -1,0 +1,183 @@
+"""One train-step builder and one evaluation builder, shared by every script.
+
+A model is given as its Linen-style ``apply_fn(variables, tokens, **kwargs) -> logits``
+(``Llama(config).apply``). Batches are dicts of arrays: a packed batch from
+:func:`dora_jax.experiments.commonsense.training_batches` (``tokens``, ``positions``,
+``segments``, ``branches``, ``sources``, ``targets``, ``weights``), or ``{"tokens"}`` with an
+optional ``loss_mask`` (plain next-token loss over the row, e.g. random benchmark tokens).
+
+Example::
+
+    tx = optimizer(1e-3, steps=100)
+    frozen, trainable = dora_jax.partition(adapted)
+    step = make_train_step(model.apply, tx)
+    trainable, opt_state, loss = step(trainable, tx.init(trainable), frozen, batch, key)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import dora_jax
+from dora_jax.experiments.commonsense import MCResult, packed_attention_mask
+from dora_jax.models.llama import next_token_loss
+
+PyTree = Any
+
+
+def optimizer(lr: float, steps: int, *, warmup: int | None = None) -> optax.GradientTransformation:
+    """AdamW (no weight decay) with linear warm-up (default ``steps // 10``, at least 1) and
+    cosine decay to ``lr / 10``: the schedule every experiment uses."""
+    warmup = max(1, steps // 10) if warmup is None else warmup
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr / 10)
+    return optax.adamw(schedule, weight_decay=0.0)
+
+
+def batch_logits(apply_fn: Callable, variables: PyTree, batch: Mapping[str, jax.Array]):
+    """Logits for a batch: at ``batch["sources"]`` of a packed batch, else everywhere."""
+    if "sources" not in batch:
+        return apply_fn(variables, batch["tokens"])
+    mask = packed_attention_mask(batch["segments"], batch["branches"])
+    return apply_fn(
+        variables,
+        batch["tokens"],
+        attention_mask=mask,
+        positions=batch["positions"],
+        logits_at=batch["sources"],
+    )
+
+
+def lm_loss(apply_fn: Callable, variables: PyTree, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Mean cross-entropy: of the weighted targets of a packed batch, or next-token over the
+    rows of ``{"tokens", "loss_mask"?}``."""
+    logits = batch_logits(apply_fn, variables, batch)
+    if "sources" not in batch:
+        return next_token_loss(logits, batch["tokens"], batch.get("loss_mask"))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    w = batch["weights"].astype(jnp.float32)
+    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def make_train_step(
+    apply_fn: Callable,
+    tx: optax.GradientTransformation,
+    *,
+    adapted: bool = True,
+    dropout: bool = False,
+    loss: Callable = lm_loss,
+    jit: bool = True,
+    **jit_kwargs,
+) -> Callable:
+    """``step(trainable, opt_state, frozen, batch, key) -> (trainable, opt_state, loss)``.
+
+    Args:
+      apply_fn: ``apply_fn(variables, tokens, **kwargs) -> logits``, e.g. ``model.apply``.
+      tx: the optax optimiser (state from ``tx.init(trainable)``).
+      adapted: ``trainable``/``frozen`` are the halves of :func:`dora_jax.partition` and the
+        forward is :func:`dora_jax.apply` (factored, no weight gradient of the base).
+        ``False``: full fine-tuning, ``trainable`` is the whole params tree, ``frozen`` is
+        ignored (pass ``None``).
+      dropout: pass ``key`` to :func:`dora_jax.apply` (adapter dropout is active).
+      loss: ``loss(apply_fn, variables, batch) -> scalar`` (default :func:`lm_loss`).
+      jit: compile the step with ``jax.jit(**jit_kwargs)`` (e.g. shardings).
+    """
+
+    def loss_of(trainable, frozen, batch, key):
+        if not adapted:
+            return loss(apply_fn, {"params": trainable}, batch)
+        fn = dora_jax.apply(apply_fn, key=key if dropout else None)
+        return loss(fn, {"params": dora_jax.combine(frozen, trainable)}, batch)
+
+    def step(trainable, opt_state, frozen, batch, key):
+        value, grads = jax.value_and_grad(loss_of)(trainable, frozen, batch, key)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, value
+
+    return jax.jit(step, **jit_kwargs) if jit else step
+
+
+def run_steps(
+    step: Callable,
+    trainable: PyTree,
+    opt_state: PyTree,
+    frozen: PyTree,
+    batches: Iterator[Mapping[str, Any]],
+    steps: int,
+    key: jax.Array,
+    *,
+    on_step: Callable[[int, float, PyTree], None] | None = None,
+) -> tuple[PyTree, PyTree, list[float], list[float], int]:
+    """Runs ``steps`` steps (step ``i`` gets ``fold_in(key, i)``); calls
+    ``on_step(i, loss, trainable)`` after each. Returns ``(trainable, opt_state, losses,
+    seconds per step, tokens trained)`` (tokens: non-padding, from ``segments`` when the
+    batch has them)."""
+    losses, times, tokens = [], [], 0
+    for i in range(steps):
+        batch = next(batches)
+        t0 = time.perf_counter()
+        trainable, opt_state, loss = step(
+            trainable, opt_state, frozen, batch, jax.random.fold_in(key, i)
+        )
+        loss = float(loss)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss)
+        seg = batch.get("segments")
+        tokens += int((seg > 0).sum()) if seg is not None else int(batch["tokens"].size)
+        if on_step is not None:
+            on_step(i, loss, trainable)
+    return trainable, opt_state, losses, times, tokens
+
+
+def make_logprob_fn(apply_fn: Callable) -> Callable:
+    """``logprob(params, batch) -> (B, K)``: log p(``targets``) under the logits at
+    ``sources`` (jitted; params are an argument, so one compilation serves every params
+    tree of the same structure). Pass plain params (merge adapters first: the merged model
+    runs as fast as the base)."""
+
+    def logprob(params, batch):
+        logits = batch_logits(apply_fn, {"params": params}, batch).astype(jnp.float32)
+        picked = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+
+    return jax.jit(logprob)
+
+
+def evaluate(
+    logprob_fn: Callable,
+    params: PyTree,
+    held_out: Mapping[str, Sequence],
+    tokenizer,
+    *,
+    batch_size: int,
+    seq_len: int,
+    pad_id: int = 0,
+    packed: bool = True,
+) -> dict[str, MCResult]:
+    """Scores every task's held-out examples: ``{task: MCResult}``.
+
+    ``logprob_fn`` from :func:`make_logprob_fn`; ``params`` plain or adapted (adapters are
+    merged first with :func:`dora_jax.merge`).
+    """
+    from dora_jax.experiments import commonsense
+
+    merged = dora_jax.merge(params)
+    return {
+        task: commonsense.score_multiple_choice(
+            lambda batch: logprob_fn(merged, batch),
+            examples,
+            tokenizer,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            task=task,
+            progress=False,
+            pad_id=pad_id,
+            packed=packed,
+        )
+        for task, examples in held_out.items()
+    }
