@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dora_jax.adapters import is_adapter
+from dora_jax.axes import Axes
 from dora_jax.tree import _resolve_axes, _target_predicate, merge, path_str
 
 PyTree = Any
@@ -38,19 +39,10 @@ def axis_positions(axes, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     leading axes (``Axes(1, 1)`` on ``(layers, in, out)`` gives ``((0,), (1,))``); tuples of
     ints are taken as explicit positions.
     """
-
-    def positions(value, start):
-        if isinstance(value, (int, np.integer)):
-            return tuple(range(start, start + int(value)))
-        return tuple(int(a) % ndim for a in value)
-
-    stack = positions(axes.stack, 0)
-    inputs = positions(axes.inputs, len(stack))
-    if not inputs or set(stack) & set(inputs) or len(stack) + len(inputs) >= ndim:
-        raise ValueError(
-            f"axes {axes!r} do not fit a kernel with {ndim} axes: need at least one input "
-            f"axis, at least one output axis, and no axis both stack and input."
-        )
+    try:
+        stack, inputs, _ = Axes(axes.stack, axes.inputs).split(ndim)
+    except ValueError as e:
+        raise ValueError(f"axes {axes!r} do not fit a kernel with {ndim} axes: {e}") from None
     return stack, inputs
 
 
@@ -133,7 +125,7 @@ def weight_change(
         elif hasattr(node, "ndim") and predicate(p, node):
             if not jnp.issubdtype(node.dtype, jnp.floating):
                 continue
-            tuned, ax = node, _resolve_axes(p, node, axes)
+            tuned, ax = node, _resolve_axes(p, node, axes)[0]
         else:
             continue
         if tuple(tuned.shape) != tuple(base.shape):
