@@ -121,6 +121,20 @@ def fits_of(changes, num_layers, n_boot):
     return out
 
 
+def fits_by_checkpoint(changes, num_layers):
+    """Per checkpoint and kernel: the fit across layers only. Pooled over checkpoints, ΔM
+    and ΔD both grow with training, which pushes the pooled correlation up whatever the
+    method; within one checkpoint that common growth is absent."""
+    return {
+        str(step): {
+            k: analysis.fit_line([c[f"layers/{PROJECTIONS[k]}/kernel[{i}]"]
+                                  for i in range(num_layers)])
+            for k in KERNELS
+        }
+        for step, c in changes.items()
+    }  # fmt: skip
+
+
 def plot(all_changes, fits, path: Path, title: str) -> None:
     import matplotlib
 
@@ -167,7 +181,7 @@ def main(argv=None):
     print(f"{len(train)} training examples ({args.tasks}); {args.steps} steps of {args.batch} "
           f"packed rows x {args.seq}; checkpoints at {checkpoint_steps}", flush=True)  # fmt: skip
 
-    all_changes, fits, losses = {}, {}, {}
+    all_changes, fits, losses, per_checkpoint = {}, {}, {}, {}
     for method in args.methods:
         # The same batches for every method.
         batches = commonsense.training_batches(train, tokenizer, args.batch, args.seq,
@@ -177,6 +191,7 @@ def main(argv=None):
                                              checkpoint_steps)  # fmt: skip
         all_changes[method] = changes
         fits[method] = fits_of(changes, config.num_layers, args.n_boot)
+        per_checkpoint[method] = fits_by_checkpoint(changes, config.num_layers)
         f = fits[method]
         tqdm.write(
             f"{LABELS[method]}: loss {losses[method][0]:.3f} -> {losses[method][-1]:.3f} "
@@ -185,6 +200,11 @@ def main(argv=None):
                 f"{k} r = {f[k]['correlation']:+.2f} [{f[k]['correlation_low']:+.2f}, "
                 f"{f[k]['correlation_high']:+.2f}], slope {f[k]['slope']:+.3g}"
                 for k in (*KERNELS, "q+v")
+            )
+            + "; within checkpoints: "
+            + ", ".join(
+                f"step {step} q {v['q']['correlation']:+.2f} v {v['v']['correlation']:+.2f}"
+                for step, v in per_checkpoint[method].items()
             )
         )
 
@@ -210,6 +230,7 @@ def main(argv=None):
         "settings": vars(args),
         "checkpoint_steps": checkpoint_steps,
         "fits": fits,
+        "fits_by_checkpoint": per_checkpoint,
         "losses": losses,
         "points": {m: {str(s): c for s, c in ch.items()} for m, ch in all_changes.items()},
         "minutes": minutes,

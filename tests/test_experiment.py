@@ -100,6 +100,8 @@ def test_decomposition_tiny(tmp_path):
             fit = result["fits"][method][kernel]
             assert fit["n"] == (2 if kernel == "q+v" else 1) * 2 * 4  # kernels x layers x ckpts
             assert fit["correlation_low"] <= fit["correlation_high"]
+        for step in ("2", "4", "6", "8"):  # across the layers of one checkpoint
+            assert result["fits_by_checkpoint"][method][step]["q"]["n"] == 2
         points = result["points"][method]
         assert list(points) == ["2", "4", "6", "8"]
         assert sorted(points["8"]) == sorted(
