@@ -423,7 +423,11 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
                 inputs.append(leaf)
         ctx = _Context(key, strict, warned)
         outs = _eval(closed.jaxpr, closed.consts, inputs, ctx)
-        outs = [_plain(o, ctx, "returned from the function") for o in outs]
+        # A kernel the function only passes through (NNX's `return y, nnx.state(model)`)
+        # comes back as the adapter node it was given, not as a merged kernel.
+        given = {id(v): leaves[i] for v, i in zip(inputs, dynamic) if _is_view(v)}
+        why = "returned from the function"
+        outs = [given[id(o)] if id(o) in given else _plain(o, ctx, why) for o in outs]
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
     return wrapped
