@@ -24,6 +24,7 @@ import pytest
 from flax import nnx
 
 import dora_jax
+from tests.conftest import require_package
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -365,7 +366,9 @@ def test_gemma_fused_kernel_adapter_shapes():
 
 
 def _equinox_mlp():
-    eqx = pytest.importorskip("equinox", reason="equinox is not installed (pip install equinox)")
+    require_package("equinox", "pip install equinox (in the 'test' extra)")
+    import equinox as eqx
+
     mlp = eqx.nn.MLP(
         in_size=6, out_size=3, width_size=16, depth=2, activation=jnp.tanh, key=jax.random.key(0)
     )
@@ -402,7 +405,7 @@ def test_equinox_without_axes_is_an_error():
 
 @pytest.mark.parametrize("layer_stack", [False, True])
 def test_penzai_llamalike(layer_stack):
-    pytest.importorskip("penzai", reason="penzai is not installed (pip install penzai)")
+    require_package("penzai", "pip install penzai (in the 'test' extra)")
     from penzai import pz
     from penzai.models.transformer.variants import llamalike_common as ll
 
