@@ -1,7 +1,10 @@
 """Adapter kinds as pytree nodes: their leaves and their maths, nothing about trees.
 
-Every adapted kernel ``W0`` (Flax layout ``(*stack, *in, *out)``) becomes one node. A node
-answers the same few questions whatever its kind:
+Every adapted kernel ``W0`` becomes one node. The kernel keeps its own layout (its stack,
+input and output axes may sit at any positions, stored as the node's static ``stack`` and
+``inputs`` position tuples); the adapter leaves always use the canonical layout
+``A (*stack, *in, r)``, ``B (*stack, r, *out)``, ``magnitude (*stack, *out)``, each group of
+axes in the kernel's axis order. A node answers the same few questions whatever its kind:
 
 - ``factors()``: ``(L, R)`` with ``L: (*stack, *in, r)`` and ``R: (*stack, r, *out)`` such
   that the weight update is ``dW = L R`` (contracted over ``r``, scale folded into ``R``);
@@ -12,18 +15,24 @@ answers the same few questions whatever its kind:
   ones (DoRA, Liu et al. 2024, Eq. 5), shape ``(*stack, *out)``, float32;
 - ``materialise()``: the adapted kernel ``W'`` in the base dtype (maths in float32).
 
-Code that walks a tree asks the node; it never switches on the method's name.
+Each kind also owns its initialisation from a kernel (:meth:`Adapter.init`), its trainable
+and shared fields and the sharding layout of its leaves (``layout``). Code that walks a tree
+asks the node; it never switches on the method's name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from dora_jax.axes import Axes
 
 Array = jax.Array
 
@@ -49,62 +58,146 @@ def _prod(shape) -> int:
     return math.prod(int(d) for d in shape)
 
 
-def column_norm_sq(base: Array, left: Array, right: Array, stack: int, inputs: int) -> Array:
+def _positions(ndim: int, stack, inputs) -> tuple[tuple[int, ...], ...]:
+    """``(stack, inputs, outputs)`` kernel positions from ints (legacy counts) or tuples."""
+    return Axes(stack, inputs).split(ndim)
+
+
+def canonical_order(ndim: int, stack, inputs) -> tuple[int, ...]:
+    """Kernel positions in the canonical order ``(*stack, *in, *out)``."""
+    s, i, o = _positions(ndim, stack, inputs)
+    return s + i + o
+
+
+def column_norm_sq(base: Array, left: Array, right: Array, stack=0, inputs=1) -> Array:
     """``||W0 + L R||_c^2`` per output feature without forming ``W0 + L R``.
 
     Expands the square (shared/CONVENTIONS.md):
     ``||W0||^2 + 2 sum_r(R * (L^T W0)) + sum_r(R * ((L^T L) R))``. Every product contracts
     the input axes first, so no temporary of the kernel's size exists; all maths in float32
-    (bf16 bases are read in their own dtype and accumulated in float32).
+    (bf16 bases are read in their own dtype and accumulated in float32). The kernel is read
+    in its own layout (no transposed copy).
 
     Args:
-      base: ``(*stack, *in, *out)``.
+      base: the kernel, its axes at any positions.
       left: ``(*stack, *in, r)``.
       right: ``(*stack, r, *out)`` (scale already folded in).
-      stack, inputs: number of leading stack axes and of input axes.
+      stack, inputs: the kernel's stack and input axis positions (tuples), or the legacy
+        counts of leading stack axes and of the input axes after them (ints).
 
     Returns:
       ``(*stack, *out)`` float32.
     """
     f32 = jnp.float32
-    stack_shape = base.shape[:stack]
-    in_shape = base.shape[stack : stack + inputs]
-    out_shape = base.shape[stack + inputs :]
-    n_in, n_out = _prod(in_shape), _prod(out_shape)
+    s_pos, i_pos, o_pos = _positions(base.ndim, stack, inputs)
+    ns, ni = len(s_pos), len(i_pos)
+    stack_shape = tuple(base.shape[p] for p in s_pos)
+    out_shape = tuple(base.shape[p] for p in o_pos)
     rank = left.shape[-1]
-    w = base.reshape(*stack_shape, n_in, n_out)
-    a = left.astype(f32).reshape(*stack_shape, n_in, rank)
-    b = right.astype(f32).reshape(*stack_shape, rank, n_out)
-    s = tuple(range(stack))
+    a = left.astype(f32)
+    b = right.astype(f32).reshape(*stack_shape, rank, _prod(out_shape))
+    a_s, a_i = tuple(range(ns)), tuple(range(ns, ns + ni))
     # Batched dot products instead of square-then-sum keep the jaxpr free of kernel-sized
     # intermediates (and read a bf16 base directly with float32 accumulation).
-    w_sq = lax.dot_general(
-        w, w, (((stack,), (stack,)), (s + (stack + 1,), s + (stack + 1,))),
-        preferred_element_type=f32,
-    )  # fmt: skip
-    a_w = lax.dot_general(
-        a, w, (((stack,), (stack,)), (s, s)), preferred_element_type=f32
-    )  # (*stack, r, out)
-    a_a = lax.dot_general(a, a, (((stack,), (stack,)), (s, s)))  # (*stack, r, r)
+    so = s_pos + o_pos
+    w_sq = lax.dot_general(base, base, ((i_pos, i_pos), (so, so)), preferred_element_type=f32)
+    a_w = lax.dot_general(a, base, ((a_i, i_pos), (a_s, s_pos)), preferred_element_type=f32)
+    a_w = a_w.reshape(*stack_shape, rank, -1)  # (*stack, r, out)
+    a_a = lax.dot_general(a, a, ((a_i, a_i), (a_s, a_s)))  # (*stack, r, r)
     cross = jnp.sum(b * a_w, axis=-2)
     quad = jnp.sum(b * jnp.matmul(a_a, b), axis=-2)
-    norm_sq = w_sq + 2.0 * cross + quad
+    norm_sq = w_sq.reshape(*stack_shape, -1) + 2.0 * cross + quad
     return norm_sq.reshape(*stack_shape, *out_shape)
+
+
+def to_kernel_layout(x: Array, ndim: int, stack, inputs) -> Array:
+    """Transposes ``x`` of canonical layout ``(*stack, *in, *out)`` to the kernel's layout."""
+    order = canonical_order(ndim, stack, inputs)
+    if order == tuple(range(ndim)):
+        return x
+    return jnp.transpose(x, tuple(int(i) for i in _inverse(order)))
+
+
+def _inverse(perm) -> list[int]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
+def _kaiming_bound(fan_in: int) -> float:
+    # Kaiming-uniform, as torch's kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), ...).
+    return 1.0 / math.sqrt(fan_in)
+
+
+def warn_zero_columns(magnitude: Array, path: str) -> None:
+    """Warns if a decomposed adapter starts with a zero magnitude (an all-zero column)."""
+    if isinstance(magnitude, jax.core.Tracer):
+        return
+    zeros = int(jnp.sum(magnitude == 0))
+    if zeros:
+        warnings.warn(
+            f"Kernel '{path}' has {zeros} output feature(s) whose weights are all zero, so "
+            f"their DoRA magnitude starts at 0 and W' = m V / ||V|| stays 0 there whatever A "
+            f"and B learn (the gradient of m is 0 too). Adapt this kernel with LoRA instead "
+            f"(wrap(..., method='lora', targets=...)), or initialise it with non-zero weights.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 class Adapter:
     """Base class of every adapter node.
 
-    Subclasses are frozen pytree dataclasses with a ``base`` field (the frozen kernel) and
-    the static fields ``stack`` and ``inputs`` (counts of leading stack axes and of input
-    axes of ``base``). They list their trainable fields in ``trainable``.
+    Subclasses are frozen pytree dataclasses with a ``base`` field (the frozen kernel, in
+    its own layout) and the static fields ``stack`` and ``inputs``: the positions of the
+    kernel's stack and input axes (ints given at construction mean the legacy counts, as in
+    :class:`dora_jax.Axes`); the other axes are output axes (``outputs``). They list their
+    trainable fields in ``trainable``, the fields shared by every node of a tree in
+    ``shared``, and the axis roles of each leaf in ``layout`` (used for sharding:
+    ``"stack"``/``"in"``/``"out"`` stand for the kernel's axes of that kind, ``"rank"`` for
+    one unsharded axis; fields not listed, and shared ones, are replicated).
     """
 
     trainable: ClassVar[tuple[str, ...]] = ()
+    shared: ClassVar[tuple[str, ...]] = ()
+    layout: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Whether the rank may exceed min(in, out) (VeRA's shared matrices: not bounded).
+    rank_bounded: ClassVar[bool] = True
     base: Array
-    stack: int
-    inputs: int
+    stack: tuple[int, ...]
+    inputs: tuple[int, ...]
     dropout: float
+    # True when wrap assumed Flax's (in, out) layout for a 2-D kernel without being told:
+    # then a use contracting the kernel's output axis is an error, not a transposed use.
+    assumed_layout: bool
+
+    def __post_init__(self):
+        axes = Axes(self.stack, self.inputs)
+        object.__setattr__(self, "stack", axes.stack)
+        object.__setattr__(self, "inputs", axes.inputs)
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def init(cls, base: Array, axes: Axes, *, rank: int, key: jax.Array, **options) -> Adapter:
+        """A node adapting ``base`` whose update starts at zero (identity at init).
+
+        ``options`` are the kind's static settings (``scale``, ``dropout``,
+        ``exact_norm_grad``...) plus ``dtype`` (of the trainable leaves), ``shared`` (the
+        kind's shared leaves, from :meth:`init_shared`) and ``path`` (for messages).
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def init_shared(cls, sizes, rank: int, key: jax.Array, dtype) -> dict[str, Array]:
+        """Leaves shared by every node of a tree, from the ``(in, out)`` sizes of its kernels."""
+        return {}
+
+    def with_base(self, base, column_norm: Callable[[], Array] | None = None) -> Adapter:
+        """The node over another base of the same shape and layout (e.g. its quantised
+        copy); leaves that depend on the base are re-initialised from it (DoRA's magnitude:
+        ``column_norm()`` if given, else the norm of ``base`` over its input axes)."""
+        return dataclasses.replace(self, base=base)
 
     # --- what every kind answers -------------------------------------------------------
     def factors(self) -> tuple[Array, Array]:
@@ -132,16 +225,25 @@ class Adapter:
 
     # --- shapes ---------------------------------------------------------------------
     @property
+    def outputs(self) -> tuple[int, ...]:
+        named = set(self.stack) | set(self.inputs)
+        return tuple(p for p in range(len(self.base.shape)) if p not in named)
+
+    @property
     def stack_shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape[: self.stack])
+        return tuple(self.base.shape[p] for p in self.stack)
 
     @property
     def in_shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape[self.stack : self.stack + self.inputs])
+        return tuple(self.base.shape[p] for p in self.inputs)
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape[self.stack + self.inputs :])
+        return tuple(self.base.shape[p] for p in self.outputs)
+
+    @property
+    def axes(self) -> Axes:
+        return Axes(self.stack, self.inputs)
 
     def dequantised_base(self) -> Array:
         """The frozen kernel as an array: a quantised base (anything with ``dequantize()``)
@@ -150,12 +252,13 @@ class Adapter:
 
     # --- derived maths ----------------------------------------------------------------
     def delta(self) -> Array:
-        """``dW = L R`` in float32, shape of the kernel. Forms a kernel-sized array."""
+        """``dW = L R`` in float32, in the kernel's layout. Forms a kernel-sized array."""
         left, right = self.factors()
         n_in, n_out, r = _prod(self.in_shape), _prod(self.out_shape), left.shape[-1]
         left = left.astype(jnp.float32).reshape(*self.stack_shape, n_in, r)
         right = right.astype(jnp.float32).reshape(*self.stack_shape, r, n_out)
-        return jnp.matmul(left, right).reshape(self.base.shape)
+        d = jnp.matmul(left, right).reshape(*self.stack_shape, *self.in_shape, *self.out_shape)
+        return to_kernel_layout(d, self.base.ndim, self.stack, self.inputs)
 
     def materialise(self) -> Array:
         """The adapted kernel ``W'`` in the base dtype, maths in float32.
@@ -167,8 +270,8 @@ class Adapter:
         v = base.astype(jnp.float32) + self.delta()
         scale = self.output_scale(base)
         if scale is not None:
-            scale = scale.reshape(*self.stack_shape, *(1,) * self.inputs, *self.out_shape)
-            v = v * scale
+            scale = scale.reshape(*self.stack_shape, *(1,) * len(self.inputs), *self.out_shape)
+            v = v * to_kernel_layout(scale, base.ndim, self.stack, self.inputs)
         return v.astype(base.dtype)
 
 
@@ -182,6 +285,14 @@ class _Decomposed(Adapter):
     magnitude: Array
     exact_norm_grad: bool
 
+    def with_base(self, base, column_norm: Callable[[], Array] | None = None) -> Adapter:
+        if column_norm is None:
+            deq = base.dequantize() if hasattr(base, "dequantize") else base
+            norm = magnitude_init(deq, self.stack, self.inputs, jnp.float32)
+        else:
+            norm = column_norm()
+        return dataclasses.replace(self, base=base, magnitude=norm.astype(self.magnitude.dtype))
+
     def weight_norm(self, base: Array | None = None) -> Array:
         """``||W0 + dW||_c`` by the factored formula, float32, shape ``(*stack, *out)``."""
         base = self.dequantised_base() if base is None else base
@@ -194,22 +305,61 @@ class _Decomposed(Adapter):
         return self.magnitude.astype(jnp.float32) / self.weight_norm(base)
 
 
+def magnitude_init(base: Array, stack, inputs, dtype, path: str = "") -> Array:
+    """``||W0||_c``: the L2 norm over the input axes, in float32, ``(*stack, *out)``.
+
+    Warns (naming ``path``) when a column is all zero: DoRA cannot train it.
+    """
+    s, i, o = _positions(base.ndim, stack, inputs)
+    w = base.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=i))
+    # The sum keeps stack and output axes in kernel order; bring the stack axes first.
+    kept = [p for p in range(base.ndim) if p not in i]
+    norm = jnp.transpose(norm, [kept.index(p) for p in s + o])
+    magnitude = norm.astype(dtype)
+    warn_zero_columns(magnitude, path)
+    return magnitude
+
+
+def _lora_leaves(base, axes: Axes, rank, key, dtype):
+    s, i, o = axes.split(base.ndim)
+    stack_shape = tuple(base.shape[p] for p in s)
+    in_shape = tuple(base.shape[p] for p in i)
+    out_shape = tuple(base.shape[p] for p in o)
+    bound = _kaiming_bound(_prod(in_shape))
+    a = jax.random.uniform(key, (*stack_shape, *in_shape, rank), dtype, -bound, bound)
+    b = jnp.zeros((*stack_shape, rank, *out_shape), dtype)  # B = 0: identity at init
+    return (s, i), a, b
+
+
 @_pytree_dataclass
 class LoRA(Adapter):
     """LoRA (Hu et al. 2022): ``W' = W0 + s A B``.
 
-    Fields: ``base (*stack, *in, *out)`` frozen; ``a (*stack, *in, r)`` and
+    Fields: ``base`` (the kernel, any layout) frozen; ``a (*stack, *in, r)`` and
     ``b (*stack, r, *out)`` trainable; ``scale`` is ``s = alpha / r``.
     """
 
     trainable: ClassVar[tuple[str, ...]] = ("a", "b")
+    layout: ClassVar[dict[str, tuple[str, ...]]] = {
+        "a": ("stack", "in", "rank"),
+        "b": ("stack", "rank", "out"),
+    }
     base: Array
     a: Array
     b: Array
     scale: float = static()
-    stack: int = static(0)
-    inputs: int = static(1)
+    stack: tuple[int, ...] = static(())
+    inputs: tuple[int, ...] = static((0,))
     dropout: float = static(0.0)
+    assumed_layout: bool = static(False)
+
+    @classmethod
+    def init(cls, base, axes, *, rank, key, scale, dtype=jnp.float32, dropout=0.0,
+             assumed_layout=False, **_):  # fmt: skip
+        (s, i), a, b = _lora_leaves(base, axes, rank, key, dtype)
+        return cls(base, a, b, scale=scale, stack=s, inputs=i, dropout=dropout,
+                   assumed_layout=assumed_layout)  # fmt: skip
 
     def factors(self) -> tuple[Array, Array]:
         return self.a, self.b * jnp.asarray(self.scale, self.b.dtype)
@@ -220,19 +370,33 @@ class DoRA(_Decomposed):
     """DoRA (Liu et al. 2024): ``W' = m (W0 + s A B) / ||W0 + s A B||_c``.
 
     Fields as :class:`LoRA` plus ``magnitude (*stack, *out)``, trainable, initialised to
-    ``||W0||_c``.
+    ``||W0||_c`` (the norm over the kernel's input axes, wherever they sit).
     """
 
     trainable: ClassVar[tuple[str, ...]] = ("a", "b", "magnitude")
+    layout: ClassVar[dict[str, tuple[str, ...]]] = {
+        "a": ("stack", "in", "rank"),
+        "b": ("stack", "rank", "out"),
+        "magnitude": ("stack", "out"),
+    }
     base: Array
     a: Array
     b: Array
     magnitude: Array
     scale: float = static()
-    stack: int = static(0)
-    inputs: int = static(1)
+    stack: tuple[int, ...] = static(())
+    inputs: tuple[int, ...] = static((0,))
     dropout: float = static(0.0)
     exact_norm_grad: bool = static(False)
+    assumed_layout: bool = static(False)
+
+    @classmethod
+    def init(cls, base, axes, *, rank, key, scale, dtype=jnp.float32, dropout=0.0,
+             exact_norm_grad=False, assumed_layout=False, path="", **_):  # fmt: skip
+        (s, i), a, b = _lora_leaves(base, axes, rank, key, dtype)
+        magnitude = magnitude_init(base, s, i, dtype, path)
+        return cls(base, a, b, magnitude, scale=scale, stack=s, inputs=i, dropout=dropout,
+                   exact_norm_grad=exact_norm_grad, assumed_layout=assumed_layout)  # fmt: skip
 
     def factors(self) -> tuple[Array, Array]:
         return self.a, self.b * jnp.asarray(self.scale, self.b.dtype)
@@ -248,10 +412,35 @@ class _SharedRandomFactors(Adapter):
     """
 
     shared: ClassVar[tuple[str, ...]] = ("shared_a", "shared_b")
+    rank_bounded: ClassVar[bool] = False
     shared_a: Array
     shared_b: Array
     d: Array
     b: Array
+
+    @classmethod
+    def init_shared(cls, sizes, rank, key, dtype):
+        """VeRA's frozen ``A_s (in_max, r)`` and ``B_s (r, out_max)``, Kaiming-uniform.
+
+        Bounds as torch's ``kaiming_uniform_(a=sqrt(5))`` on PEFT's ``(r, in)`` and
+        ``(out, r)`` layouts: ``1/sqrt(in_max)`` and ``1/sqrt(r)``.
+        """
+        in_max, out_max = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        key_a, key_b = jax.random.split(key)
+        bound_a, bound_b = _kaiming_bound(in_max), _kaiming_bound(rank)
+        shared_a = jax.random.uniform(key_a, (in_max, rank), dtype, -bound_a, bound_a)
+        shared_b = jax.random.uniform(key_b, (rank, out_max), dtype, -bound_b, bound_b)
+        return {"shared_a": shared_a, "shared_b": shared_b}
+
+    @staticmethod
+    def _vera_leaves(base, axes: Axes, shared, dtype):
+        s, i, o = axes.split(base.ndim)
+        stack_shape = tuple(base.shape[p] for p in s)
+        out_shape = tuple(base.shape[p] for p in o)
+        rank = shared["shared_a"].shape[-1]
+        d = jnp.full((*stack_shape, rank), 0.1, dtype)
+        b = jnp.zeros((*stack_shape, *out_shape), dtype)  # b = 0: identity at init
+        return (s, i), d, b
 
     def low_rank(self) -> tuple[Array, Array, Array, Array]:
         rank = self.shared_a.shape[-1]
@@ -263,7 +452,7 @@ class _SharedRandomFactors(Adapter):
     def factors(self) -> tuple[Array, Array]:
         a, _, b, _ = self.low_rank()
         rank = a.shape[-1]
-        d = self.d.reshape(*self.stack_shape, *(1,) * self.inputs, rank)
+        d = self.d.reshape(*self.stack_shape, *(1,) * len(self.inputs), rank)
         scale_out = self.b.reshape(*self.stack_shape, 1, *self.out_shape)
         return a * d.astype(a.dtype), b * scale_out.astype(b.dtype)
 
@@ -278,14 +467,26 @@ class VeRA(_SharedRandomFactors):
     """
 
     trainable: ClassVar[tuple[str, ...]] = ("d", "b")
+    layout: ClassVar[dict[str, tuple[str, ...]]] = {
+        "d": ("stack", "rank"),
+        "b": ("stack", "out"),
+    }
     base: Array
     shared_a: Array
     shared_b: Array
     d: Array
     b: Array
-    stack: int = static(0)
-    inputs: int = static(1)
+    stack: tuple[int, ...] = static(())
+    inputs: tuple[int, ...] = static((0,))
     dropout: float = static(0.0)
+    assumed_layout: bool = static(False)
+
+    @classmethod
+    def init(cls, base, axes, *, rank, key, shared, dtype=jnp.float32, dropout=0.0,
+             assumed_layout=False, **_):  # fmt: skip
+        (s, i), d, b = cls._vera_leaves(base, axes, shared, dtype)
+        return cls(base, shared["shared_a"], shared["shared_b"], d, b, stack=s, inputs=i,
+                   dropout=dropout, assumed_layout=assumed_layout)  # fmt: skip
 
 
 @_pytree_dataclass
@@ -297,16 +498,35 @@ class DVoRA(_SharedRandomFactors, _Decomposed):
     """
 
     trainable: ClassVar[tuple[str, ...]] = ("d", "b", "magnitude")
+    layout: ClassVar[dict[str, tuple[str, ...]]] = {
+        "d": ("stack", "rank"),
+        "b": ("stack", "out"),
+        "magnitude": ("stack", "out"),
+    }
     base: Array
     shared_a: Array
     shared_b: Array
     d: Array
     b: Array
     magnitude: Array
-    stack: int = static(0)
-    inputs: int = static(1)
+    stack: tuple[int, ...] = static(())
+    inputs: tuple[int, ...] = static((0,))
     dropout: float = static(0.0)
     exact_norm_grad: bool = static(False)
+    assumed_layout: bool = static(False)
+
+    @classmethod
+    def init(cls, base, axes, *, rank, key, shared, dtype=jnp.float32, dropout=0.0,
+             exact_norm_grad=False, assumed_layout=False, path="", **_):  # fmt: skip
+        (s, i), d, b = cls._vera_leaves(base, axes, shared, dtype)
+        magnitude = magnitude_init(base, s, i, dtype, path)
+        return cls(base, shared["shared_a"], shared["shared_b"], d, b, magnitude, stack=s,
+                   inputs=i, dropout=dropout, exact_norm_grad=exact_norm_grad,
+                   assumed_layout=assumed_layout)  # fmt: skip
+
+
+# The kinds wrap(method=...) knows, by name.
+KINDS: dict[str, type[Adapter]] = {"lora": LoRA, "dora": DoRA, "vera": VeRA, "dvora": DVoRA}
 
 
 def is_adapter(x: Any) -> bool:

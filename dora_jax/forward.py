@@ -2,15 +2,19 @@
 
 :func:`apply` traces the user's function once with each adapter node standing in for its
 base kernel, then evaluates the resulting jaxpr with an interpreter that follows every
-adapted kernel through dtype casts, nested ``jit``, ``remat``, ``scan``, ``cond`` and
-``while``. Where the kernel meets a ``dot_general`` that contracts its input axes, the
-contraction is replaced by the factored form (DoRA, Liu et al. 2024, Sec. 4.3)::
+adapted kernel through dtype casts, transposes, nested ``jit``, ``remat``, ``scan``,
+``cond`` and ``while``. The interpreter is a table of rules, one per primitive family
+(:data:`RULES`); where an adapted kernel meets a contraction (``dot_general`` with any
+contraction and batch pattern, ``conv_general_dilated``) or an embedding lookup
+(``gather``), the rule computes the factored form (DoRA, Liu et al. 2024, Sec. 4.3)::
 
     y = (x W0 + (x L) R) * (m / ||W0 + L R||_c)
 
 so no kernel-sized array is formed and autodiff never computes a weight gradient of the
 frozen base. Any other use forms ``W'`` for that use and warns once (or raises with
-``strict=True``). One mechanism serves Linen, NNX and plain functions.
+``strict=True``). A use that contracts a kernel on other axes than it was adapted for is an
+error: it would be a different DoRA. :func:`infer_axes` walks the program with the same
+evaluator, its rules recording how each kernel is used instead of computing.
 """
 
 from __future__ import annotations
@@ -28,15 +32,11 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from dora_jax.adapters import Adapter, is_adapter
-from dora_jax.tree import Axes, path_str
+from dora_jax.adapters import Adapter, is_adapter, to_kernel_layout
+from dora_jax.axes import Axes
+from dora_jax.tree import path_str
 
 PyTree = Any
-
-# Primitives that pass a kernel through unchanged (as far as its values go).
-_PASS_THROUGH = frozenset({"copy", "copy_p", "name", "optimization_barrier"})
-_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
-_REMAT = frozenset({"remat2", "checkpoint"})
 
 
 class FallbackWarning(UserWarning):
@@ -44,18 +44,46 @@ class FallbackWarning(UserWarning):
 
 
 @jax.tree_util.register_pytree_node_class
-class _View:
-    """An adapter node as the traced function sees it: its kernel, possibly cast."""
+class _Probe:
+    """A kernel followed by :func:`infer_axes`: a stand-in value and where its axes came from.
 
-    def __init__(self, node: Adapter, dtype, path: str):
-        self.node, self.dtype, self.path = node, dtype, path
+    ``origin[k]`` is the original kernel axis of axis ``k`` of ``value``; ``scanned`` lists
+    original axes already sliced off by enclosing scans (stack axes).
+    """
+
+    def __init__(self, value, index: int, origin: tuple[int, ...], scanned: tuple[int, ...]):
+        self.value, self.index, self.origin, self.scanned = value, index, origin, scanned
 
     def tree_flatten(self):
-        return (self.node,), (self.dtype, self.path)
+        return (self.value,), (self.index, self.origin, self.scanned)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         return cls(children[0], *aux)
+
+
+@jax.tree_util.register_pytree_node_class
+class _View:
+    """An adapted kernel as the traced function sees it.
+
+    ``node`` is the adapter (or a :class:`_Probe` under :func:`infer_axes`); the value the
+    program holds is the node's kernel with its axes permuted so that axis ``k`` is the
+    node's axis ``axes[k]``, cast to ``dtype``.
+    """
+
+    def __init__(self, node, dtype, path: str, axes: tuple[int, ...]):
+        self.node, self.dtype, self.path, self.axes = node, dtype, path, axes
+
+    def tree_flatten(self):
+        return (self.node,), (self.dtype, self.path, self.axes)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
+
+    def replace(self, **changes) -> _View:
+        fields = dict(node=self.node, dtype=self.dtype, path=self.path, axes=self.axes)
+        return _View(**{**fields, **changes})
 
 
 @dataclasses.dataclass
@@ -64,10 +92,27 @@ class _Context:
     strict: bool
     warned: set
     uses: int = 0
+    # infer_axes: {kernel index: set of (kind, Axes)} instead of computing.
+    found: dict | None = None
+
+    @property
+    def probing(self) -> bool:
+        return self.found is not None
 
     def next_key(self) -> jax.Array:
         self.uses += 1
         return jax.random.fold_in(self.key, self.uses)
+
+    def with_key(self, key) -> _Context:
+        return _Context(key, self.strict, self.warned, found=self.found)
+
+    def record(self, view: _View, kind: str, stack_axes, input_axes) -> None:
+        """infer_axes: ``view``'s kernel is used with these (view) stack and input axes."""
+        probe = view.node
+        to_origin = [probe.origin[view.axes[d]] for d in range(len(view.axes))]
+        stack = tuple(sorted([*probe.scanned, *(to_origin[d] for d in stack_axes)]))
+        inputs = tuple(sorted(to_origin[d] for d in input_axes))
+        self.found.setdefault(probe.index, set()).add((kind, Axes(stack, inputs)))
 
 
 def _is_view(x) -> bool:
@@ -78,29 +123,72 @@ def _is_array(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
+def _identity(n: int) -> tuple[int, ...]:
+    return tuple(range(n))
+
+
+def _stand_in(view: _View):
+    """The value of a probed kernel as the program sees it (infer_axes)."""
+    value = view.node.value
+    if view.axes != _identity(value.ndim):
+        value = jnp.transpose(value, view.axes)
+    return value.astype(view.dtype)
+
+
 def _materialise(view: _View, ctx: _Context, why: str) -> jax.Array:
+    if ctx.probing:
+        return _stand_in(view)
     if ctx.strict:
         raise ValueError(
-            f"Adapted kernel '{view.path}' is used by `{why}`, which the factored forward "
-            f"does not handle, and strict=True forbids forming W0 + dW. Adapt only kernels "
-            f"used by plain contractions (targets=), or pass strict=False to form W' for "
-            f"this use."
+            f"Adapted kernel '{view.path}' is used by `{why}`, a use the factored forward "
+            f"does not cover, and strict=True forbids forming W' = m (W0 + dW) / ||.|| for "
+            f"it. To avoid it, adapt only kernels that the model contracts (matmul, einsum, "
+            f"dot_general, conv) or looks up (embedding gather) (wrap(..., targets=)), or "
+            f"pass strict=False to form W' for this use (slower, more memory)."
         )
     if (view.path, why) not in ctx.warned:
         ctx.warned.add((view.path, why))
         warnings.warn(
-            f"dora_jax.apply: adapted kernel '{view.path}' is used by `{why}`; forming the "
-            f"full adapted kernel for this use (slower, more memory). Pass strict=True to "
-            f"make this an error.",
+            f"dora_jax.apply: adapted kernel '{view.path}' is used by `{why}`, which the "
+            f"factored forward does not cover; forming the full adapted kernel for this use "
+            f"(slower, more memory). Pass strict=True to make this an error.",
             FallbackWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
     node = dataclasses.replace(view.node, base=lax.stop_gradient(view.node.base))
-    return node.materialise().astype(view.dtype)
+    w = node.materialise()
+    if view.axes != _identity(w.ndim):
+        w = jnp.transpose(w, view.axes)
+    return w.astype(view.dtype)
 
 
 def _plain(x, ctx: _Context, why: str):
     return _materialise(x, ctx, why) if _is_view(x) else x
+
+
+# --- the evaluator -----------------------------------------------------------------------
+
+Rule = Callable[[Any, list, _Context], "list | None"]
+#: Primitive name -> rule. A rule gets the equation, its inputs (some of them views of
+#: adapted kernels) and the context, and returns the outputs, or None when the use is not
+#: covered (the kernel is then formed for it: FallbackWarning, or an error with strict).
+RULES: dict[str, Rule] = {}
+
+
+def _rule(*names: str):
+    def register(fn: Rule) -> Rule:
+        for name in names:
+            RULES[name] = fn
+        return fn
+
+    return register
+
+
+def _bind(eqn, invals, params=None):
+    params = eqn.params if params is None else params
+    with eqn.ctx.manager:
+        ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
+    return ans if eqn.primitive.multiple_results else [ans]
 
 
 def _eval(jaxpr, consts, args, ctx: _Context) -> list:
@@ -115,78 +203,140 @@ def _eval(jaxpr, consts, args, ctx: _Context) -> list:
         env[v] = a
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
+        outs = None
         if any(_is_view(x) for x in invals):
-            outs = _adapted_eqn(eqn, invals, ctx)
+            rule = RULES.get(eqn.primitive.name)
+            outs = rule(eqn, invals, ctx) if rule is not None else None
+            if outs is None:
+                name = eqn.primitive.name
+                outs = _bind(eqn, [_plain(x, ctx, name) for x in invals])
         else:
-            with eqn.ctx.manager:
-                ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-            outs = ans if eqn.primitive.multiple_results else [ans]
+            outs = _bind(eqn, invals)
         for v, o in zip(eqn.outvars, outs):
             env[v] = o
     return [read(v) for v in jaxpr.outvars]
 
 
-def _adapted_eqn(eqn, invals, ctx: _Context) -> list:
-    name = eqn.primitive.name
-    params = eqn.params
-    if name == "convert_element_type" and jnp.issubdtype(params["new_dtype"], jnp.floating):
-        view = invals[0]
-        return [_View(view.node, params["new_dtype"], view.path)]
-    if name in _PASS_THROUGH and len(invals) == 1:
-        return list(invals)
-    if name == "dot_general":
-        out = _dot_general(eqn, invals, ctx)
-        if out is not None:
-            return [out]
-    elif name in _CALLS:
-        closed = params["jaxpr"]
-        return _eval(closed.jaxpr, closed.consts, invals, ctx)
-    elif name in _REMAT:
-        return _remat(eqn, invals, ctx)
-    elif name == "scan":
-        return _scan(eqn, invals, ctx)
-    elif name == "cond":
-        return _cond(eqn, invals, ctx)
-    elif name == "while":
-        return _while(eqn, invals, ctx)
-    plain = [_plain(x, ctx, name) for x in invals]
-    with eqn.ctx.manager:
-        ans = eqn.primitive.bind(*plain, **eqn.primitive.get_bind_params(params))
-    return ans if eqn.primitive.multiple_results else [ans]
+def _zeros_like_outputs(eqn) -> list:
+    """infer_axes: stand-in outputs of a use that was recorded instead of computed."""
+    return [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.outvars]
 
 
-def _with_key(ctx: _Context, key) -> _Context:
-    return _Context(key, ctx.strict, ctx.warned)
+# --- casts, pass-throughs, transpose -----------------------------------------------------
 
 
-def _remat(eqn, invals, ctx: _Context) -> list:
+@_rule("convert_element_type")
+def _cast_rule(eqn, invals, ctx):
+    if not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
+        return None
+    return [invals[0].replace(dtype=eqn.params["new_dtype"])]
+
+
+@_rule("copy", "copy_p", "name", "optimization_barrier")
+def _pass_through_rule(eqn, invals, ctx):
+    if len(invals) != 1:
+        return None
+    return list(invals)
+
+
+@_rule("transpose")
+def _transpose_rule(eqn, invals, ctx):
+    view = invals[0]
+    return [view.replace(axes=tuple(view.axes[p] for p in eqn.params["permutation"]))]
+
+
+# --- calls, remat, control flow ----------------------------------------------------------
+
+
+def _concrete_sharding(s):
+    return s if isinstance(s, jax.sharding.Sharding) else None
+
+
+@_rule("jit", "pjit", "closed_call", "core_call")
+def _call_rule(eqn, invals, ctx):
+    p = eqn.params
+    closed = p.get("jaxpr", p.get("call_jaxpr"))
+    jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "jaxpr") else (closed, ())
+    if eqn.primitive.name not in ("jit", "pjit") or ctx.probing:
+        return _eval(jaxpr, consts, invals, ctx)
+    # Stay a jit: a nested jit keeps its name and the shardings it asked for. (Donation
+    # only acts on a top-level call, never inside an outer trace, so none is lost.)
+    in_sh = [_concrete_sharding(s) for s in p.get("in_shardings", ())]
+    out_sh = [_concrete_sharding(s) for s in p.get("out_shardings", ())]
+
+    def body(*args):
+        args = [
+            lax.with_sharding_constraint(a, s) if s is not None and not _is_view(a) else a
+            for a, s in zip(args, in_sh + [None] * len(args))
+        ]
+        outs = _eval(jaxpr, consts, args, ctx)
+        outs = [_plain(o, ctx, "returned from a nested jit") for o in outs]
+        return [
+            lax.with_sharding_constraint(o, s) if s is not None else o
+            for o, s in zip(outs, out_sh + [None] * len(outs))
+        ]
+
+    body.__name__ = str(p.get("name", "jit"))
+    return list(jax.jit(body, inline=bool(p.get("inline", False)))(*invals))
+
+
+@_rule("remat2", "checkpoint")
+def _remat_rule(eqn, invals, ctx):
     jaxpr = eqn.params["jaxpr"]
 
     # The key travels as an argument: a remat body must not close over outer tracers that
     # it would then save.
     def body(key, *args):
-        return _eval(jaxpr, (), args, _with_key(ctx, key))
+        return _eval(jaxpr, (), args, ctx.with_key(key))
 
     fn = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
     return fn(ctx.next_key() if ctx.key is not None else None, *invals)
 
 
-def _split_shared(node: Adapter):
-    """(stacked part, shared leaves): shared leaves (VeRA's matrices) are not sliced."""
-    shared = {name: getattr(node, name) for name in getattr(node, "shared", ())}
+def _scannable(view: _View) -> bool:
+    """Whether a scan may slice ``view``'s node along its leading axis as a stack axis."""
+    if view.axes != _identity(len(view.axes)):
+        return False
+    if isinstance(view.node, _Probe):
+        return True
+    return bool(view.node.stack) and view.node.stack[0] == 0
+
+
+def _split_shared(node):
+    """(part a scan slices, shared leaves): shared leaves (VeRA's matrices) are not sliced."""
+    if isinstance(node, _Probe):
+        return node, {}
+    shared = {name: getattr(node, name) for name in node.shared}
     return dataclasses.replace(node, **dict.fromkeys(shared)), shared
 
 
-def _scan(eqn, invals, ctx: _Context) -> list:
+def _sliced_view(view: _View, sliced, shared) -> _View:
+    """The view of one slice of a scanned kernel: its leading (stack) axis is gone."""
+    if isinstance(sliced, _Probe):
+        probe = view.node
+        scanned = (*probe.scanned, probe.origin[0])
+        node = _Probe(sliced.value, probe.index, probe.origin[1:], scanned)
+    else:
+        node = dataclasses.replace(
+            sliced,
+            stack=tuple(p - 1 for p in view.node.stack[1:]),
+            inputs=tuple(p - 1 for p in view.node.inputs),
+            **shared,
+        )
+    return view.replace(node=node, axes=_identity(len(view.axes) - 1))
+
+
+@_rule("scan")
+def _scan_rule(eqn, invals, ctx):
     p = eqn.params
     nc, ncar = p["num_consts"], p["num_carry"]
     consts, init, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
     init = [_plain(x, ctx, "scan carry") for x in init]
     xs_in, rebuild = [], []
     for x in xs:
-        if _is_view(x) and x.node.stack >= 1:
-            stacked, shared = _split_shared(x.node)
-            xs_in.append(stacked)
+        if _is_view(x) and _scannable(x):
+            sliced, shared = _split_shared(x.node)
+            xs_in.append(sliced)
             rebuild.append((x, shared))
         else:
             xs_in.append(_plain(x, ctx, "scan over a non-stack axis"))
@@ -198,15 +348,11 @@ def _scan(eqn, invals, ctx: _Context) -> list:
 
     def body(carry, sliced):
         x_slices, key = sliced
-        xs_body = []
-        for x, info in zip(x_slices, rebuild):
-            if info is None:
-                xs_body.append(x)
-            else:
-                view, shared = info
-                node = dataclasses.replace(x, stack=view.node.stack - 1, **shared)
-                xs_body.append(_View(node, view.dtype, view.path))
-        outs = _eval(closed.jaxpr, closed.consts, [*consts, *carry, *xs_body], _with_key(ctx, key))
+        xs_body = [
+            x if info is None else _sliced_view(info[0], x, info[1])
+            for x, info in zip(x_slices, rebuild)
+        ]
+        outs = _eval(closed.jaxpr, closed.consts, [*consts, *carry, *xs_body], ctx.with_key(key))
         outs = [_plain(o, ctx, "scan output") for o in outs]
         return outs[:ncar], outs[ncar:]
 
@@ -217,17 +363,20 @@ def _scan(eqn, invals, ctx: _Context) -> list:
     return [*carry, *ys]
 
 
-def _cond(eqn, invals, ctx: _Context) -> list:
+@_rule("cond")
+def _cond_rule(eqn, invals, ctx):
     index, *ops = invals
 
     def branch(closed, *args):
-        return _eval(closed.jaxpr, closed.consts, args, ctx)
+        outs = _eval(closed.jaxpr, closed.consts, args, ctx)
+        return [_plain(o, ctx, "cond output") for o in outs]
 
     fns = [functools.partial(branch, br) for br in eqn.params["branches"]]
     return list(lax.switch(index, fns, *ops))
 
 
-def _while(eqn, invals, ctx: _Context) -> list:
+@_rule("while")
+def _while_rule(eqn, invals, ctx):
     p = eqn.params
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
     cconsts, bconsts = invals[:cn], invals[cn : cn + bn]
@@ -238,72 +387,178 @@ def _while(eqn, invals, ctx: _Context) -> list:
         return _eval(cj.jaxpr, cj.consts, [*cconsts, *carry], ctx)[0]
 
     def body(carry):
-        return _eval(bj.jaxpr, bj.consts, [*bconsts, *carry], ctx)
+        outs = _eval(bj.jaxpr, bj.consts, [*bconsts, *carry], ctx)
+        return [_plain(o, ctx, "while output") for o in outs]
 
     return list(lax.while_loop(cond, body, init))
 
 
-def _dot_general(eqn, invals, ctx: _Context):
-    """The factored contraction, or None when the kernel is not contracted on its inputs."""
+# --- contractions: dot_general, conv, gather ---------------------------------------------
+
+
+def _layout_error(view: _View, stack_axes, input_axes, use: str) -> ValueError:
+    """The kernel is contracted on other axes than its node was adapted for."""
+    node = view.node
+    shape = tuple(node.base.shape)
+    built = Axes(node.stack, node.inputs)
+    stack_axes, input_axes = tuple(sorted(stack_axes)), tuple(sorted(input_axes))
+    assumed = (
+        " (assumed: a 2-D kernel is taken as Flax's (in, out) unless its axes are given)"
+        if node.assumed_layout
+        else ""
+    )
+    try:
+        hint = Axes(stack_axes, input_axes).einsum_hint(len(shape))
+    except ValueError:
+        hint = "?"
+    return ValueError(
+        f"Adapted kernel '{view.path}' with shape {shape} was adapted as {built!r}{assumed}, "
+        f"but {use} contracts it over axes {input_axes} (batch axes {stack_axes}). DoRA's "
+        f"magnitude must sit on the outputs of the use, so this would be a different DoRA. "
+        f"If that is the kernel's layout (e.g. an Equinox / torch (out, in) weight used as "
+        f"x @ w.T), wrap it with axes={{'{view.path}': dora_jax.Axes(stack={stack_axes}, "
+        f"inputs={input_axes})}} (in einsum letters: dora_jax.Axes.from_einsum('{hint}')), "
+        f"or learn the axes from the model with axes=dora_jax.infer_axes(fn, params, *args)."
+    )
+
+
+def _align(v: jax.Array, labels, target) -> jax.Array:
+    """``v`` (axes named by ``labels``) transposed and expanded to broadcast on ``target``."""
+    labels = list(labels)
+    order = sorted(range(len(labels)), key=lambda i: target.index(labels[i]))
+    if order != list(range(len(labels))):
+        v = jnp.transpose(v, order)
+        labels = [labels[i] for i in order]
+    shape = [v.shape[labels.index(t)] if t in labels else 1 for t in target]
+    return v.reshape(shape)
+
+
+def _base_terms(node: Adapter, compute: Callable, x: jax.Array):
+    """``(compute(W0, x), output scale)``; a quantised base is dequantised again in the
+    backward pass instead of being saved (saved, the dequantised kernels would form a
+    full-precision copy of the base: QDoRA)."""
+
+    def terms(node, x):
+        base = node.dequantised_base()  # frozen: its gradient was stopped on entry
+        scale = node.output_scale(base)
+        return compute(base, x, scale), scale
+
+    if hasattr(node.base, "dequantize"):
+        terms = jax.checkpoint(terms)
+    return terms(node, x)
+
+
+def _dropped(node: Adapter, x: jax.Array, ctx: _Context) -> jax.Array:
+    """The low-rank branch's input, with adapter dropout when active."""
+    if node.dropout > 0.0 and ctx.key is not None:
+        keep = _dropout_keep(ctx.next_key(), x.shape, node.dropout)
+        return jnp.where(keep, x / (1.0 - node.dropout), 0).astype(x.dtype)
+    return x
+
+
+def _stacked(leaf, node: Adapter, unstacked_ndim: int) -> bool:
+    """Whether a low-rank leaf carries the node's stack axes (VeRA's shared ones do not)."""
+    return len(node.stack) > 0 and leaf.ndim != unstacked_ndim
+
+
+@_rule("dot_general")
+def _dot_general_rule(eqn, invals, ctx):
     lhs, rhs = invals
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     if _is_view(rhs) and not _is_view(lhs):
-        view, x, kc, xc, kb, xb, kernel_is_lhs = rhs, lhs, rc, lc, rb, lb, False
+        view, x, kc, xc, kb, xb, kernel_first = rhs, lhs, rc, lc, rb, lb, False
     elif _is_view(lhs) and not _is_view(rhs):
-        view, x, kc, xc, kb, xb, kernel_is_lhs = lhs, rhs, lc, rc, lb, rb, True
+        view, x, kc, xc, kb, xb, kernel_first = lhs, rhs, lc, rc, lb, rb, True
     else:
         return None
+    if ctx.probing:
+        ctx.record(view, "contract", kb, kc)
+        return _zeros_like_outputs(eqn)
     node = view.node
-    n_stack, n_in = node.stack, node.inputs
-    if tuple(kb) != tuple(range(n_stack)) or sorted(kc) != list(range(n_stack, n_stack + n_in)):
-        return None
+    nkc = [view.axes[d] for d in kc]  # as node (kernel) axes
+    nkb = [view.axes[d] for d in kb]
+    stack, inputs, outputs = node.stack, node.inputs, node.outputs
+    if set(nkc) == set(inputs) and set(nkb) <= set(stack):
+        transposed = False
+    elif set(nkc) == set(outputs) and set(nkb) == set(stack) and not node.assumed_layout:
+        transposed = True  # W'^T, e.g. a tied embedding's attend
+    else:
+        raise _layout_error(view, nkb, nkc, "a dot_general (matmul / einsum)")
 
-    # Put x in (stack..., free..., in...) order with its contracted axes in kernel order, and
-    # flatten to one free and one contracted axis: XLA on CPU differentiates 2-D matmuls
-    # much faster than 3-D ones, and the reshape costs nothing.
-    order = sorted(range(n_in), key=lambda i: kc[i])
-    xc = [xc[i] for i in order]
-    free = [d for d in range(x.ndim) if d not in xb and d not in xc]
-    perm = [*xb, *free, *xc]
+    # x in (batch stack..., free..., contracted...) order, stack and contracted axes in
+    # kernel order, free axes flattened into one: XLA on CPU differentiates 2-D matmuls much
+    # faster than 3-D ones, and the reshape costs nothing.
+    pair = dict(zip(nkc, xc)) | dict(zip(nkb, xb))
+    sb = [s for s in stack if s in nkb]
+    contracted = outputs if transposed else inputs
+    free_x = [d for d in range(x.ndim) if d not in xc and d not in xb]
+    perm = [pair[s] for s in sb] + free_x + [pair[a] for a in contracted]
     if perm != list(range(x.ndim)):
         x = jnp.transpose(x, perm)
-    stack_shape, in_shape, out_shape = node.stack_shape, node.in_shape, node.out_shape
-    free_shape = tuple(x.shape[n_stack : n_stack + len(free)])
-    n_free, n_i, n_o = math.prod(free_shape), math.prod(in_shape), math.prod(out_shape)
-    x2 = x.reshape(*stack_shape, n_free, n_i)
-
-    dtype = view.dtype
-    left, mid, right, post = node.low_rank()
-    rank = left.shape[-1]
-    s = tuple(range(n_stack))
-    dims = (((n_stack + 1,), (n_stack,)), (s, s))
+    free_shape = tuple(x.shape[len(sb) : len(sb) + len(free_x)])
+    x = x.reshape(*x.shape[: len(sb)], math.prod(free_shape), *x.shape[len(sb) + len(free_x) :])
     kw = dict(
         precision=eqn.params["precision"],
         preferred_element_type=eqn.params["preferred_element_type"],
     )
+    if transposed:
+        y, labels = _contract_outputs(node, x, view.dtype, kw, ctx)
+    elif (
+        stack == _identity(len(stack))
+        and inputs == tuple(range(len(stack), len(stack) + len(inputs)))
+        and len(sb) == len(stack)
+    ):
+        y, labels = _contract_canonical(node, x, view.dtype, kw, ctx)
+    else:
+        y, labels = _contract_inputs(node, x, sb, view.dtype, kw, ctx)
+
+    # Unflatten the free axes and put the result in dot_general's output order: batch axes,
+    # then the free axes of lhs, then those of rhs.
+    at = labels.index("F")
+    y = y.reshape(*y.shape[:at], *free_shape, *y.shape[at + 1 :])
+    labels = [*labels[:at], *(("x", d) for d in free_x), *labels[at + 1 :]]
+    kernel_free = [("k", a) for d, a in enumerate(view.axes) if d not in kc and d not in kb]
+    x_free = [("x", d) for d in free_x]
+    target = [("s", s) for s in nkb] + (
+        kernel_free + x_free if kernel_first else x_free + kernel_free
+    )
+    order = [labels.index(t) for t in target]
+    if order != list(range(len(order))):
+        y = jnp.transpose(y, order)
+    aval = eqn.outvars[0].aval
+    if y.shape != aval.shape:  # pragma: no cover - would be a bug in the layout maths
+        raise AssertionError(f"factored dot_general gave {y.shape}, expected {aval.shape}")
+    return [y.astype(aval.dtype)]
+
+
+def _contract_canonical(node: Adapter, x, dtype, kw, ctx):
+    """Kernel ``(*stack, *in, *out)``, all stack axes batched: flattened 2-D matmuls.
+
+    ``x``: ``(*stack, n, *in)``. Returns ``(*stack, n, *out)`` and its labels.
+    """
+    ns = len(node.stack)
+    stack_shape, in_shape, out_shape = node.stack_shape, node.in_shape, node.out_shape
+    n_i, n_o = math.prod(in_shape), math.prod(out_shape)
+    x2 = x.reshape(*stack_shape, x.shape[ns], n_i)
+    left, mid, right, post = node.low_rank()
+    rank = left.shape[-1]
+    s = tuple(range(ns))
+    dims = (((ns + 1,), (ns,)), (s, s))
 
     def matmul(h, w, rows: int, cols: int, unstacked_ndim: int):
         """``(*stack, n, rows) @ ([*stack,] rows, cols)``; ``w`` may be shared by the stack."""
-        if n_stack and w.ndim == unstacked_ndim:
+        if ns and w.ndim == unstacked_ndim:
             w = w.reshape(rows, cols).astype(dtype)
-            return lax.dot_general(h, w, (((n_stack + 1,), (0,)), ((), ())), **kw)
+            return lax.dot_general(h, w, (((ns + 1,), (0,)), ((), ())), **kw)
         w = w.reshape(*stack_shape, rows, cols).astype(dtype)
         return lax.dot_general(h, w, dims, **kw)
 
-    def base_terms(node, x2):
-        base = node.dequantised_base()  # frozen: its gradient was stopped on entry
+    def compute(base, x2, _):
         w2 = base.reshape(*stack_shape, n_i, n_o).astype(dtype)
-        return lax.dot_general(x2, w2, dims, **kw), node.output_scale(base)
+        return lax.dot_general(x2, w2, dims, **kw)
 
-    if hasattr(node.base, "dequantize"):
-        # Dequantise again in the backward pass instead of saving the kernel: saved, the
-        # dequantised kernels would form a full-precision copy of the base (QDoRA).
-        base_terms = jax.checkpoint(base_terms)
-    y, scale = base_terms(node, x2)
-    if node.dropout > 0.0 and ctx.key is not None:
-        keep = _dropout_keep(ctx.next_key(), x2.shape, node.dropout)
-        x2 = jnp.where(keep, x2 / (1.0 - node.dropout), 0).astype(x2.dtype)
-    h = matmul(x2, left, n_i, rank, n_in + 1)
+    y, scale = _base_terms(node, compute, x2)
+    h = matmul(_dropped(node, x2, ctx), left, n_i, rank, len(in_shape) + 1)
     if mid is not None:
         h = h * mid.reshape(*stack_shape, 1, rank).astype(dtype)
     z = matmul(h, right, rank, n_o, 1 + len(out_shape))
@@ -311,22 +566,183 @@ def _dot_general(eqn, invals, ctx: _Context):
         z = z * post.reshape(*stack_shape, 1, n_o).astype(dtype)
     y = y + z
     if scale is not None:
-        scale = scale.reshape(*stack_shape, 1, n_o)
-        y = (y * scale).astype(y.dtype)
+        y = (y * scale.reshape(*stack_shape, 1, n_o)).astype(y.dtype)
+    y = y.reshape(*stack_shape, x.shape[ns], *out_shape)
+    labels = [*(("s", a) for a in node.stack), "F", *(("k", o) for o in node.outputs)]
+    return y, labels
 
-    out = y.reshape(*stack_shape, *free_shape, *out_shape)
-    if kernel_is_lhs:
-        n_free_ax, n_out_ax = len(free_shape), len(out_shape)
-        perm = [
-            *s,
-            *range(n_stack + n_free_ax, n_stack + n_free_ax + n_out_ax),
-            *range(n_stack, n_stack + n_free_ax),
-        ]
-        out = jnp.transpose(out, perm)
-    aval = eqn.outvars[0].aval
-    if out.shape != aval.shape:  # pragma: no cover - would be a bug in the layout maths
-        raise AssertionError(f"factored dot_general gave {out.shape}, expected {aval.shape}")
-    return out.astype(aval.dtype)
+
+def _contract_inputs(node: Adapter, x, sb, dtype, kw, ctx):
+    """Any layout: ``x (*batch_stack, n, *in)`` with the kernel in its own layout.
+
+    Stack axes not in ``sb`` are free (a ``vmap`` ensemble over a shared input, Gemma's
+    ``kv_einsum`` 2-axis given as a stack axis): the result carries them. Returns
+    ``(*batch_stack, n, *free_stack, *out)`` and its labels.
+    """
+    ndim = node.base.ndim
+    stack, inputs, outputs = list(node.stack), list(node.inputs), list(node.outputs)
+    sf = [s for s in stack if s not in sb]
+    F, R = ndim, ndim + 1  # einsum labels besides the kernel's own axes 0..ndim-1
+    x_lab = [*sb, F, *inputs]
+    out_lab = [*sb, F, *sf, *outputs]
+    left, mid, right, post = node.low_rank()
+
+    def compute(base, x, _):
+        return jnp.einsum(x, x_lab, base.astype(dtype), list(range(ndim)), out_lab, **kw)
+
+    y, scale = _base_terms(node, compute, x)
+    l_lab = [*stack, *inputs, R] if _stacked(left, node, len(inputs) + 1) else [*inputs, R]
+    h_lab = [*sb, F, *(s for s in sf if s in l_lab), R]
+    h = jnp.einsum(_dropped(node, x, ctx), x_lab, left.astype(dtype), l_lab, h_lab, **kw)
+    if mid is not None:
+        full = [*sb, F, *sf, R]
+        h = _align(h, h_lab, full) * _align(mid.astype(dtype), [*stack, R], full)
+        h_lab = full
+    r_lab = [*stack, R, *outputs] if _stacked(right, node, len(outputs) + 1) else [R, *outputs]
+    z = jnp.einsum(h, h_lab, right.astype(dtype), r_lab, out_lab, **kw)
+    if post is not None:
+        z = z * _align(post.astype(dtype), [*stack, *outputs], out_lab)
+    y = y + z
+    if scale is not None:
+        y = (y * _align(scale, [*stack, *outputs], out_lab)).astype(y.dtype)
+    labels = [*(("s", s) for s in sb), "F", *(("k", a) for a in [*sf, *outputs])]
+    return y, labels
+
+
+def _contract_outputs(node: Adapter, x, dtype, kw, ctx):
+    """The transposed use ``h W'^T`` (a tied embedding's ``attend``), every stack axis batched.
+
+    ``W'^T`` contracts the output axes, so the per-output DoRA factor scales ``h`` first:
+    ``h W'^T = (h * s) W0^T + (((h * s * e) R^T) * d) L^T`` with ``s = m / ||W0 + dW||_c``.
+    ``x``: ``(*stack, n, *out)``; returns ``(*stack, n, *in)`` and its labels.
+    """
+    ndim = node.base.ndim
+    stack, inputs, outputs = list(node.stack), list(node.inputs), list(node.outputs)
+    F, R = ndim, ndim + 1
+    x_lab = [*stack, F, *outputs]
+    out_lab = [*stack, F, *inputs]
+    left, mid, right, post = node.low_rank()
+
+    def compute(base, x, scale):
+        if scale is not None:
+            x = (x * _align(scale, [*stack, *outputs], x_lab)).astype(dtype)
+        return jnp.einsum(x, x_lab, base.astype(dtype), list(range(ndim)), out_lab, **kw)
+
+    y, scale = _base_terms(node, compute, x)
+    h = _dropped(node, x, ctx)
+    if scale is not None:
+        h = (h * _align(scale, [*stack, *outputs], x_lab)).astype(dtype)
+    if post is not None:
+        h = h * _align(post.astype(dtype), [*stack, *outputs], x_lab)
+    r_lab = [*stack, R, *outputs] if _stacked(right, node, len(outputs) + 1) else [R, *outputs]
+    t_lab = [*stack, F, R]
+    t = jnp.einsum(h, x_lab, right.astype(dtype), r_lab, t_lab, **kw)
+    if mid is not None:
+        t = t * _align(mid.astype(dtype), [*stack, R], t_lab)
+    l_lab = [*stack, *inputs, R] if _stacked(left, node, len(inputs) + 1) else [*inputs, R]
+    z = jnp.einsum(t, t_lab, left.astype(dtype), l_lab, out_lab, **kw)
+    labels = [*(("s", s) for s in stack), "F", *(("k", i) for i in inputs)]
+    return y + z, labels
+
+
+def _feature_ops(h, axis: int, node: Adapter, right, mid, post, dtype):
+    """``((h * d) R) * e`` over ``h``'s rank axis ``axis`` (conv channels, gather offsets)."""
+    rank = right.shape[0]
+    bshape = [1] * h.ndim
+    if mid is not None:
+        bshape[axis] = rank
+        h = h * mid.astype(dtype).reshape(bshape)
+    n_out = math.prod(node.out_shape)
+    z = lax.dot_general(h, right.reshape(rank, n_out).astype(dtype), (((axis,), (0,)), ((), ())))
+    z = jnp.moveaxis(z, -1, axis)
+    if post is not None:
+        bshape[axis] = n_out
+        z = z * post.astype(dtype).reshape(bshape)
+    return z
+
+
+def _scale_axis(y, scale, axis: int):
+    if scale is None:
+        return y
+    bshape = [1] * y.ndim
+    bshape[axis] = scale.size
+    return (y * scale.reshape(bshape)).astype(y.dtype)
+
+
+@_rule("conv_general_dilated")
+def _conv_rule(eqn, invals, ctx):
+    """LoRA for conv as PEFT: ``conv(x, W0) + conv(conv(x, A), B)``, ``A`` a conv with the
+    base's window and ``r`` output channels, ``B`` a 1x1 conv ``(r, out)``."""
+    x, view = invals
+    if _is_view(x) or not _is_view(view):
+        return None
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    if ctx.probing:
+        ctx.record(view, "conv", (), dn.rhs_spec[1:])
+        return _zeros_like_outputs(eqn)
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return None
+    node = view.node
+    rhs = tuple(view.axes[d] for d in dn.rhs_spec)  # (out, in, *window) as node axes
+    if node.stack or set(rhs[1:]) != set(node.inputs) or (rhs[0],) != node.outputs:
+        raise _layout_error(view, (), rhs[1:], "a convolution")
+    params = dict(p, dimension_numbers=dn._replace(rhs_spec=rhs))
+    dtype = view.dtype
+    feature = dn.out_spec[1]
+
+    def compute(base, x, _):
+        return _bind(eqn, [x, base.astype(dtype)], params)[0]
+
+    y, scale = _base_terms(node, compute, x)
+    left, mid, right, post = node.low_rank()
+    # A as a conv kernel in the base's layout, r output channels where the base has out.
+    a = to_kernel_layout(left.astype(dtype), node.base.ndim, (), node.inputs)
+    h = _bind(eqn, [_dropped(node, x, ctx), a], params)[0]
+    y = y + _feature_ops(h, feature, node, right, mid, post, dtype)
+    return [_scale_axis(y, scale, feature).astype(eqn.outvars[0].aval.dtype)]
+
+
+@_rule("gather")
+def _gather_rule(eqn, invals, ctx):
+    """Embedding lookup ``W'[ids] = (W0[ids] + A[ids] R) * s``, input axis the vocabulary."""
+    view, ids = invals
+    if _is_view(ids) or not _is_view(view):
+        return None
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    if dn.operand_batching_dims or set(dn.collapsed_slice_dims) != set(dn.start_index_map):
+        return None
+    if ctx.probing:
+        shape = [view.node.value.shape[a] for a in view.axes]
+        kept = [d for d in range(len(shape)) if d not in dn.collapsed_slice_dims]
+        if all(p["slice_sizes"][d] == shape[d] for d in kept):
+            ctx.record(view, "gather", (), dn.collapsed_slice_dims)
+        return _zeros_like_outputs(eqn)
+    node = view.node
+    if (
+        node.stack
+        or view.axes != _identity(len(view.axes))
+        or tuple(dn.collapsed_slice_dims) != node.inputs
+        or len(node.outputs) != 1
+        or p["slice_sizes"][node.outputs[0]] != node.base.shape[node.outputs[0]]
+    ):
+        return None
+    dtype = view.dtype
+    feature = dn.offset_dims[0]
+
+    def compute(base, ids, _):
+        return _bind(eqn, [base.astype(dtype), ids])[0]
+
+    y, scale = _base_terms(node, compute, ids)
+    left, mid, right, post = node.low_rank()
+    rank = left.shape[-1]
+    a = to_kernel_layout(left.astype(dtype), node.base.ndim, (), node.inputs)
+    sizes = list(p["slice_sizes"])
+    sizes[node.outputs[0]] = rank
+    h = _bind(eqn, [a, ids], dict(p, slice_sizes=tuple(sizes)))[0]
+    y = y + _feature_ops(h, feature, node, right, mid, post, dtype)
+    return [_scale_axis(y, scale, feature).astype(eqn.outvars[0].aval.dtype)]
 
 
 def _fmix32(h):
@@ -361,22 +777,29 @@ def _dropout_keep(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Ar
 def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -> Callable:
     """Returns ``fn`` made to accept adapted params, computing adapted layers factored.
 
-    Every contraction of an adapted kernel over its input axes is computed as
-    ``(x W0 + s (x A) B) * (m / ||W0 + s A B||_c)`` (DoRA; LoRA without the factor), never
-    forming ``W0 + s A B`` or ``W'``. Works under ``jit``, ``grad``, ``remat``, ``vmap`` and
-    inside ``nn.scan`` / ``nnx.scan`` stacks. Adapter nodes may sit anywhere in the
-    arguments. The base kernels get no gradient (they are frozen).
+    Every contraction of an adapted kernel over its input axes (``dot_general`` with any
+    contraction and batch pattern, the kernel on either side; ``conv_general_dilated``), its
+    transposed use over its output axes (a tied embedding's ``attend``) and its embedding
+    lookups (``gather``) are computed as ``(x W0 + s (x A) B) * (m / ||W0 + s A B||_c)``
+    (DoRA; LoRA without the factor), never forming ``W0 + s A B`` or ``W'``. Works under
+    ``jit``, ``grad``, ``remat``, ``vmap`` and inside ``nn.scan`` / ``nnx.scan`` stacks.
+    Adapter nodes may sit anywhere in the arguments; one that the function returns
+    unchanged is returned as the node. The base kernels get no gradient (they are frozen).
 
     Args:
       fn: any function of arrays, e.g. ``model.apply`` or a function that calls
         ``nnx.merge(graphdef, state)``.
       key: PRNG key for adapter dropout (``wrap(..., dropout=p)``); None disables it
         (evaluation). Pass a fresh key each training step.
-      strict: raise instead of warning when an adapted kernel is used by an operation the
-        factored forward does not handle (it then forms ``W'`` for that use).
+      strict: raise instead of warning when an adapted kernel is used in a way the
+        factored forward does not cover (it then forms ``W'`` for that use).
 
     Returns:
       A function with ``fn``'s signature.
+
+    Raises:
+      ValueError: when the model contracts an adapted kernel on other axes than its node
+        was adapted for (the message says how to give the right axes).
 
     Example::
 
@@ -407,7 +830,7 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
             for i in dynamic
         ]
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*stand_ins)
-        inputs = []
+        inputs, originals = [], {}
         for i in dynamic:
             leaf = leaves[i]
             if is_adapter(leaf):
@@ -415,113 +838,131 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
                 # Stop the base's gradient once, here: stopped again inside a scan body, the
                 # sliced kernel would become a new value that the backward pass saves for
                 # every layer, instead of reusing the stacked input.
-                # VeRA's shared random matrices are frozen too.
-                frozen = {n: getattr(leaf, n) for n in ("base", *getattr(leaf, "shared", ()))}
-                leaf = dataclasses.replace(leaf, **jax.tree.map(lax.stop_gradient, frozen))
-                inputs.append(_View(leaf, stand_ins[len(inputs)].dtype, path))
+                # Shared leaves (VeRA's random matrices) are frozen too.
+                frozen = {n: getattr(leaf, n) for n in ("base", *leaf.shared)}
+                node = dataclasses.replace(leaf, **jax.tree.map(lax.stop_gradient, frozen))
+                originals[id(node)] = leaf
+                dtype = stand_ins[len(inputs)].dtype
+                inputs.append(_View(node, dtype, path, _identity(leaf.base.ndim)))
             else:
                 inputs.append(leaf)
         ctx = _Context(key, strict, warned)
         outs = _eval(closed.jaxpr, closed.consts, inputs, ctx)
-        # A kernel the function only passes through (NNX's `return y, nnx.state(model)`)
-        # comes back as the adapter node it was given, not as a merged kernel.
-        given = {id(v): leaves[i] for v, i in zip(inputs, dynamic) if _is_view(v)}
-        why = "returned from the function"
-        outs = [given[id(o)] if id(o) in given else _plain(o, ctx, why) for o in outs]
+        outs = [_returned(o, originals, ctx) for o in outs]
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
     return wrapped
 
 
+def _returned(out, originals: dict, ctx: _Context):
+    """An output: an adapter passed through unchanged is returned as the node itself."""
+    if _is_view(out) and id(out.node) in originals:
+        leaf = originals[id(out.node)]
+        if out.axes == _identity(leaf.base.ndim) and out.dtype == leaf.base.dtype:
+            return leaf
+    return _plain(out, ctx, "returned from the function")
+
+
 def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> dict[str, Axes]:
     """Learns each kernel's stack and input axes by tracing ``fn(params, *args, **kwargs)``.
 
-    Follows every float leaf of ``params`` with at least 2 axes to the ``dot_general`` that
-    consumes it (through casts, ``jit``, ``remat`` and ``scan``, where a scanned-over axis
-    counts as a stack axis). Nothing is computed: the function is only traced.
+    Walks the traced program with the evaluator :func:`apply` uses, following every float
+    leaf of ``params`` with at least 2 axes (through casts, transposes, ``jit``, ``remat``,
+    ``scan``, ``cond``, ``while``) to the uses that consume it:
+
+    - a ``dot_general`` (matmul, einsum; the kernel on either side): its contracted axes
+      are input axes, its batch axes stack axes (``'BTD,NDH->BTNH'`` gives
+      ``Axes((), (1,))``; a torch-layout ``x @ w.T`` gives ``Axes((), (1,))``). A kernel
+      axis that stays free is an output axis: Gemma's fused ``kv_einsum`` ``(2, K, D, H)``
+      and ``gating_einsum`` ``(2, H, F)`` get one adapter over both halves, and an
+      ``nn.vmap`` ensemble's member axis is an output axis too (give ``Axes((0,), ...)``
+      by hand for one adapter per half or per member);
+    - a ``conv_general_dilated``: the window and input-feature axes are input axes;
+    - a ``gather`` embedding lookup: the looked-up (vocabulary) axis is the input axis; a
+      tied ``attend`` that contracts the other axis is then its transposed use;
+    - a scanned-over axis counts as a stack axis.
+
+    Nothing is computed: the function is only traced.
 
     Returns:
-      ``{path: Axes(stack, inputs)}`` for every kernel that is only ever contracted in one
-      consistent way; pass it to :func:`dora_jax.wrap` as ``axes=``.
+      ``{path: Axes}`` for every kernel used in one consistent way; pass it to
+      :func:`dora_jax.wrap` as ``axes=``.
 
     Raises:
-      ValueError: if a kernel is contracted in two inconsistent ways.
+      ValueError: if a kernel is used in two inconsistent ways.
 
     Example::
 
       axes = dora_jax.infer_axes(lambda p, x: model.apply({"params": p}, x), params, x)
       adapted = dora_jax.wrap(params, rank=8, axes=axes)
     """
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [path_str(p) for p, _ in flat]
     n_params = len(flat)
 
     def flat_fn(param_leaves, rest):
-        p = jax.tree.unflatten(jax.tree.structure(params), param_leaves)
+        p = jax.tree.unflatten(treedef, param_leaves)
         a, k = rest
         return fn(p, *a, **k)
 
-    closed = jax.make_jaxpr(flat_fn)([leaf for _, leaf in flat], (args, kwargs))
+    param_leaves = [leaf for _, leaf in flat]
+    closed = jax.make_jaxpr(flat_fn)(param_leaves, (args, kwargs))
     found: dict[int, set] = {}
-    tags = {v: (i, 0) for i, v in enumerate(closed.jaxpr.invars[:n_params])}
-    _probe(closed.jaxpr, tags, found)
+    ctx = _Context(None, False, set(), found=found)
+
+    def probe(*values):
+        inputs = list(values)
+        for i in range(n_params):
+            v = values[i]
+            if v.ndim >= 2 and jnp.issubdtype(v.dtype, jnp.floating):
+                node = _Probe(v, i, _identity(v.ndim), ())
+                inputs[i] = _View(node, v.dtype, paths[i], _identity(v.ndim))
+        outs = _eval(closed.jaxpr, closed.consts, inputs, ctx)
+        return [_plain(o, ctx, "output") for o in outs]
+
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
+    jax.make_jaxpr(probe)(*avals)
     result = {}
-    for i, seen in found.items():
-        if len(seen) > 1:
-            raise ValueError(
-                f"Kernel '{paths[i]}' is contracted in inconsistent ways {sorted(seen)}; give "
-                f"its axes explicitly with axes={{'{paths[i]}': dora_jax.Axes(...)}}."
-            )
-        result[paths[i]] = next(iter(seen))
+    for i, seen in sorted(found.items()):
+        ndim = len(np.shape(param_leaves[i]))
+        ax = _consistent_axes(paths[i], ndim, seen)
+        if ax is not None:
+            result[paths[i]] = ax
     return result
 
 
-def _probe(jaxpr, tags: dict, found: dict) -> None:
-    """Records (stack, inputs) for tagged vars reaching a dot_general."""
-    for eqn in jaxpr.eqns:
-        hits = [
-            (k, tags[v])
-            for k, v in enumerate(eqn.invars)
-            if not isinstance(v, jcore.Literal) and v in tags
-        ]
-        if not hits:
-            continue
-        name, p = eqn.primitive.name, eqn.params
-        if name in _PASS_THROUGH or name == "convert_element_type":
-            tags[eqn.outvars[0]] = hits[0][1]
-        elif name == "dot_general":
-            (lc, rc), (lb, rb) = p["dimension_numbers"]
-            for k, (leaf, extra) in hits:
-                kc, kb = (lc, lb) if k == 0 else (rc, rb)
-                n_b = len(kb)
-                if tuple(kb) == tuple(range(n_b)) and sorted(kc) == list(range(n_b, n_b + len(kc))):
-                    found.setdefault(leaf, set()).add(Axes(extra + n_b, len(kc)))
-        elif name in _CALLS:
-            inner = p["jaxpr"].jaxpr
-            _probe(inner, _sub_tags(tags, eqn.invars, inner.invars), found)
-        elif name in _REMAT:
-            _probe(p["jaxpr"], _sub_tags(tags, eqn.invars, p["jaxpr"].invars), found)
-        elif name == "scan":
-            inner = p["jaxpr"].jaxpr
-            n_fixed = p["num_consts"] + p["num_carry"]
-            sub = {}
-            for k, (outer, innerv) in enumerate(zip(eqn.invars, inner.invars)):
-                if not isinstance(outer, jcore.Literal) and outer in tags:
-                    leaf, extra = tags[outer]
-                    sub[innerv] = (leaf, extra + 1) if k >= n_fixed else (leaf, extra)
-            _probe(inner, sub, found)
-        elif name == "cond":
-            for br in p["branches"]:
-                _probe(br.jaxpr, _sub_tags(tags, eqn.invars[1:], br.jaxpr.invars), found)
-        elif name == "while":
-            cn = p["cond_nconsts"]
-            bj = p["body_jaxpr"].jaxpr
-            _probe(bj, _sub_tags(tags, eqn.invars[cn:], bj.invars), found)
+def _consistent_axes(path: str, ndim: int, seen: set) -> Axes | None:
+    """One kernel's axes from all its recorded uses, or None when no use tells them."""
 
+    def fits(ax):
+        try:
+            ax.split(ndim)
+        except ValueError:
+            return False
+        return True
 
-def _sub_tags(tags: dict, outer_vars, inner_vars) -> dict:
-    return {
-        i: tags[o]
-        for o, i in zip(outer_vars, inner_vars)
-        if not isinstance(o, jcore.Literal) and o in tags
-    }
+    lookups = {ax for kind, ax in seen if kind == "gather" and fits(ax)}
+    contractions = {ax for kind, ax in seen if kind != "gather" and fits(ax)}
+    if lookups:
+        candidates = lookups
+        if len(lookups) == 1:
+            ax = next(iter(lookups))
+            outputs = ax.split(ndim)[2]
+            # A contraction over the table's other axes is its transposed use (tied attend).
+            contractions = {c for c in contractions if c.inputs != outputs or c.stack != ax.stack}
+            candidates = lookups | contractions
+    else:
+        candidates = contractions
+    if not candidates:
+        return None
+    if len(candidates) > 1:
+        listed = ", ".join(
+            f"{ax!r} = Axes.from_einsum('{ax.einsum_hint(ndim)}')"
+            for ax in sorted(candidates, key=repr)
+        )
+        raise ValueError(
+            f"Kernel '{path}' is used in inconsistent ways: {listed}. Say which axes are "
+            f"its inputs with axes={{'{path}': dora_jax.Axes(stack=..., inputs=...)}}, or "
+            f"leave it out with targets=."
+        )
+    return next(iter(candidates))

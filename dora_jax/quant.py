@@ -1,10 +1,11 @@
 """Quantised frozen bases (QLoRA / QDoRA): a kernel stored as codes plus per-block scales.
 
-A :class:`QuantizedArray` stands in for a frozen kernel ``W0`` (Flax layout
-``(*stack, *in, *out)``) wherever an adapter node holds its ``base``: it reports the logical
-``shape`` and ``dtype`` and dequantises on demand, so :func:`dora_jax.apply` turns it back
-into floats one kernel at a time, at the contraction that uses it, and ``merge`` returns
-full-precision kernels in the dtype the base had before quantisation.
+A :class:`QuantizedArray` stands in for a frozen kernel ``W0`` (stack axes first, input and
+output axes at any positions after them) wherever an adapter node holds its ``base``: it
+reports the logical ``shape`` and ``dtype`` and dequantises on demand, so
+:func:`dora_jax.apply` turns it back into floats one kernel at a time, at the contraction
+that uses it, and ``merge`` returns full-precision kernels in the dtype the base had before
+quantisation.
 
 Layout. Blocks run along the flattened input axes of each output feature, as in llama.cpp's
 GGUF files and bitsandbytes (both block the torch ``(out, in)`` weight row by row)::
@@ -14,8 +15,10 @@ GGUF files and bitsandbytes (both block the torch ``(out, in)`` weight row by ro
     scales  (*stack, out, n_blocks)
     offsets (*stack, out, n_blocks) or None            "q4_1" only
 
-Leading stack axes stay leading on every leaf, so ``nn.scan`` slices a quantised stack
-layer by layer exactly as it slices a float one. Formats:
+The codes are blocked in the canonical ``(*stack, *in, *out)`` order whatever the kernel's
+layout; ``input_axes`` records where the input axes sit, and ``dequantize`` returns the
+kernel in its own layout. Leading stack axes stay leading on every leaf, so ``nn.scan``
+slices a quantised stack layer by layer exactly as it slices a float one. Formats:
 
 - ``"nf4"``: 4-bit NormalFloat (Dettmers et al., QLoRA, 2023, Sec. 3), ``w = NF4[q] * absmax``.
 - ``"int8"``: symmetric absmax, ``w = q * absmax / 127`` with ``q`` in ``[-127, 127]``.
@@ -30,7 +33,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Mapping
@@ -40,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dora_jax.adapters import _pytree_dataclass, is_adapter, static
+from dora_jax.adapters import _pytree_dataclass, is_adapter, magnitude_init, static
+from dora_jax.axes import Axes
 from dora_jax.tree import path_str
 
 Array = jax.Array
@@ -85,6 +88,18 @@ class QuantizedArray:
     in_shape: tuple[int, ...] = static()
     out_shape: tuple[int, ...] = static()
     dtype: Any = static()
+    # Positions of the input axes among one layer's axes (the kernel without its leading
+    # stack axes); None: the input axes come first, as in Flax's (*in, *out).
+    input_axes: tuple[int, ...] | None = static(None)
+
+    def _layer_order(self) -> tuple[int, ...] | None:
+        """Layer axis positions in canonical (*in, *out) order, or None when canonical."""
+        if self.input_axes is None:
+            return None
+        n = len(self.in_shape) + len(self.out_shape)
+        outputs = tuple(p for p in range(n) if p not in self.input_axes)
+        order = tuple(self.input_axes) + outputs
+        return None if order == tuple(range(n)) else order
 
     @property
     def block(self) -> int:
@@ -92,7 +107,14 @@ class QuantizedArray:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (*self.codes.shape[:-3], *self.in_shape, *self.out_shape)
+        canonical = (*self.in_shape, *self.out_shape)
+        order = self._layer_order()
+        if order is not None:
+            layer = [0] * len(order)
+            for size, p in zip(canonical, order):
+                layer[p] = size
+            canonical = tuple(layer)
+        return (*self.codes.shape[:-3], *canonical)
 
     @property
     def ndim(self) -> int:
@@ -108,7 +130,7 @@ class QuantizedArray:
         return sum(x.nbytes for x in jax.tree.leaves(self))
 
     def dequantize(self) -> Array:
-        """The kernel as a ``(*stack, *in, *out)`` array of ``self.dtype`` (maths in float32)."""
+        """The kernel as an array of ``self.dtype`` in its own layout (maths in float32)."""
         f32 = jnp.float32
         stack = self.codes.shape[:-3]
         n_in = math.prod(self.in_shape)
@@ -122,8 +144,13 @@ class QuantizedArray:
         if self.offsets is not None:
             w = w + self.offsets.astype(f32)[..., None]
         w = w.reshape(*stack, w.shape[-3], -1)[..., :n_in]  # (*stack, out, in), unpadded
-        w = jnp.swapaxes(w, -1, -2)
-        return w.reshape(self.shape).astype(self.dtype)
+        w = jnp.swapaxes(w, -1, -2).reshape(*stack, *self.in_shape, *self.out_shape)
+        order = self._layer_order()
+        if order is not None:
+            ns = len(stack)
+            inv = sorted(range(len(order)), key=lambda i: order[i])
+            w = jnp.transpose(w, (*range(ns), *(ns + i for i in inv)))
+        return w.astype(self.dtype)
 
 
 def quantize(
@@ -131,19 +158,20 @@ def quantize(
     format: str = "nf4",
     *,
     block: int | None = 64,
-    stack: int = 0,
-    inputs: int = 1,
+    stack: int | tuple[int, ...] = 0,
+    inputs: int | tuple[int, ...] = 1,
 ) -> QuantizedArray:
-    """Quantises a kernel ``(*stack, *in, *out)`` blockwise along its input axes.
+    """Quantises a kernel blockwise along its input axes.
 
     Args:
-      x: a float kernel in Flax layout.
+      x: a float kernel; its input axes may sit anywhere, its stack axes must lead.
       format: ``"nf4"`` (QLoRA's 4-bit NormalFloat, blockwise absmax), ``"int8"`` (symmetric
         absmax) or ``"q4_1"`` (GGUF's asymmetric 4-bit, float16 scale and min per block).
       block: weights per block along the flattened input axes (QLoRA uses 64, GGUF Q4_1 32);
         ``None`` makes one block of each output feature's whole input (per-output-channel
         absmax). The input is zero-padded to a whole number of blocks.
-      stack, inputs: numbers of leading stack axes and of input axes (as in ``dora_jax.Axes``).
+      stack, inputs: the kernel's stack and input axes, as in ``dora_jax.Axes``: position
+        tuples, or the counts of leading stack axes and of the input axes after them.
 
     Returns:
       A :class:`QuantizedArray` of ``x``'s shape and dtype. The round trip errs by at most
@@ -159,15 +187,27 @@ def quantize(
         raise ValueError(f"format={format!r} is not one of {FORMATS}.")
     if not (hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)):
         raise TypeError(f"quantize needs a float array, got {getattr(x, 'dtype', type(x))}.")
-    if stack < 0 or inputs < 1 or stack + inputs >= x.ndim:
+    try:
+        s_pos, i_pos, o_pos = Axes(stack, inputs).split(x.ndim)
+    except ValueError as e:
         raise ValueError(
-            f"stack={stack}, inputs={inputs} do not fit shape {tuple(x.shape)}: need at least "
-            f"one input and one output axis after the stack axes (e.g. stack=1 for an nn.scan "
-            f"stack (layers, in, out))."
+            f"stack={stack}, inputs={inputs} do not fit shape {tuple(x.shape)}: {e} (e.g. "
+            f"stack=1 for an nn.scan stack (layers, in, out))."
+        ) from None
+    if s_pos != tuple(range(len(s_pos))):
+        raise ValueError(
+            f"quantize needs the stack axes first (a scan slices the leading axes of the codes), "
+            f"got stack axes {s_pos} of shape {tuple(x.shape)}; move them to the front."
         )
-    stack_shape = tuple(x.shape[:stack])
-    in_shape = tuple(x.shape[stack : stack + inputs])
-    out_shape = tuple(x.shape[stack + inputs :])
+    ns = len(s_pos)
+    stack_shape = tuple(x.shape[:ns])
+    in_shape = tuple(x.shape[p] for p in i_pos)
+    out_shape = tuple(x.shape[p] for p in o_pos)
+    canonical = s_pos + i_pos + o_pos
+    layer_inputs = None
+    if canonical != tuple(range(x.ndim)):
+        x = jnp.transpose(x, canonical)
+        layer_inputs = tuple(p - ns for p in i_pos)
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
     if block is None:  # one block per output feature, padded to even for 4-bit packing
         block = n_in + (n_in % 2 if format in _FOUR_BIT else 0)
@@ -206,7 +246,9 @@ def quantize(
         codes = q[..., : block // 2] | (q[..., block // 2 :] << 4)
     else:
         codes = q.astype(jnp.int8)
-    return QuantizedArray(codes, scales, offsets, format, in_shape, out_shape, np.dtype(x.dtype))
+    return QuantizedArray(
+        codes, scales, offsets, format, in_shape, out_shape, np.dtype(x.dtype), layer_inputs
+    )
 
 
 def from_gguf_q4_1(data: np.ndarray, in_shape, out_shape, dtype=jnp.float32) -> QuantizedArray:
@@ -293,15 +335,11 @@ def quantize_base(
             if q.shape != tuple(node.base.shape):
                 raise ValueError(
                     f"Quantised kernel for '{p}' has shape {q.shape}, the kernel "
-                    f"{tuple(node.base.shape)}; it must be the same kernel in Flax layout."
+                    f"{tuple(node.base.shape)}; it must be the same kernel in the same layout."
                 )
         else:
             q = _quantize(node.base, format, block=block, stack=node.stack, inputs=node.inputs)
-        new = {"base": q}
-        if "magnitude" in {f.name for f in dataclasses.fields(node)}:
-            norm = _column_norm(q, node.stack, node.inputs)
-            new["magnitude"] = norm.astype(node.magnitude.dtype)
-        return dataclasses.replace(node, **new)
+        return node.with_base(q, lambda: _column_norm(q, node.stack, node.inputs))
 
     return jax.tree_util.tree_map_with_path(convert, adapted, is_leaf=is_adapter)
 
@@ -313,7 +351,6 @@ _quantize = jax.jit(quantize, static_argnames=("format", "block", "stack", "inpu
 
 
 @functools.partial(jax.jit, static_argnames=("stack", "inputs"))
-def _column_norm(q: QuantizedArray, stack: int, inputs: int) -> Array:
-    """``||W0||_c`` of the dequantised kernel, float32 (DoRA's magnitude init)."""
-    w = q.dequantize().astype(jnp.float32)
-    return jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(stack, stack + inputs))))
+def _column_norm(q: QuantizedArray, stack: tuple, inputs: tuple) -> Array:
+    """``||W0||_c`` of the dequantised kernel, float32, ``(*stack, *out)`` (DoRA's init)."""
+    return magnitude_init(q.dequantize(), stack, inputs, jnp.float32)

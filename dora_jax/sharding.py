@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dora_jax.adapters import DoRA, DVoRA, LoRA, VeRA, is_adapter
+from dora_jax.adapters import is_adapter
 from dora_jax.tree import path_str
 
 PyTree = Any
@@ -60,20 +60,6 @@ DEFAULT_RULES: tuple[tuple[str, P], ...] = (
     # Any other matrix: shard the first axis with the weights.
     (r"kernel$", P("fsdp")),
 )  # fmt: skip
-
-# Axis roles of each adapter field, in order: "stack" and "in"/"out" expand to the kernel's
-# stack / input / output axes and take the kernel's spec there; "rank" is one replicated axis.
-# A field missing here (VeRA's shared matrices) is replicated.
-_LAYOUTS: dict[type, dict[str, tuple[str, ...]]] = {
-    LoRA: {"a": ("stack", "in", "rank"), "b": ("stack", "rank", "out")},
-    DoRA: {
-        "a": ("stack", "in", "rank"),
-        "b": ("stack", "rank", "out"),
-        "magnitude": ("stack", "out"),
-    },
-    VeRA: {"d": ("stack", "rank"), "b": ("stack", "out")},
-    DVoRA: {"d": ("stack", "rank"), "b": ("stack", "out"), "magnitude": ("stack", "out")},
-}
 
 
 def make_mesh(
@@ -149,35 +135,36 @@ def _fit(spec: tuple, shape: tuple[int, ...], mesh: Mesh | None) -> P:
     return P(*fitted)
 
 
-def _kernel_spec(path: str, ndim: int, stack: int, rules: Rules) -> tuple:
-    """The kernel's spec over all its axes: stack axes None, the rule right-aligned."""
+def _kernel_spec(path: str, ndim: int, stack: tuple[int, ...], rules: Rules) -> tuple:
+    """The kernel's spec over all its axes: stack axes None, the rule right-aligned over the
+    other axes (a rule describes one layer's kernel)."""
     rule = tuple(_rule_spec(path, rules))
-    if len(rule) > ndim - stack:
+    n_layer = ndim - len(stack)
+    if len(rule) > n_layer:
         raise ValueError(
             f"Partition rule {P(*rule)} for '{path}' names {len(rule)} axes, but the kernel "
-            f"has {ndim - stack} axes after its {stack} stack axes. Write rules for one "
+            f"has {n_layer} axes besides its {len(stack)} stack axes. Write rules for one "
             f"layer's kernel; stack axes are added (unsharded) automatically."
         )
-    return (None,) * (ndim - len(rule)) + rule
+    layer = (None,) * (n_layer - len(rule)) + rule
+    it = iter(layer)
+    return tuple(None if p in stack else next(it) for p in range(ndim))
 
 
 def _node_specs(node, path: str, rules: Rules, mesh: Mesh | None):
-    """An adapter node of the same type whose leaves are PartitionSpecs."""
+    """An adapter node of the same type whose leaves are PartitionSpecs.
+
+    The node's kind says which kernel axes each of its leaves carries (its ``layout``).
+    """
     kernel = _kernel_spec(path, node.base.ndim, node.stack, rules)
     kernel = tuple(_fit(kernel, node.base.shape, mesh))
-    n_in = node.inputs
     roles = {
-        "stack": kernel[: node.stack],
-        "in": kernel[node.stack : node.stack + n_in],
-        "out": kernel[node.stack + n_in :],
+        "stack": tuple(kernel[p] for p in node.stack),
+        "in": tuple(kernel[p] for p in node.inputs),
+        "out": tuple(kernel[p] for p in node.outputs),
         "rank": (None,),
     }
-    layout = next((_LAYOUTS[c] for c in type(node).__mro__ if c in _LAYOUTS), None)
-    if layout is None:
-        raise TypeError(
-            f"No sharding layout for adapter kind {type(node).__name__} at '{path}'; add one "
-            f"to dora_jax.sharding._LAYOUTS."
-        )
+    layout = {k: v for k, v in node.layout.items() if k not in node.shared}
 
     def field_spec(name, value):
         if name == "base":
@@ -221,7 +208,7 @@ def param_specs(tree: PyTree, mesh: Mesh | None = None, rules: Rules = DEFAULT_R
             return _node_specs(x, p, rules, mesh)
         if getattr(x, "ndim", 0) == 0:
             return P()
-        return _fit(_kernel_spec(p, x.ndim, 0, rules), x.shape, mesh)
+        return _fit(_kernel_spec(p, x.ndim, (), rules), x.shape, mesh)
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_adapter)
 

@@ -6,31 +6,17 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from dora_jax.adapters import DoRA, DVoRA, LoRA, VeRA, is_adapter
+from dora_jax.adapters import KINDS, is_adapter
+from dora_jax.axes import Axes, example_hint
 
 PyTree = Any
 
-METHODS = ("lora", "dora", "vera", "dvora")
-# VeRA/DVoRA: one pair of shared random matrices; their rank is not bounded by a kernel.
-_SHARED = ("vera", "dvora")
-
-
-class Axes(NamedTuple):
-    """How a kernel's axes split: ``stack`` leading stack axes, then ``inputs`` input axes.
-
-    The remaining trailing axes are output axes. ``Axes(stack=0, inputs=1)`` is a Dense
-    kernel ``(in, out)``; a query projection ``(embed, heads, head_dim)`` is
-    ``Axes(0, 1)``; an output projection ``(heads, head_dim, embed)`` is ``Axes(0, 2)``;
-    an ``nn.scan`` stack of Dense kernels ``(layers, in, out)`` is ``Axes(1, 1)``.
-    """
-
-    stack: int = 0
-    inputs: int = 1
+METHODS = tuple(KINDS)
 
 
 def path_str(path: tuple) -> str:
@@ -80,39 +66,50 @@ def _target_predicate(targets) -> Callable[[str, Any], bool]:
     )
 
 
-def _resolve_axes(path: str, leaf, axes) -> Axes:
+def _as_axes(value) -> Axes:
+    return value if isinstance(value, Axes) else Axes(*value)
+
+
+def _resolve_axes(path: str, leaf, axes) -> tuple[Axes, bool]:
+    """The kernel's axes and whether they were assumed (2-D default) rather than given."""
     if axes is not None:
         if callable(axes) and not isinstance(axes, Mapping):
             found = axes(path, leaf)
             if found is not None:
-                return Axes(*found)
+                return _as_axes(found), False
         else:
             if path in axes:
-                return Axes(*axes[path])
+                return _as_axes(axes[path]), False
             for pattern, value in axes.items():
                 if re.search(pattern, path):
-                    return Axes(*value)
+                    return _as_axes(value), False
     if leaf.ndim == 2:
-        return Axes(0, 1)
+        # Flax's (in, out). A Flax Embed table (vocab, features) is looked up by vocab: its
+        # input axis is also axis 0, and a tied `attend` is a deliberate transposed use.
+        return Axes(0, 1), path.rsplit("/", 1)[-1] != "embedding"
     raise ValueError(
         f"Cannot tell the input axes of kernel '{path}' with shape {tuple(leaf.shape)}: a "
-        f"{leaf.ndim}-D kernel may be a DenseGeneral/Einsum projection or a scanned stack of "
-        f"Dense kernels. Say which with axes={{'{re.escape(path)}': dora_jax.Axes(stack=..., "
-        f"inputs=...)}} (e.g. Axes(0, 1) for (embed, heads, head_dim), Axes(0, 2) for "
-        f"(heads, head_dim, embed), Axes(1, 1) for an nn.scan stack (layers, in, out)), or "
-        f"learn them from the model with axes=dora_jax.infer_axes(fn, params, *args)."
+        f"{leaf.ndim}-D kernel may be a DenseGeneral/Einsum projection, a conv kernel or a "
+        f"scanned stack of Dense kernels. Say which with axes={{'{re.escape(path)}': ...}}: "
+        f"{example_hint(tuple(leaf.shape))} (e.g. Axes(0, 1) for (embed, heads, head_dim), "
+        f"Axes(0, 2) for (heads, head_dim, embed), Axes(1, 1) for an nn.scan stack (layers, "
+        f"in, out), Axes((), (1,)) = Axes.from_einsum('BTD,NDH->BTNH') for Gemma's q_einsum "
+        f"(N, D, H), Axes((), (0, 1, 2)) for a conv kernel (kh, kw, in, out)), or learn them "
+        f"from the model with axes=dora_jax.infer_axes(fn, params, *args)."
     )
 
 
 def _check_axes(path: str, leaf, ax: Axes) -> int:
     """Validates ``ax`` for ``leaf``; returns the largest sensible rank, min(in, out)."""
-    if ax.stack < 0 or ax.inputs < 1 or ax.stack + ax.inputs >= leaf.ndim:
+    try:
+        _, inputs, outputs = ax.split(leaf.ndim)
+    except ValueError as e:
         raise ValueError(
-            f"Axes{tuple(ax)} do not fit kernel '{path}' with shape {tuple(leaf.shape)}: "
-            f"need stack >= 0, inputs >= 1 and at least one output axis."
-        )
-    n_in = math.prod(leaf.shape[ax.stack : ax.stack + ax.inputs])
-    n_out = math.prod(leaf.shape[ax.stack + ax.inputs :])
+            f"The axes given for kernel '{path}' with shape {tuple(leaf.shape)} do not fit: "
+            f"{e} Write them as {example_hint(tuple(leaf.shape))}."
+        ) from None
+    n_in = math.prod(leaf.shape[p] for p in inputs)
+    n_out = math.prod(leaf.shape[p] for p in outputs)
     return min(n_in, n_out)
 
 
@@ -150,9 +147,14 @@ def wrap(
         them (only leaves with at least 2 axes are considered), or a predicate
         ``(path, leaf) -> bool``. Default: every float leaf named
         ``kernel`` with at least 2 axes (Dense, DenseGeneral, Einsum, Linear...).
-      axes: how each kernel's axes split into stack/input/output when the shape cannot
-        tell (kernels with more than 2 axes): ``{path_or_regex: Axes(stack, inputs)}``, a
-        callable ``(path, leaf) -> Axes | None``, or the result of :func:`infer_axes`.
+      axes: how each kernel's axes split into stack/input/output axes when the shape
+        cannot tell: ``{path_or_regex: Axes(stack, inputs)}`` (positions, or legacy counts;
+        see :class:`dora_jax.Axes` and ``Axes.from_einsum``), a callable
+        ``(path, leaf) -> Axes | None``, or the result of :func:`infer_axes`. Without it a
+        2-D kernel is taken as Flax's ``(in, out)`` (a Flax Embed ``embedding`` table
+        ``(vocab, features)`` likewise: input the vocabulary), and any other kernel is an
+        error that says how to give its axes. The adapter leaves always have the layout
+        ``A (*stack, *in, r)``, ``B (*stack, r, *out)``, ``magnitude (*stack, *out)``.
       key: PRNG key for the initialisation of ``A`` (default ``jax.random.key(0)``).
       dropout: dropout rate on the input of the low-rank branch (active when
         :func:`dora_jax.apply` gets a ``key``).
@@ -197,8 +199,8 @@ def wrap(
                     f"floating kernels can be adapted (for a quantised base use the "
                     f"quantised wrappers). Exclude it with targets=."
                 )
-            ax = _resolve_axes(p, leaf, axes)
-            chosen.append((i, p, ax, _check_axes(p, leaf, ax)))
+            ax, assumed = _resolve_axes(p, leaf, axes)
+            chosen.append((i, p, ax, assumed, _check_axes(p, leaf, ax)))
     if not chosen:
         paths = [path_str(p) for p, _ in leaves_with_path][:8]
         raise ValueError(
@@ -207,10 +209,9 @@ def wrap(
             f"targets=r'(query|value)/kernel$'."
         )
 
-    too_small = [(p, limit) for _, p, _, limit in chosen if rank > limit]
-    if method in _SHARED:
-        too_small = []
-    if too_small:
+    kind = KINDS[method]
+    too_small = [(p, limit) for _, p, _, _, limit in chosen if rank > limit]
+    if too_small and kind.rank_bounded:
         listed = ", ".join(f"'{p}' (max {limit})" for p, limit in too_small[:6])
         raise ValueError(
             f"rank={rank} is larger than some kernels allow: {listed}. A rank above "
@@ -218,74 +219,24 @@ def wrap(
             f"{min(limit for _, limit in too_small)}, or leave those kernels out with targets=."
         )
     new_leaves = [leaf for _, leaf in leaves_with_path]
-    if method in _SHARED:
-        shared = _shared_matrices(new_leaves, chosen, rank, key, dtype)
-        for i, _, ax, _ in chosen:
-            new_leaves[i] = _make_vera_node(
-                new_leaves[i], ax, method, shared, dropout, exact_norm_grad, dtype
-            )
-        return jax.tree.unflatten(treedef, new_leaves)
+    sizes = [_in_out(new_leaves[i].shape, ax) for i, _, ax, _, _ in chosen]
+    # A kind with shared leaves (VeRA's matrices) draws them from `key`; the others draw
+    # one key per kernel.
+    shared = kind.init_shared(sizes, rank, key, dtype) if kind.shared else None
     keys = jax.random.split(key, len(chosen))
-    for k, (i, _, ax, _) in zip(keys, chosen):
-        new_leaves[i] = _make_node(
-            new_leaves[i], ax, rank, method, scale, k, dropout, exact_norm_grad, dtype
-        )
+    options = dict(scale=scale, dtype=dtype, dropout=dropout, exact_norm_grad=exact_norm_grad)
+    for k, (i, p, ax, assumed, _) in zip(keys, chosen):
+        new_leaves[i] = kind.init(
+            new_leaves[i], ax, rank=rank, key=k, shared=shared, path=p,
+            assumed_layout=assumed, **options,
+        )  # fmt: skip
     return jax.tree.unflatten(treedef, new_leaves)
 
 
 def _in_out(shape, ax: Axes) -> tuple[int, int]:
-    return math.prod(shape[ax.stack : ax.stack + ax.inputs]), math.prod(
-        shape[ax.stack + ax.inputs :]
-    )
-
-
-def _shared_matrices(leaves, chosen, rank, key, dtype):
-    """VeRA's frozen ``A_s (in_max, r)`` and ``B_s (r, out_max)``, Kaiming-uniform.
-
-    Bounds as torch's ``kaiming_uniform_(a=sqrt(5))`` on PEFT's ``(r, in)`` and
-    ``(out, r)`` layouts: ``1/sqrt(in_max)`` and ``1/sqrt(r)``.
-    """
-    sizes = [_in_out(leaves[i].shape, ax) for i, _, ax, _ in chosen]
-    in_max, out_max = max(s[0] for s in sizes), max(s[1] for s in sizes)
-    key_a, key_b = jax.random.split(key)
-    bound_a, bound_b = 1.0 / math.sqrt(in_max), 1.0 / math.sqrt(rank)
-    shared_a = jax.random.uniform(key_a, (in_max, rank), dtype, -bound_a, bound_a)
-    shared_b = jax.random.uniform(key_b, (rank, out_max), dtype, -bound_b, bound_b)
-    return shared_a, shared_b
-
-
-def _magnitude(base, ax: Axes, dtype):
-    """``||W0||_c``: the L2 norm over the input axes, in float32."""
-    in_axes = tuple(range(ax.stack, ax.stack + ax.inputs))
-    return jnp.sqrt(jnp.sum(jnp.square(base.astype(jnp.float32)), axis=in_axes)).astype(dtype)
-
-
-def _make_vera_node(base, ax: Axes, method, shared, dropout, exact_norm_grad, dtype):
-    stack_shape = base.shape[: ax.stack]
-    out_shape = base.shape[ax.stack + ax.inputs :]
-    rank = shared[0].shape[-1]
-    d = jnp.full((*stack_shape, rank), 0.1, dtype)
-    b = jnp.zeros((*stack_shape, *out_shape), dtype)  # b = 0: identity at init
-    common = dict(stack=ax.stack, inputs=ax.inputs, dropout=dropout)
-    if method == "vera":
-        return VeRA(base, *shared, d, b, **common)
-    magnitude = _magnitude(base, ax, dtype)
-    return DVoRA(base, *shared, d, b, magnitude, exact_norm_grad=exact_norm_grad, **common)
-
-
-def _make_node(base, ax: Axes, rank, method, scale, key, dropout, exact_norm_grad, dtype):
-    stack_shape = base.shape[: ax.stack]
-    in_shape = base.shape[ax.stack : ax.stack + ax.inputs]
-    out_shape = base.shape[ax.stack + ax.inputs :]
-    fan_in = math.prod(in_shape)
-    bound = 1.0 / math.sqrt(fan_in)  # Kaiming-uniform, as torch's kaiming_uniform_(a=sqrt 5)
-    a = jax.random.uniform(key, (*stack_shape, *in_shape, rank), dtype, -bound, bound)
-    b = jnp.zeros((*stack_shape, rank, *out_shape), dtype)  # B = 0: identity at init
-    common = dict(scale=scale, stack=ax.stack, inputs=ax.inputs, dropout=dropout)
-    if method == "lora":
-        return LoRA(base, a, b, **common)
-    magnitude = _magnitude(base, ax, dtype)
-    return DoRA(base, a, b, magnitude, exact_norm_grad=exact_norm_grad, **common)
+    """Flattened input and output sizes of a kernel."""
+    _, inputs, outputs = ax.split(len(shape))
+    return math.prod(shape[p] for p in inputs), math.prod(shape[p] for p in outputs)
 
 
 def merge(adapted: PyTree) -> PyTree:

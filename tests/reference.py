@@ -29,7 +29,16 @@ def decompose(v, m, exact=False):
 
 
 def flat2(w, n_stack, n_in):
-    """Reshapes a kernel ``(*stack, *in, *out)`` to ``(*stack, in, out)``."""
+    """Reshapes a kernel ``(*stack, *in, *out)`` to ``(*stack, in, out)``.
+
+    ``n_stack`` and ``n_in`` may also be tuples of axis positions (a kernel of any layout):
+    the kernel is then first transposed to ``(*stack, *in, *out)``.
+    """
+    if isinstance(n_stack, tuple) or isinstance(n_in, tuple):
+        stack, inputs = tuple(n_stack), tuple(n_in)
+        outputs = tuple(p for p in range(w.ndim) if p not in stack + inputs)
+        w = jnp.transpose(w, stack + inputs + outputs)
+        n_stack, n_in = len(stack), len(inputs)
     s = w.shape[:n_stack]
     n_i = 1
     for d in w.shape[n_stack : n_stack + n_in]:

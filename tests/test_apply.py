@@ -36,12 +36,15 @@ def ref_kernel(node, exact=False):
         b = node.b.reshape(*stack_shape, n_out)
         v = w0 + ref.vera_delta(node.shared_a, node.shared_b, node.d, b, n_in, n_out)
     else:
-        a = ref.flat2(node.a, node.stack, node.inputs)
+        a = ref.flat2(node.a, len(node.stack), len(node.inputs))
         b = node.b.reshape(*stack_shape, -1, n_out)
         v = w0 + ref.lora_delta(a, b, node.scale)
     if isinstance(node, (dora_jax.DoRA, dora_jax.DVoRA)):
         v = ref.decompose(v, node.magnitude.reshape(*stack_shape, n_out), exact=exact)
-    return v.reshape(node.base.shape)
+    # Back to the kernel's layout: v is (*stack, in, out) over the canonical axis order.
+    canonical = (*node.stack, *node.inputs, *node.outputs)
+    v = v.reshape([node.base.shape[p] for p in canonical])
+    return jnp.transpose(v, np.argsort(canonical))
 
 
 def ref_params(adapted, exact=False):

@@ -1,0 +1,339 @@
+"""Kernels of every layout: stack, input and output axes at any positions.
+
+Each case is a tiny model written in plain jnp / lax (torch-layout linear, Gemma's einsums,
+a vmap ensemble, scanned torch-layout stacks, conv 1/2/3-D, an embedding with a tied
+output). For LoRA, DoRA, VeRA and DVoRA: identity at init, the factored forward
+(``strict=True``) equals the merged kernel's forward and the plain-jnp reference, gradients
+equal the reference's, jitted and not; the merged kernel's norm over its input axes equals
+the magnitude.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import dora_jax
+from dora_jax import Axes
+from tests import reference as ref
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+METHODS = ("lora", "dora", "vera", "dvora")
+
+
+def rand(seed, *shape):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def conv(x, w, strides, padding, dilation, dn):
+    return lax.conv_general_dilated(
+        x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=dn
+    )
+
+
+def scan_torch(p, x):
+    def layer(h, w):
+        return jnp.tanh(h @ w.T), None  # w: (out, in), torch layout
+
+    return lax.scan(layer, x, p["w"])[0]
+
+
+def embed_tied(p, ids):
+    h = jnp.tanh(jnp.take(p["embedding"], ids, axis=0))  # lookup: gather over vocab
+    return h @ p["embedding"].T  # tied output: contracts the feature axis
+
+
+# name: (params, fn, input, axes given to wrap, what infer_axes learns)
+CASES = {
+    "torch_linear": (
+        {"w": rand(0, 6, 5)},
+        lambda p, x: x @ p["w"].T,
+        rand(1, 3, 5),
+        Axes((), (1,)),
+        Axes((), (1,)),
+    ),
+    "gemma_q": (
+        {"w": rand(0, 2, 5, 3)},
+        lambda p, x: jnp.einsum("BTD,NDH->BTNH", x, p["w"]),
+        rand(1, 2, 3, 5),
+        Axes.from_einsum("BTD,NDH->BTNH"),
+        Axes((), (1,)),
+    ),
+    "gemma_attn_vec": (
+        {"w": rand(0, 2, 3, 5)},
+        lambda p, x: jnp.einsum("BTNH,NHD->BTD", x, p["w"]),
+        rand(1, 2, 3, 2, 3),
+        Axes(0, 2),
+        Axes(0, 2),
+    ),
+    "gemma_kv_joint": (
+        {"w": rand(0, 2, 2, 5, 3)},
+        lambda p, x: jnp.einsum("BSD,CKDH->CBSKH", x, p["w"]),
+        rand(1, 2, 3, 5),
+        Axes((), (2,)),
+        Axes((), (2,)),
+    ),
+    "gemma_kv_halves": (
+        {"w": rand(0, 2, 2, 5, 3)},
+        lambda p, x: jnp.einsum("BSD,CKDH->CBSKH", x, p["w"]),
+        rand(1, 2, 3, 5),
+        Axes((0,), (2,)),
+        Axes((), (2,)),
+    ),
+    "gemma_gating_joint": (
+        {"w": rand(0, 2, 4, 5)},
+        lambda p, x: jnp.einsum("...F,NHF->...NH", x, p["w"]),
+        rand(1, 2, 3, 5),
+        Axes((), (2,)),
+        Axes((), (2,)),
+    ),
+    "gemma_gating_halves": (
+        {"w": rand(0, 2, 4, 5)},
+        lambda p, x: jnp.einsum("...F,NHF->...NH", x, p["w"]),
+        rand(1, 2, 3, 5),
+        Axes((0,), (2,)),
+        Axes((), (2,)),
+    ),
+    "vmap_ensemble": (
+        {"w": rand(0, 3, 5, 4)},
+        lambda p, x: jax.vmap(lambda w: jnp.tanh(x @ w))(p["w"]),
+        rand(1, 2, 5),
+        Axes(1, 1),
+        Axes((), (1,)),
+    ),
+    "batched_stack_middle": (
+        {"w": rand(0, 5, 3, 4)},
+        lambda p, x: jnp.einsum("lbi,ilo->lbo", x, p["w"]),
+        rand(1, 3, 2, 5),
+        Axes((1,), (0,)),
+        Axes((1,), (0,)),
+    ),
+    "scan_torch_layout": (
+        {"w": rand(0, 3, 5, 5) * 0.5},
+        scan_torch,
+        rand(1, 2, 5),
+        Axes((0,), (2,)),
+        Axes((0,), (2,)),
+    ),
+    "conv1d": (
+        {"w": rand(0, 3, 4, 6)},
+        lambda p, x: conv(x, p["w"], (2,), ((2, 1),), (2,), ("NWC", "WIO", "NWC")),
+        rand(1, 2, 9, 4),
+        Axes((), (0, 1)),
+        Axes((), (0, 1)),
+    ),
+    "conv2d": (
+        {"w": rand(0, 3, 2, 4, 6)},
+        lambda p, x: conv(x, p["w"], (2, 1), ((1, 2), (0, 1)), (1, 2), ("NHWC", "HWIO", "NHWC")),
+        rand(1, 2, 8, 7, 4),
+        Axes((), (0, 1, 2)),
+        Axes((), (0, 1, 2)),
+    ),
+    "conv2d_torch": (
+        {"w": rand(0, 6, 4, 3, 3)},
+        lambda p, x: conv(x, p["w"], (1, 1), "SAME", (1, 1), ("NCHW", "OIHW", "NCHW")),
+        rand(1, 2, 4, 6, 6),
+        Axes((), (1, 2, 3)),
+        Axes((), (1, 2, 3)),
+    ),
+    "conv3d": (
+        {"w": rand(0, 2, 2, 2, 3, 4)},
+        lambda p, x: conv(x, p["w"], (1, 2, 1), "VALID", (1, 1, 2), ("NDHWC", "DHWIO", "NDHWC")),
+        rand(1, 1, 5, 5, 5, 3),
+        Axes((), (0, 1, 2, 3)),
+        Axes((), (0, 1, 2, 3)),
+    ),
+    "embed_tied": (
+        {"embedding": rand(0, 10, 5)},
+        embed_tied,
+        jnp.array([[1, 3, 9], [0, 3, 7]]),
+        None,  # a Flax Embed table (vocab, features): input axis vocab, by default
+        Axes(0, 1),
+    ),
+}
+
+
+def adapt(case, method, perturbed=True):
+    params, fn, x, axes, _ = CASES[case]
+    name = next(iter(params))
+    adapted = dora_jax.wrap(
+        params, rank=2, method=method, targets=name, axes=None if axes is None else {name: axes}
+    )
+    if perturbed:
+        frozen, trainable = dora_jax.partition(adapted)
+        leaves, treedef = jax.tree.flatten(trainable)
+        keys = jax.random.split(jax.random.key(7), len(leaves))
+        leaves = [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]
+        adapted = dora_jax.combine(frozen, jax.tree.unflatten(treedef, leaves))
+    return params, fn, x, adapted, adapted[name]
+
+
+def reference_kernel(node):
+    """W' by the plain formula: transpose to (*stack, in, out), form V, decompose, back."""
+    stack, inputs = node.stack, node.inputs
+    outputs = tuple(p for p in range(node.base.ndim) if p not in stack + inputs)
+    canonical = stack + inputs + outputs
+    w0 = ref.flat2(node.base, stack, inputs)
+    stack_shape, (n_in, n_out) = w0.shape[:-2], w0.shape[-2:]
+    if isinstance(node, (dora_jax.VeRA, dora_jax.DVoRA)):
+        b = node.b.reshape(*stack_shape, n_out)
+        v = w0 + ref.vera_delta(node.shared_a, node.shared_b, node.d, b, n_in, n_out)
+    else:
+        a = node.a.reshape(*stack_shape, n_in, -1)
+        v = w0 + ref.lora_delta(a, node.b.reshape(*stack_shape, -1, n_out), node.scale)
+    if isinstance(node, (dora_jax.DoRA, dora_jax.DVoRA)):
+        v = ref.decompose(v, node.magnitude.reshape(*stack_shape, n_out))
+    v = v.reshape([node.base.shape[p] for p in canonical])
+    return jnp.transpose(v, np.argsort(canonical))
+
+
+def reference_params(adapted):
+    return jax.tree.map(
+        lambda n: reference_kernel(n) if dora_jax.is_adapter(n) else n,
+        adapted,
+        is_leaf=dora_jax.is_adapter,
+    )
+
+
+def close(a, b, tol=2e-5):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=tol, atol=tol), a, b)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layout_forward_merge_grads(case, method):
+    params, fn, x, adapted, node = adapt(case, method)
+    expected_axes = CASES[case][3] or Axes(0, 1)
+    assert node.axes == expected_axes
+    forward = dora_jax.apply(fn, strict=True)
+
+    # Identity at init.
+    _, _, _, fresh, _ = adapt(case, method, perturbed=False)
+    close(forward(fresh, x), fn(params, x))
+
+    want = fn(reference_params(adapted), x)
+    frozen, trainable = dora_jax.partition(adapted)
+
+    def loss(t, f):
+        return jnp.sum(jnp.sin(f(dora_jax.combine(frozen, t), x)))
+
+    ref_loss = lambda t, _: jnp.sum(jnp.sin(fn(reference_params(dora_jax.combine(frozen, t)), x)))  # noqa: E731
+    ref_grads = jax.grad(ref_loss)(trainable, None)
+    for jit in (False, True):
+        f = jax.jit(forward) if jit else forward
+        close(f(adapted, x), want)
+        close(fn(dora_jax.merge(adapted), x), want)
+        g = (
+            jax.grad(loss)(trainable, f)
+            if not jit
+            else jax.jit(jax.grad(loss), static_argnums=1)(trainable, f)
+        )
+        close(g, ref_grads, tol=1e-4)
+
+    if isinstance(node, (dora_jax.DoRA, dora_jax.DVoRA)):
+        merged = dora_jax.merge(adapted)[next(iter(params))]
+        norm = jnp.sqrt(jnp.sum(jnp.square(merged), axis=node.inputs))
+        kept = [p for p in range(merged.ndim) if p not in node.inputs]
+        norm = jnp.transpose(norm, [kept.index(p) for p in node.stack + node.outputs])
+        close(norm, node.magnitude, tol=1e-4)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_infer_axes_learns_every_layout(case):
+    params, fn, x, _, learned = CASES[case]
+    assert dora_jax.infer_axes(fn, params, x) == {next(iter(params)): learned}
+
+
+def test_axes_forms_and_from_einsum():
+    assert Axes(0, 1) == Axes((), (0,)) and Axes(1, 1) == Axes((0,), (1,))
+    assert Axes(0, 2) == Axes((), (0, 1))
+    assert Axes.from_einsum("BTD,NDH->BTNH") == Axes((), (1,))
+    assert Axes.from_einsum("BSD,CKDH->CBSKH") == Axes((), (2,))
+    assert Axes.from_einsum("...F,NHF->...NH") == Axes((), (2,))
+    assert Axes.from_einsum("LBD,LDH->LBH") == Axes((0,), (1,))
+    assert Axes.from_einsum("NDH,BTD->BTNH", operand=0) == Axes((), (1,))
+    assert Axes((), (-1,)).split(2) == ((), (1,), (0,))
+    with pytest.raises(ValueError, match="output"):
+        Axes((), (0, 1)).split(2)
+
+
+def test_assumed_layout_contracted_on_the_other_axis_is_an_error():
+    params = {"w": rand(0, 6, 5)}  # (out, in), torch layout, wrapped without axes
+    adapted = dora_jax.wrap(params, rank=2, targets="w")
+    assert adapted["w"].assumed_layout
+    with pytest.raises(ValueError, match=r"'w'.*Axes\(stack=\(\), inputs=\(1,\)\).*from_einsum"):
+        dora_jax.apply(lambda p, x: x @ p["w"].T)(adapted, rand(1, 3, 5))
+
+
+def test_wrong_axes_on_any_layout_are_an_error():
+    params = {"w": rand(0, 2, 5, 3)}
+    adapted = dora_jax.wrap(params, rank=2, targets="w", axes={"w": Axes(0, 1)})
+    with pytest.raises(ValueError, match="inputs=\\(1,\\)"):
+        dora_jax.apply(lambda p, x: jnp.einsum("BD,NDH->BNH", x, p["w"]))(adapted, rand(1, 3, 5))
+
+
+def test_zero_column_warns_for_dora_not_lora():
+    w = rand(0, 5, 4).at[:, 2].set(0.0)
+    with pytest.warns(UserWarning, match=r"'w'.*LoRA"):
+        dora_jax.wrap({"w": w}, rank=2, targets="w")
+    with pytest.warns(UserWarning, match=r"'w'.*LoRA"):
+        dora_jax.wrap({"w": w}, rank=2, targets="w", method="dvora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dora_jax.wrap({"w": w}, rank=2, targets="w", method="lora")
+
+
+def test_infer_axes_skips_vectors_and_cannot_tell_error_shows_einsum():
+    params = {"w": rand(0, 5, 4), "bias": rand(1, 4)[0]}
+    axes = dora_jax.infer_axes(lambda p, x: x @ p["w"] + p["bias"], params, rand(2, 3, 5))
+    assert axes == {"w": Axes(0, 1)}
+    with pytest.raises(ValueError, match="from_einsum"):
+        dora_jax.wrap({"w": rand(0, 2, 5, 3)}, rank=2, targets="w")
+
+
+def test_strict_message_says_the_use_is_not_covered():
+    adapted = dora_jax.wrap({"w": rand(0, 5, 4)}, rank=2, targets="w")
+    with pytest.raises(ValueError, match="does not cover"):
+        dora_jax.apply(lambda p: jnp.sum(p["w"]), strict=True)(adapted)
+
+
+def test_nested_jit_stays_a_jit_and_returned_nodes_survive():
+    adapted = dora_jax.wrap({"w": rand(0, 5, 4)}, rank=2, targets="w")
+
+    @jax.jit
+    def inner(w, x):
+        return x @ w
+
+    def fn(p, x):
+        return inner(p["w"], x), p["w"]
+
+    x = rand(1, 3, 5)
+    jaxpr = jax.make_jaxpr(dora_jax.apply(fn, strict=True))(adapted, x)
+    names = [e.params.get("name") for e in jaxpr.jaxpr.eqns if e.primitive.name == "jit"]
+    assert "inner" in names
+    y, node = dora_jax.apply(fn, strict=True)(adapted, x)
+    assert node is adapted["w"]
+    close(y, x @ dora_jax.merge(adapted)["w"])
+
+
+def test_sharding_and_quantised_base_follow_the_layout():
+    from jax.sharding import PartitionSpec as P
+
+    params = {"proj": {"kernel": rand(0, 8, 6)}}  # (out, in)
+    adapted = dora_jax.wrap(params, rank=2, axes={"proj": Axes((), (1,))})
+    specs = dora_jax.sharding.param_specs(adapted, rules=(("proj", P("tensor", "fsdp")),))
+    node = specs["proj"]["kernel"]
+    assert node.a == P("fsdp", None) and node.b == P(None, "tensor")
+    assert node.magnitude == P("tensor")
+
+    q = dora_jax.quantize(params["proj"]["kernel"], "int8", block=None, inputs=(1,))
+    assert q.shape == (8, 6)
+    close(q.dequantize(), params["proj"]["kernel"], tol=0.05)
+    quantised = dora_jax.quantize_base(adapted, "int8", block=None)
+    x = rand(1, 3, 6)
+    fn = lambda p, x: x @ p["proj"]["kernel"].T  # noqa: E731
+    close(dora_jax.apply(fn, strict=True)(quantised, x), fn(dora_jax.merge(quantised), x))
