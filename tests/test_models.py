@@ -172,7 +172,7 @@ def check_model(
             norm = np.transpose(norm, [rest.index(d) for d in (*stack, *outputs)])
             np.testing.assert_allclose(norm, node.magnitude, rtol=1e-4, atol=1e-5, err_msg=path)
 
-    # strict forward == merged forward == the reference, jitted and not.
+    # strict forward == merged forward == the reference (jitted; op by op too with eager).
     expected = run_plain(jax.jit(lambda m: ref_params(m, axes))(moved), *args)
     close(run_plain(jax.jit(dora_jax.merge)(moved), *args), expected, rtol=1e-4, atol=1e-5)
     close(run(moved, *args), expected, rtol=1e-4, atol=1e-5)
