@@ -142,7 +142,7 @@ def warn_zero_columns(magnitude: Array, path: str) -> None:
             f"and B learn (the gradient of m is 0 too). Adapt this kernel with LoRA instead "
             f"(wrap(..., method='lora', targets=...)), or initialise it with non-zero weights.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import string
 from typing import Any
 
 
 def _as_positions(value: Any, start: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
         if value < 0:
             raise ValueError(f"Axes: {name}={value} must be >= 0 (a count of axes).")
         return tuple(range(start, start + value))
@@ -71,7 +73,8 @@ class Axes:
 
     def __init__(self, stack: int | tuple[int, ...] = 0, inputs: int | tuple[int, ...] = 1):
         stack_pos = _as_positions(stack, 0, "stack")
-        if isinstance(inputs, int) and not isinstance(inputs, bool):
+        if isinstance(inputs, numbers.Integral) and not isinstance(inputs, bool):
+            inputs = int(inputs)
             # Legacy count: the first `inputs` axes that are not stack axes.
             if inputs < 0:
                 raise ValueError(f"Axes: inputs={inputs} must be >= 0 (a count of axes).")

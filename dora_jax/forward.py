@@ -419,6 +419,13 @@ def _layout_error(view: _View, stack_axes, input_axes, use: str) -> ValueError:
         f"x @ w.T), wrap it with axes={{'{view.path}': dora_jax.Axes(stack={stack_axes}, "
         f"inputs={input_axes})}} (in einsum letters: dora_jax.Axes.from_einsum('{hint}')), "
         f"or learn the axes from the model with axes=dora_jax.infer_axes(fn, params, *args)."
+        + (
+            f" If the kernel is (in, out) and this is a deliberate use of W' transposed (a tied "
+            f"embedding or decoder), give its axes explicitly, axes={{'{view.path}': "
+            f"dora_jax.Axes(0, 1)}}, to allow it."
+            if node.assumed_layout
+            else ""
+        )
     )
 
 
@@ -503,12 +510,8 @@ def _dot_general_rule(eqn, invals, ctx):
     )
     if transposed:
         y, labels = _contract_outputs(node, x, view.dtype, kw, ctx)
-    elif (
-        stack == _identity(len(stack))
-        and inputs == tuple(range(len(stack), len(stack) + len(inputs)))
-        and len(sb) == len(stack)
-    ):
-        y, labels = _contract_canonical(node, x, view.dtype, kw, ctx)
+    elif len(sb) == len(stack):
+        y, labels = _contract_batched(node, x, view.dtype, kw, ctx)
     else:
         y, labels = _contract_inputs(node, x, sb, view.dtype, kw, ctx)
 
@@ -531,15 +534,21 @@ def _dot_general_rule(eqn, invals, ctx):
     return [y.astype(aval.dtype)]
 
 
-def _contract_canonical(node: Adapter, x, dtype, kw, ctx):
-    """Kernel ``(*stack, *in, *out)``, all stack axes batched: flattened 2-D matmuls.
+def _contract_batched(node: Adapter, x, dtype, kw, ctx):
+    """All stack axes batched (the common case): flattened 2-D matmuls.
 
-    ``x``: ``(*stack, n, *in)``. Returns ``(*stack, n, *out)`` and its labels.
+    ``x``: ``(*stack, n, *in)``. Returns ``(*stack, n, *out)`` and its labels. The low-rank
+    branch runs on flattened ``(n, in) @ (in, r) @ (r, out)`` products whatever the kernel's
+    layout (XLA on CPU computes their weight gradients several times faster than those of
+    the same products with the outputs unflattened); a kernel in ``(*stack, *in, *out)``
+    order is read as a flat matrix too, any other layout by one ``dot_general`` in place.
     """
     ns = len(node.stack)
     stack_shape, in_shape, out_shape = node.stack_shape, node.in_shape, node.out_shape
     n_i, n_o = math.prod(in_shape), math.prod(out_shape)
-    x2 = x.reshape(*stack_shape, x.shape[ns], n_i)
+    n = x.shape[ns]
+    x2 = x.reshape(*stack_shape, n, n_i)
+    canonical = node.stack == _identity(ns) and node.inputs == tuple(range(ns, ns + len(in_shape)))
     left, mid, right, post = node.low_rank()
     rank = left.shape[-1]
     s = tuple(range(ns))
@@ -554,8 +563,15 @@ def _contract_canonical(node: Adapter, x, dtype, kw, ctx):
         return lax.dot_general(h, w, dims, **kw)
 
     def compute(base, x2, _):
-        w2 = base.reshape(*stack_shape, n_i, n_o).astype(dtype)
-        return lax.dot_general(x2, w2, dims, **kw)
+        if canonical:
+            w2 = base.reshape(*stack_shape, n_i, n_o).astype(dtype)
+            return lax.dot_general(x2, w2, dims, **kw)
+        # (*stack, n, *in) against the kernel in its own layout: (*stack, n, *out).
+        xs = x2.reshape(*stack_shape, n, *in_shape)
+        x_in = tuple(range(ns + 1, ns + 1 + len(in_shape)))
+        dn = ((x_in, node.inputs), (s, node.stack))
+        y = lax.dot_general(xs, base.astype(dtype), dn, **kw)
+        return y.reshape(*stack_shape, n, n_o)
 
     y, scale = _base_terms(node, compute, x2)
     h = matmul(_dropped(node, x2, ctx), left, n_i, rank, len(in_shape) + 1)
@@ -567,13 +583,13 @@ def _contract_canonical(node: Adapter, x, dtype, kw, ctx):
     y = y + z
     if scale is not None:
         y = (y * scale.reshape(*stack_shape, 1, n_o)).astype(y.dtype)
-    y = y.reshape(*stack_shape, x.shape[ns], *out_shape)
+    y = y.reshape(*stack_shape, n, *out_shape)
     labels = [*(("s", a) for a in node.stack), "F", *(("k", o) for o in node.outputs)]
     return y, labels
 
 
 def _contract_inputs(node: Adapter, x, sb, dtype, kw, ctx):
-    """Any layout: ``x (*batch_stack, n, *in)`` with the kernel in its own layout.
+    """Some stack axes free: ``x (*batch_stack, n, *in)``, the kernel in its own layout.
 
     Stack axes not in ``sb`` are free (a ``vmap`` ensemble over a shared input, Gemma's
     ``kv_einsum`` 2-axis given as a stack axis): the result carries them. Returns

@@ -335,7 +335,8 @@ def quantize_base(
             if q.shape != tuple(node.base.shape):
                 raise ValueError(
                     f"Quantised kernel for '{p}' has shape {q.shape}, the kernel "
-                    f"{tuple(node.base.shape)}; it must be the same kernel in the same layout."
+                    f"{tuple(node.base.shape)}; it must be the same kernel in Flax layout (the "
+                    f"kernel's own axis order)."
                 )
         else:
             q = _quantize(node.base, format, block=block, stack=node.stack, inputs=node.inputs)

@@ -267,6 +267,13 @@ def test_assumed_layout_contracted_on_the_other_axis_is_an_error():
     assert adapted["w"].assumed_layout
     with pytest.raises(ValueError, match=r"'w'.*Axes\(stack=\(\), inputs=\(1,\)\).*from_einsum"):
         dora_jax.apply(lambda p, x: x @ p["w"].T)(adapted, rand(1, 3, 5))
+    # Given explicitly as (in, out), the same use is W' transposed (a tied decoder).
+    for method in METHODS:
+        explicit = dora_jax.wrap(params, rank=2, method=method, targets="w", axes={"w": Axes(0, 1)})
+        explicit = jax.tree.map(lambda v: v + 0.3, explicit)  # away from the identity init
+        fn = lambda p, x: x @ p["w"].T  # noqa: E731
+        x = rand(1, 3, 5)
+        close(dora_jax.apply(fn, strict=True)(explicit, x), fn(reference_params(explicit), x))
 
 
 def test_wrong_axes_on_any_layout_are_an_error():
