@@ -344,3 +344,29 @@ def test_sharding_and_quantised_base_follow_the_layout():
     x = rand(1, 3, 6)
     fn = lambda p, x: x @ p["proj"]["kernel"].T  # noqa: E731
     close(dora_jax.apply(fn, strict=True)(quantised, x), fn(dora_jax.merge(quantised), x))
+
+
+@pytest.mark.parametrize(
+    "shape, stack, inputs",
+    [
+        ((6, 5), (), (1,)),
+        ((2, 4, 5, 3), (), (2,)),
+        ((4, 3, 5, 2), (1,), (0, 2)),
+        ((3, 5, 4), (2,), (1,)),
+    ],
+)
+def test_factored_norm_any_layout(shape, stack, inputs):
+    """||W0 + L R||_c from column_norm_sq equals the norm of the formed kernel, any layout."""
+    w = rand(0, *shape)
+    outputs = tuple(p for p in range(len(shape)) if p not in stack + inputs)
+    s_shape = [shape[p] for p in stack]
+    i_shape, o_shape = [shape[p] for p in inputs], [shape[p] for p in outputs]
+    left = rand(1, *s_shape, *i_shape, 3)
+    right = rand(2, *s_shape, 3, *o_shape)
+    canonical = jnp.transpose(w, stack + inputs + outputs)
+    v = ref.flat2(canonical, len(stack), len(inputs)) + ref.lora_delta(
+        left.reshape(*s_shape, -1, 3), right.reshape(*s_shape, 3, -1), 1.0
+    )
+    want = jnp.sum(v * v, axis=-2).reshape(*s_shape, *o_shape)
+    got = dora_jax.column_norm_sq(w, left, right, stack, inputs)
+    close(got, want, tol=1e-4)
