@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import jax
 import optax
+from flax import nnx
 
 from dora_jax.tree import trainable_mask
+
+
+def _unboxed(tree):
+    """``tree`` with each NNX ``Variable`` replaced by its value (other trees unchanged)."""
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return jax.tree.map(lambda x: x.get_value() if is_var(x) else x, tree, is_leaf=is_var)
 
 
 def only_trainable(tx: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -17,6 +24,13 @@ def only_trainable(tx: optax.GradientTransformation) -> optax.GradientTransforma
     gradient at the base kernels, so that costs no weight gradient). The alternative is to
     differentiate and optimise only the ``trainable`` half of :func:`dora_jax.partition`.
 
+    It is also the optimiser for ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` over an
+    adapted NNX model. NNX keeps optimiser state one array per ``Variable``, and a
+    ``Param`` of an adapted model holds an adapter node, not an array: state built over
+    the ``Param`` would come back from NNX's own state handling as an ``nnx.State`` after
+    the first update. So the state is built over the values inside NNX ``Variable``\\ s:
+    the adapter nodes' own arrays, each of which NNX then tracks on its own.
+
     Example::
 
       tx = dora_jax.only_trainable(optax.adamw(1e-4))
@@ -26,4 +40,15 @@ def only_trainable(tx: optax.GradientTransformation) -> optax.GradientTransforma
     def labels(params):
         return jax.tree.map(lambda t: "train" if t else "freeze", trainable_mask(params))
 
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    inner = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+    def init(params):
+        return inner.init(_unboxed(params))
+
+    def update(updates, state, params=None, **extra):
+        params = None if params is None else _unboxed(params)
+        new, state = inner.update(_unboxed(updates), state, params, **extra)
+        # Back into the structure of the updates given (NNX Variables included).
+        return jax.tree.unflatten(jax.tree.structure(updates), jax.tree.leaves(new)), state
+
+    return optax.GradientTransformationExtraArgs(init, update)

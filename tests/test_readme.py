@@ -27,3 +27,16 @@ def test_readme_quickstarts_run():
 
     assert loss(ns["merged"]) < loss(ns["params"]) - 0.1
     assert np.asarray(namespace["logits"]).shape == (32, 10)
+    # The NNX loop trained through nnx.Optimizer and left every base kernel bit-identical.
+    nnx, plain, trained = ns["nnx"], ns["plain_model"], ns["trained"]
+    untrained = nnx.merge(ns["graphdef"], ns["state"])
+    for layer in (0, 2):
+        node = trained["layers"][layer]["kernel"].get_value()
+        assert isinstance(node, ns["dora_jax"].DoRA)
+        np.testing.assert_array_equal(node.base, ns["state"]["layers"][layer]["kernel"].get_value())
+
+    def nnx_loss(m):
+        logits = m(ns["x"])
+        return float(ns["optax"].softmax_cross_entropy_with_integer_labels(logits, ns["y"]).mean())
+
+    assert nnx_loss(plain) < nnx_loss(untrained) - 0.1
