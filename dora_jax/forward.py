@@ -326,10 +326,19 @@ def _sliced_view(view: _View, sliced, shared) -> _View:
     return view.replace(node=node, axes=_identity(len(view.axes) - 1))
 
 
+def _scan_counts(params) -> tuple[int, int]:
+    """``(number of consts, number of carries)`` of a scan equation."""
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    # jax >= 0.11 groups the operands instead: ft_in unpacks to (consts, carry, xs).
+    consts, carry, _ = params["ft_in"].unpack()
+    return len(consts), len(carry)
+
+
 @_rule("scan")
 def _scan_rule(eqn, invals, ctx):
     p = eqn.params
-    nc, ncar = p["num_consts"], p["num_carry"]
+    nc, ncar = _scan_counts(p)
     consts, init, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
     init = [_plain(x, ctx, "scan carry") for x in init]
     xs_in, rebuild = [], []
