@@ -29,6 +29,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 from dora_jax.adapters import Adapter, is_adapter
+from dora_jax.contraction import scaled_contraction
 from dora_jax.tree import Axes, path_str
 
 PyTree = Any
@@ -269,56 +270,16 @@ def _dot_general(eqn, invals, ctx: _Context):
         x = jnp.transpose(x, perm)
     stack_shape, in_shape, out_shape = node.stack_shape, node.in_shape, node.out_shape
     free_shape = tuple(x.shape[n_stack : n_stack + len(free)])
-    n_free, n_i, n_o = math.prod(free_shape), math.prod(in_shape), math.prod(out_shape)
+    n_free, n_i = math.prod(free_shape), math.prod(in_shape)
     x2 = x.reshape(*stack_shape, n_free, n_i)
 
-    dtype = view.dtype
     left, mid, right, post = node.low_rank()
-    rank = left.shape[-1]
-    s = tuple(range(n_stack))
-    dims = (((n_stack + 1,), (n_stack,)), (s, s))
-    kw = dict(
-        precision=eqn.params["precision"],
-        preferred_element_type=eqn.params["preferred_element_type"],
-    )
-
-    def matmul(h, w, rows: int, cols: int, unstacked_ndim: int):
-        """``(*stack, n, rows) @ ([*stack,] rows, cols)``; ``w`` may be shared by the stack."""
-        if n_stack and w.ndim == unstacked_ndim:
-            w = w.reshape(rows, cols).astype(dtype)
-            return lax.dot_general(h, w, (((n_stack + 1,), (0,)), ((), ())), **kw)
-        w = w.reshape(*stack_shape, rows, cols).astype(dtype)
-        return lax.dot_general(h, w, dims, **kw)
-
-    def base_terms(node, x2):
-        base = node.dequantised_base()  # frozen: its gradient was stopped on entry
-        w2 = base.reshape(*stack_shape, n_i, n_o).astype(dtype)
-        return lax.dot_general(x2, w2, dims, **kw), node.output_scale(base)
-
-    if hasattr(node.base, "dequantize"):
-        # Dequantise again in the backward pass instead of saving the kernel: saved, the
-        # dequantised kernels would form a full-precision copy of the base (QDoRA).
-        base_terms = jax.checkpoint(base_terms)
-    y, scale = base_terms(node, x2)
-    if node.dropout > 0.0 and ctx.key is not None:
-        keep = _dropout_keep(ctx.next_key(), x2.shape, node.dropout)
-        x2 = jnp.where(keep, x2 / (1.0 - node.dropout), 0).astype(x2.dtype)
-    h = matmul(x2, left, n_i, rank, n_in + 1)
-    if mid is not None:
-        h = h * mid.reshape(*stack_shape, 1, rank).astype(dtype)
-    z = matmul(h, right, rank, n_o, 1 + len(out_shape))
-    if post is not None:
-        z = z * post.reshape(*stack_shape, 1, n_o).astype(dtype)
-    y = y + z
-    if scale is not None:
-        scale = scale.reshape(*stack_shape, 1, n_o)
-        y = (y * scale).astype(y.dtype)
-
+    y = _contract_node(node, x2, left, mid, right, post, view.dtype, eqn.params, ctx)
     out = y.reshape(*stack_shape, *free_shape, *out_shape)
     if kernel_is_lhs:
         n_free_ax, n_out_ax = len(free_shape), len(out_shape)
         perm = [
-            *s,
+            *range(n_stack),
             *range(n_stack + n_free_ax, n_stack + n_free_ax + n_out_ax),
             *range(n_stack, n_stack + n_free_ax),
         ]
@@ -327,6 +288,40 @@ def _dot_general(eqn, invals, ctx: _Context):
     if out.shape != aval.shape:  # pragma: no cover - would be a bug in the layout maths
         raise AssertionError(f"factored dot_general gave {out.shape}, expected {aval.shape}")
     return out.astype(aval.dtype)
+
+
+def _contract_node(node: Adapter, x2, left, mid, right, post, dtype, params, ctx: _Context):
+    """``x2 (*stack, n, in)`` through ``node``'s adapted kernel: ``(*stack, n, out)``."""
+    stack_shape, rank = node.stack_shape, left.shape[-1]
+    n_i, n_o = math.prod(node.in_shape), math.prod(node.out_shape)
+
+    def flat(w, rows, cols, unstacked_ndim):
+        shared = node.stack and w.ndim == unstacked_ndim
+        return w.reshape(rows, cols) if shared else w.reshape(*stack_shape, rows, cols)
+
+    left = flat(left, n_i, rank, node.inputs + 1)
+    right = flat(right, rank, n_o, 1 + len(node.out_shape))
+    if mid is not None:
+        mid = mid.reshape(*stack_shape, 1, rank)
+    if post is not None:
+        post = post.reshape(*stack_shape, 1, n_o)
+    base = node.base
+    scale_of = type(node).output_scale
+    if hasattr(base, "dequantize"):
+        # Dequantise again in the backward pass instead of saving the kernel: saved, the
+        # dequantised kernels would form a full-precision copy of the base (QDoRA).
+        scale_of = jax.checkpoint(scale_of)
+    else:
+        base = base.reshape(*stack_shape, n_i, n_o)
+    scale = scale_of(node)
+    if scale is not None:
+        scale = scale.reshape(*stack_shape, 1, n_o)
+    key = ctx.next_key() if node.dropout > 0.0 and ctx.key is not None else None
+    return scaled_contraction(
+        x2, base, left, mid, right, post, scale, key,
+        stack=node.stack, dtype=dtype, dropout=node.dropout, keep_mask=_dropout_keep,
+        precision=params["precision"], preferred_element_type=params["preferred_element_type"],
+    )  # fmt: skip
 
 
 def _fmix32(h):
@@ -376,13 +371,20 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
         factored forward does not handle (it then forms ``W'`` for that use).
 
     Returns:
-      A function with ``fn``'s signature.
+      A function with ``fn``'s signature. Called under ``jit``/``grad``/``vmap`` it traces
+      into the caller's program. Called eagerly, it compiles the factored program with
+      ``jax.jit`` once per signature (tree structure, static arguments, shapes and dtypes)
+      and reuses it: a new signature (or a static argument that cannot be hashed) traces
+      again. As with ``jax.jit``, state that ``fn`` closes over is read when it is traced.
 
     Example::
 
       logits = dora_jax.apply(model.apply)({"params": adapted}, tokens)
     """
     warned: set = set()
+    # Eager calls run the interpreter under jax.jit, one compiled program per call signature:
+    # interpreted op by op, every eager call would trace the whole model again.
+    compiled: dict = {}
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
@@ -391,42 +393,69 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
         if not any(is_adapter(leaf) for leaf in leaves):
             return fn(*args, **kwargs)
         dynamic = [i for i, leaf in enumerate(leaves) if is_adapter(leaf) or _is_array(leaf)]
-
-        def flat_fn(*values):
-            full = list(leaves)
-            for i, v in zip(dynamic, values):
-                full[i] = v
-            a, k = jax.tree.unflatten(treedef, full)
-            return fn(*a, **k)
-
-        # Trace with a stand-in of the (dequantised) kernel's type in place of each node.
-        stand_ins = [
-            jax.ShapeDtypeStruct(leaves[i].base.shape, leaves[i].base.dtype)
-            if is_adapter(leaves[i])
-            else leaves[i]
-            for i in dynamic
-        ]
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*stand_ins)
-        inputs = []
-        for i in dynamic:
-            leaf = leaves[i]
-            if is_adapter(leaf):
-                path = path_str(flat[i][0][2:])  # the path inside its argument
-                # Stop the base's gradient once, here: stopped again inside a scan body, the
-                # sliced kernel would become a new value that the backward pass saves for
-                # every layer, instead of reusing the stacked input.
-                # VeRA's shared random matrices are frozen too.
-                frozen = {n: getattr(leaf, n) for n in ("base", *getattr(leaf, "shared", ()))}
-                leaf = dataclasses.replace(leaf, **jax.tree.map(lax.stop_gradient, frozen))
-                inputs.append(_View(leaf, stand_ins[len(inputs)].dtype, path))
-            else:
-                inputs.append(leaf)
-        ctx = _Context(key, strict, warned)
-        outs = _eval(closed.jaxpr, closed.consts, inputs, ctx)
-        outs = [_plain(o, ctx, "returned from the function") for o in outs]
-        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+        values = [leaves[i] for i in dynamic]
+        # The traced program closes over the static leaves only, never over the arrays.
+        static = [None if i in dynamic else leaf for i, leaf in enumerate(leaves)]
+        paths = {i: path_str(flat[i][0][2:]) for i in dynamic}  # paths inside the argument
+        run = functools.partial(_run, fn, treedef, static, dynamic, paths, strict, warned)
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((values, key))):
+            return run(values, key)
+        signature = _signature(treedef, static, values)
+        if signature is None:  # an unhashable static argument: no cache, trace every call
+            return run(values, key)
+        if signature not in compiled:
+            compiled[signature] = jax.jit(run)
+        return compiled[signature](values, key)
 
     return wrapped
+
+
+def _signature(treedef, static: list, values: list):
+    """A hashable key of one call: tree structure, static leaves, shapes and dtypes."""
+    avals = []
+    for v in values:
+        leaves, structure = jax.tree.flatten(v)
+        avals.append((structure, tuple((x.shape, x.dtype, getattr(x, "weak_type", False))
+                                       for x in map(jax.typeof, leaves))))  # fmt: skip
+    signature = (treedef, tuple(static), tuple(avals))
+    try:
+        hash(signature)
+    except TypeError:
+        return None
+    return signature
+
+
+def _run(fn, treedef, static, dynamic, paths, strict, warned, values, key):
+    """Traces ``fn`` with stand-ins for the adapter nodes and interprets it factored."""
+
+    def flat_fn(*vals):
+        full = list(static)
+        for i, v in zip(dynamic, vals):
+            full[i] = v
+        a, k = jax.tree.unflatten(treedef, full)
+        return fn(*a, **k)
+
+    # Trace with a stand-in of the (dequantised) kernel's type in place of each node.
+    stand_ins = [
+        jax.ShapeDtypeStruct(v.base.shape, v.base.dtype) if is_adapter(v) else v for v in values
+    ]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*stand_ins)
+    inputs = []
+    for i, leaf, stand_in in zip(dynamic, values, stand_ins):
+        if is_adapter(leaf):
+            # Stop the base's gradient once, here: stopped again inside a scan body, the
+            # sliced kernel would become a new value that the backward pass saves for
+            # every layer, instead of reusing the stacked input.
+            # VeRA's shared random matrices are frozen too.
+            frozen = {n: getattr(leaf, n) for n in ("base", *getattr(leaf, "shared", ()))}
+            leaf = dataclasses.replace(leaf, **jax.tree.map(lax.stop_gradient, frozen))
+            inputs.append(_View(leaf, stand_in.dtype, paths[i]))
+        else:
+            inputs.append(leaf)
+    ctx = _Context(key, strict, warned)
+    outs = _eval(closed.jaxpr, closed.consts, inputs, ctx)
+    outs = [_plain(o, ctx, "returned from the function") for o in outs]
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
 
 def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> dict[str, Axes]:
