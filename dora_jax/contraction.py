@@ -26,6 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from dora_jax.adapters import Adapter, _pytree_dataclass, static
 
 Array = jax.Array
 KeepMask = Callable[[Array, tuple[int, ...], float], Array]
@@ -103,3 +106,68 @@ def scaled_contraction(
         z = z * post.astype(dtype)
     y = y + z
     return y if scale is None else (y * scale).astype(y.dtype)
+
+
+@_pytree_dataclass
+class Factored(Adapter):
+    """An adapted kernel as the pieces :func:`scaled_contraction` reads, scale precomputed.
+
+    Carries an adapter into ``shard_map``: the scale ``c = m / ||W0 + dW||_c`` is computed
+    outside from the whole kernel (a column norm over one shard of the input axes would be
+    wrong), and every piece is sharded like the kernel axes it spans. Fields: ``base
+    (*stack, *in, *out)``, ``left ([*stack,] *in, r)``, ``mid (*stack, r)`` or None,
+    ``right ([*stack,] r, *out)``, ``post (*stack, *out)`` or None, ``scale (*stack, *out)``
+    or None.
+    """
+
+    base: Array
+    left: Array
+    mid: Array | None
+    right: Array
+    post: Array | None
+    scale: Array | None
+    stack: int = static(0)
+    inputs: int = static(1)
+    dropout: float = static(0.0)
+
+    @classmethod
+    def of(cls, node: Adapter) -> Factored:
+        """The pieces of ``node``, its output scale computed from its whole kernel."""
+        left, mid, right, post = node.low_rank()
+        return cls(
+            node.base, left, mid, right, post, node.output_scale(),
+            stack=node.stack, inputs=node.inputs, dropout=node.dropout,
+        )  # fmt: skip
+
+    def specs(self, kernel_spec: P) -> Factored:
+        """Partition specs of the pieces, given the kernel's: each follows its axes."""
+        ks = (*kernel_spec, *(None,) * (self.base.ndim - len(kernel_spec)))
+        stack, ins, outs = (
+            ks[: self.stack],
+            ks[self.stack : self.stack + self.inputs],
+            ks[self.stack + self.inputs :],
+        )
+
+        def own(x, *axes):  # shared pieces (VeRA) have no stack axes
+            return None if x is None else P(*(stack if x.ndim > len(axes) else ()), *axes)
+
+        return Factored(
+            P(*ks), own(self.left, *ins, None), own(self.mid, None),
+            own(self.right, None, *outs), own(self.post, *outs), own(self.scale, *outs),
+            stack=self.stack, inputs=self.inputs, dropout=self.dropout,
+        )  # fmt: skip
+
+    def low_rank(self):
+        return self.left, self.mid, self.right, self.post
+
+    def output_scale(self, base: Array | None = None) -> Array | None:
+        return self.scale
+
+    def factors(self) -> tuple[Array, Array]:
+        rank = self.left.shape[-1]
+        left, right = self.left, self.right
+        if self.mid is not None:
+            left = left * self.mid.reshape(*self.stack_shape, *(1,) * self.inputs, rank)
+        if self.post is not None:
+            right = right * self.post.reshape(*self.stack_shape, 1, *self.out_shape)
+        return left, right

@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jcore
+from jax.sharding import PartitionSpec as P
 
 from dora_jax.adapters import Adapter, is_adapter
-from dora_jax.contraction import scaled_contraction
+from dora_jax.contraction import Factored, scaled_contraction
 from dora_jax.tree import Axes, path_str
 
 PyTree = Any
@@ -150,6 +151,10 @@ def _adapted_eqn(eqn, invals, ctx: _Context) -> list:
         return _cond(eqn, invals, ctx)
     elif name == "while":
         return _while(eqn, invals, ctx)
+    elif name == "shard_map":
+        return _shard_map(eqn, invals, ctx)
+    elif name == "pvary":  # a type-level marker; the pieces are marked where they are used
+        return _pvary(eqn, invals)
     plain = [_plain(x, ctx, name) for x in invals]
     with eqn.ctx.manager:
         ans = eqn.primitive.bind(*plain, **eqn.primitive.get_bind_params(params))
@@ -242,6 +247,66 @@ def _while(eqn, invals, ctx: _Context) -> list:
         return _eval(bj.jaxpr, bj.consts, [*bconsts, *carry], ctx)
 
     return list(lax.while_loop(cond, body, init))
+
+
+def _shard_map(eqn, invals, ctx: _Context) -> list:
+    """A ``shard_map`` over adapted kernels: the factored forward inside, scale from outside.
+
+    The output scale ``m / ||W0 + dW||_c`` is computed here, outside, from the whole kernel,
+    and enters the body sharded like the kernel's output axes; the low-rank pieces follow
+    the kernel's input and output axes. A body that sums partial products over a sharded
+    input axis (``psum``) then sums scaled partials: the scale is per output feature, so
+    that equals the scaled sum.
+    """
+    p = eqn.params
+    args, specs, views = [], [], []
+    for x, spec in zip(invals, p["in_specs"]):
+        if _is_view(x) and not hasattr(x.node.base, "dequantize"):
+            node = Factored.of(x.node)
+            leaves, treedef = jax.tree.flatten(node)
+            spec_leaves = treedef.flatten_up_to(node.specs(spec))
+            views.append((len(args), len(leaves), treedef, x.dtype, x.path))
+            args += leaves
+            specs += spec_leaves
+        else:
+            args.append(_plain(x, ctx, "shard_map"))
+            specs.append(spec)
+            views.append(None)
+    axes = sorted(p["newly_manual_axes"])
+    key = ctx.next_key() if ctx.key is not None else None
+
+    def body(key, *flat):
+        inputs, pos = [], 0
+        for info in views:
+            if info is None:
+                inputs.append(flat[pos])
+                pos += 1
+            else:
+                _, n, treedef, dtype, path = info
+                inputs.append(_View(jax.tree.unflatten(treedef, flat[pos : pos + n]), dtype, path))
+                pos += n
+        if key is not None:  # a different dropout mask on every shard
+            for name in axes:
+                key = jax.random.fold_in(key, lax.axis_index(name))
+        outs = _eval(p["jaxpr"], (), inputs, _with_key(ctx, key))
+        return tuple(_plain(o, ctx, "shard_map output") for o in outs)
+
+    fn = jax.shard_map(
+        body, mesh=p["mesh"], in_specs=(P(), *specs), out_specs=p["out_specs"],
+        check_vma=p["check_vma"], axis_names=set(p["newly_manual_axes"]),
+    )  # fmt: skip
+    return list(fn(key, *args))
+
+
+def _pvary(eqn, invals) -> list:
+    outs = list(invals)
+    plain = [i for i, x in enumerate(invals) if not _is_view(x)]
+    if plain:
+        with eqn.ctx.manager:
+            ans = eqn.primitive.bind(*[invals[i] for i in plain], **eqn.params)
+        for i, a in zip(plain, ans if eqn.primitive.multiple_results else [ans]):
+            outs[i] = a
+    return outs
 
 
 def _dot_general(eqn, invals, ctx: _Context):
@@ -524,6 +589,11 @@ def _probe(jaxpr, tags: dict, found: dict) -> None:
         elif name in _CALLS:
             inner = p["jaxpr"].jaxpr
             _probe(inner, _sub_tags(tags, eqn.invars, inner.invars), found)
+        elif name == "shard_map":
+            _probe(p["jaxpr"], _sub_tags(tags, eqn.invars, p["jaxpr"].invars), found)
+        elif name == "pvary":
+            for k, (leaf, extra) in hits:
+                tags[eqn.outvars[k]] = (leaf, extra)
         elif name in _REMAT:
             _probe(p["jaxpr"], _sub_tags(tags, eqn.invars, p["jaxpr"].invars), found)
         elif name == "scan":
