@@ -107,6 +107,19 @@ for method in ("lora", "dora", "vera", "dvora"):
             case(f"shard_map-{{method}}-{{fname}}-{{jit}}",
                  lambda: check(adapted(method), fn, jit=jit))
 
+
+
+def dropout_in_shard_map():
+    a = dora_jax.wrap(W, rank=2, method="dora", targets=r"w$", dropout=0.5)
+    a["w"] = dataclasses.replace(a["w"], b=0.3 * jax.random.normal(k[3], a["w"].b.shape))
+    f = jax.jit(lambda a, key: dora_jax.apply(row, key=key, strict=True)(a, X))
+    y1, y2 = f(a, jax.random.key(1)), f(a, jax.random.key(2))
+    assert np.all(np.isfinite(y1)) and not np.allclose(y1, y2)
+    np.testing.assert_array_equal(f(a, jax.random.key(1)), y1)
+
+
+case("shard_map-dropout", dropout_in_shard_map)
+
 # --- Explicit axis types (jax.make_mesh's default) --------------------------------------
 emesh = jax.make_mesh((2, 4), ("data", "fsdp"))
 assert emesh.axis_types == (AxisType.Explicit,) * 2
@@ -175,7 +188,7 @@ def _cases(prefix):
     ]
 
 
-@pytest.mark.parametrize("name", _cases("shard_map"))
+@pytest.mark.parametrize("name", [*_cases("shard_map"), "shard_map-dropout"])
 def test_shard_map_factored_equals_unsharded_reference(results, name):
     # strict=True inside: a kernel formed as W' (the old behaviour) would raise.
     assert results[name] == "ok", results[name]
