@@ -155,6 +155,31 @@ for method in ("dora", "dvora"):
                 case(f"explicit-{{method}}-{{sname}}-{{with_mesh}}-{{jit}}",
                      lambda: on_explicit(method, spec, with_mesh, jit))
 
+
+
+def explicit_scan():
+    # A scanned stack (layers, in, out) sharded on its input axis, stack axis unsharded.
+    ws = jax.random.normal(k[4], (3, 16, 16)) / 4
+    fn = lambda p, x: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]
+    loss_of = lambda y: jnp.sum(y * y)
+    with jax.set_mesh(emesh):
+        a = dora_jax.wrap({{"w": ws}}, rank=2, targets=r"w$", axes={{"w": dora_jax.Axes(1, 1)}})
+        a["w"] = dataclasses.replace(a["w"], b=0.3 * jax.random.normal(k[5], a["w"].b.shape))
+        rules = ((r"^w$", P("fsdp", None)),)
+        a = dora_jax.sharding.put(a, dora_jax.sharding.shardings(a, emesh, rules=rules))
+        xs = jax.device_put(X, NamedSharding(emesh, P("data", None)))
+        loss = lambda a: loss_of(dora_jax.apply(fn, strict=True)(a, xs))
+        l, g = jax.jit(jax.value_and_grad(loss))(a)
+    node = jax.tree.map(np.asarray, a)["w"]
+    rl, rg = jax.value_and_grad(lambda n: loss_of(fn({{"w": ref_kernel(n)}}, X)))(node)
+    np.testing.assert_allclose(l, rl, rtol=1e-5)
+    for name in ("a", "b", "magnitude"):
+        np.testing.assert_allclose(getattr(g["w"], name), getattr(rg, name), rtol=1e-4,
+                                   atol=1e-5, err_msg=name)
+
+
+case("explicit-scan", explicit_scan)
+
 print("RESULT" + json.dumps(out))
 """
 
@@ -194,6 +219,6 @@ def test_shard_map_factored_equals_unsharded_reference(results, name):
     assert results[name] == "ok", results[name]
 
 
-@pytest.mark.parametrize("name", _cases("explicit"))
+@pytest.mark.parametrize("name", [*_cases("explicit"), "explicit-scan"])
 def test_explicit_mesh_equals_unsharded_reference(results, name):
     assert results[name] == "ok", results[name]
