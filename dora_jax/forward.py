@@ -219,9 +219,25 @@ def _eval(jaxpr, consts, args, ctx: _Context) -> list:
     return [read(v) for v in jaxpr.outvars]
 
 
+def _varying_axes(aval) -> frozenset:
+    """The mesh axes a value varies over inside ``shard_map`` (``aval.mat.varying``; older
+    jax: ``aval.vma``)."""
+    mat = getattr(aval, "mat", None)
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
 def _zeros_like_outputs(eqn) -> list:
-    """infer_axes: stand-in outputs of a use that was recorded instead of computed."""
-    return [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.outvars]
+    """infer_axes: stand-in outputs of a use that was recorded instead of computed.
+
+    Inside ``shard_map`` each takes the output's varying mesh axes, so that collectives
+    after the use (``psum``) still type-check.
+    """
+    outs = []
+    for v in eqn.outvars:
+        z = jnp.zeros(v.aval.shape, v.aval.dtype)
+        vma = tuple(sorted(_varying_axes(v.aval)))
+        outs.append(lax.pcast(z, vma, to="varying") if vma else z)
+    return outs
 
 
 # --- casts, pass-throughs, transpose -----------------------------------------------------
@@ -531,7 +547,7 @@ def _shard_map_rule(eqn, invals, ctx):
 
     fn = jax.shard_map(
         body, mesh=p["mesh"], in_specs=(P(), *specs), out_specs=p["out_specs"],
-        check_vma=p["check_vma"] and not ctx.probing, axis_names=set(p["newly_manual_axes"]),
+        check_vma=p["check_vma"], axis_names=set(p["newly_manual_axes"]),
     )  # fmt: skip
     return list(fn(key, *args))
 

@@ -120,6 +120,47 @@ def dropout_in_shard_map():
 
 case("shard_map-dropout", dropout_in_shard_map)
 
+
+# --- a torch-layout (out, in) kernel used as x @ w.T inside shard_map ---------------------
+WT = {{"w": W["w"].T, "w2": W["w2"]}}  # (8, 16): output axis first
+
+
+def torch_row(p, x):  # input axis sharded: partial products summed
+    body = lambda w, x: jax.lax.psum(x @ w.T, "model")
+    h = jax.shard_map(body, mesh=mesh, in_specs=(P(None, "model"), P("data", "model")),
+                      out_specs=P("data", None))(p["w"], x)
+    return jnp.tanh(h) @ p["w2"]
+
+
+def torch_col(p, x):  # output axis sharded
+    h = jax.shard_map(lambda w, x: x @ w.T, mesh=mesh, in_specs=(P("model", None), P("data")),
+                      out_specs=P("data", "model"))(p["w"], x)
+    return jnp.tanh(h) @ p["w2"]
+
+
+def torch_layout(fn):
+    axes = dora_jax.infer_axes(fn, WT, X)  # follows the kernel into the shard_map body
+    assert axes["w"] == dora_jax.Axes((), (1,)), axes
+    a = dora_jax.wrap(WT, rank=2, method="dora", targets=r"w$", axes=axes)
+    a["w"] = dataclasses.replace(a["w"], b=0.3 * jax.random.normal(k[3], a["w"].b.shape))
+    node = jax.tree.map(np.asarray, a)["w"]
+
+    def ref_loss(n):  # (in, out) reference kernel from the canonical leaves
+        v = n.base.T + ref.lora_delta(n.a, n.b, n.scale)
+        return loss_of(jnp.tanh(X @ ref.decompose(v, n.magnitude)) @ WT["w2"])
+
+    rl, rg = jax.value_and_grad(ref_loss)(node)
+    loss = lambda a: loss_of(dora_jax.apply(fn, strict=True)(a, X))
+    l, g = jax.jit(jax.value_and_grad(loss))(a)
+    np.testing.assert_allclose(l, rl, rtol=1e-5)
+    for name in ("a", "b", "magnitude"):
+        np.testing.assert_allclose(getattr(g["w"], name), getattr(rg, name), rtol=1e-4,
+                                   atol=1e-5, err_msg=name)
+
+
+case("shard_map-torch-row", lambda: torch_layout(torch_row))
+case("shard_map-torch-col", lambda: torch_layout(torch_col))
+
 # --- Explicit axis types (jax.make_mesh's default) --------------------------------------
 emesh = jax.make_mesh((2, 4), ("data", "fsdp"))
 assert emesh.axis_types == (AxisType.Explicit,) * 2
@@ -213,7 +254,10 @@ def _cases(prefix):
     ]
 
 
-@pytest.mark.parametrize("name", [*_cases("shard_map"), "shard_map-dropout"])
+@pytest.mark.parametrize(
+    "name",
+    [*_cases("shard_map"), "shard_map-dropout", "shard_map-torch-row", "shard_map-torch-col"],
+)
 def test_shard_map_factored_equals_unsharded_reference(results, name):
     # strict=True inside: a kernel formed as W' (the old behaviour) would raise.
     assert results[name] == "ok", results[name]
