@@ -105,7 +105,7 @@ def column_norm_sq(base: Array, left: Array, right: Array, stack=0, inputs=1) ->
     so = s_pos + o_pos
     w_sq = lax.dot_general(base, base, ((i_pos, i_pos), (so, so)), preferred_element_type=f32)
     a_w = lax.dot_general(a, base, ((a_i, i_pos), (a_s, s_pos)), preferred_element_type=f32)
-    a_w = a_w.reshape(*stack_shape, rank, -1)  # (*stack, r, out)
+    a_w = a_w.reshape(*stack_shape, rank, _prod(out_shape))  # (*stack, r, out); r may be 0
     a_a = lax.dot_general(a, a, ((a_i, a_i), (a_s, a_s)))  # (*stack, r, r)
     cross = jnp.sum(b * a_w, axis=-2)
     quad = jnp.sum(b * jnp.matmul(a_a, b), axis=-2)
