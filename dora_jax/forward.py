@@ -1027,8 +1027,17 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
         if signature is None:  # an unhashable static argument: no cache, trace every call
             return run(values, key)
         if signature not in compiled:
-            compiled[signature] = jax.jit(run)
-        return compiled[signature](values, key)
+            passed: dict = {}  # filled when traced: output leaf -> input node passed through
+            compiled[signature] = (jax.jit(functools.partial(run, passed=passed)), passed)
+        call, passed = compiled[signature]
+        out = call(values, key)
+        if not passed:
+            return out
+        # A node returned unchanged comes back as the caller's node, not a copy from jit.
+        out_leaves, out_def = jax.tree.flatten(out, is_leaf=is_adapter)
+        for j, k in passed.items():
+            out_leaves[j] = values[k]
+        return jax.tree.unflatten(out_def, out_leaves)
 
     return wrapped
 
@@ -1048,8 +1057,12 @@ def _signature(treedef, static: list, values: list):
     return signature
 
 
-def _run(fn, treedef, static, dynamic, paths, strict, warned, values, key):
-    """Traces ``fn`` with stand-ins for the adapter nodes and interprets it factored."""
+def _run(fn, treedef, static, dynamic, paths, strict, warned, values, key, passed=None):
+    """Traces ``fn`` with stand-ins for the adapter nodes and interprets it factored.
+
+    ``passed``, if given, gets ``{output leaf: position in values}`` for the nodes that
+    ``fn`` returns unchanged.
+    """
 
     def flat_fn(*vals):
         full = list(static)
@@ -1064,7 +1077,7 @@ def _run(fn, treedef, static, dynamic, paths, strict, warned, values, key):
     ]
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*stand_ins)
     inputs, originals = [], {}
-    for i, leaf, stand_in in zip(dynamic, values, stand_ins):
+    for k, (i, leaf, stand_in) in enumerate(zip(dynamic, values, stand_ins)):
         if is_adapter(leaf):
             # Stop the base's gradient once, here: stopped again inside a scan body, the
             # sliced kernel would become a new value that the backward pass saves for
@@ -1072,23 +1085,30 @@ def _run(fn, treedef, static, dynamic, paths, strict, warned, values, key):
             # Shared leaves (VeRA's random matrices) are frozen too.
             frozen = {n: getattr(leaf, n) for n in ("base", *leaf.shared)}
             node = dataclasses.replace(leaf, **jax.tree.map(lax.stop_gradient, frozen))
-            originals[id(node)] = leaf
+            originals[id(node)] = (leaf, k)
             inputs.append(_View(node, stand_in.dtype, paths[i], _identity(leaf.base.ndim)))
         else:
             inputs.append(leaf)
     ctx = _Context(key, strict, warned)
     outs = _eval(closed.jaxpr, closed.consts, inputs, ctx)
-    outs = [_returned(o, originals, ctx) for o in outs]
+    results = []
+    for j, o in enumerate(outs):
+        value, k = _returned(o, originals, ctx)
+        if k is not None and passed is not None:
+            passed[j] = k
+        results.append(value)
+    outs = results
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
 
 def _returned(out, originals: dict, ctx: _Context):
-    """An output: an adapter passed through unchanged is returned as the node itself."""
+    """``(output, position)``: an adapter passed through unchanged is returned as the node
+    itself, with its position among the inputs; any other output with position None."""
     if _is_view(out) and id(out.node) in originals:
-        leaf = originals[id(out.node)]
+        leaf, k = originals[id(out.node)]
         if out.axes == _identity(leaf.base.ndim) and out.dtype == leaf.base.dtype:
-            return leaf
-    return _plain(out, ctx, "returned from the function")
+            return leaf, k
+    return _plain(out, ctx, "returned from the function"), None
 
 
 def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> dict[str, Axes]:

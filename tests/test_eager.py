@@ -87,3 +87,19 @@ def test_eager_strict_and_warnings():
         g(adapted, x)
         g(adapted, x)
     assert len([w for w in seen if issubclass(w.category, dora_jax.FallbackWarning)]) == 1
+
+
+def test_eager_returns_passed_through_nodes_as_themselves():
+    params, adapted, x = _setup()
+    calls = []
+
+    def fn(p, x):
+        calls.append(1)
+        return x @ p["w1"], p["w1"]
+
+    f = dora_jax.apply(fn)
+    for _ in range(2):  # traced on the first call, then the compiled program
+        y, node = f(adapted, x)
+        assert node is adapted["w1"]
+        np.testing.assert_allclose(y, x @ dora_jax.merge(adapted)["w1"], rtol=1e-5, atol=1e-6)
+    assert len(calls) == 1
