@@ -6,10 +6,16 @@ own buffer accounting of the compiled step. Not a test: the numbers are for read
 
     python benchmarks/step_time.py                # default: hidden 512, FFN 1408, 4 layers
     python benchmarks/step_time.py --json out.json --rounds 7
+    python benchmarks/step_time.py --layouts unscanned,scanned --methods lora,dora,vera,dvora \
+        --no-memory                               # both layouts; XLA's accounting only
 
 Methods: ``full`` (all weights), ``lora``, ``dora`` (dora_jax.apply, factored forward),
 ``dora_merge`` (W' formed inside the loss with dora_jax.merge: what a naive port does),
-``dora_exact`` (factored, exact norm gradient).
+``dora_exact`` (factored, exact norm gradient), ``vera`` and ``dvora`` (rank
+``--vera-rank``). Layouts: ``unscanned`` (a Python loop of layers) and ``scanned``
+(``scan_layers=True``: one ``nn.scan`` stack, as large models are trained). Each row
+reports the step's memory by XLA's accounting of the compiled step (temporaries +
+arguments + outputs - aliased) and its ratio to LoRA (DVoRA: to VeRA).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import dora_jax
 from dora_jax.memory import PeakRSS
 from dora_jax.models.llama import Llama, LlamaConfig, next_token_loss, projection_regex
 
-METHODS = ("full", "lora", "dora", "dora_merge", "dora_exact")
+METHODS = ("full", "lora", "dora", "dora_merge", "dora_exact", "vera", "dvora")
 PROJECTIONS = projection_regex()
 
 
@@ -39,7 +45,16 @@ def cross_entropy(logits, tokens):
     return next_token_loss(logits, tokens)
 
 
-def make_step(method: str, model, params, rank: int, dropout: float, lr: float = 1e-4):
+def make_step(
+    method: str,
+    model,
+    params,
+    rank: int,
+    dropout: float,
+    lr: float = 1e-4,
+    axes=None,
+    vera_rank: int = 256,
+):
     """Returns (jitted step, initial state, frozen params, trainable parameter count)."""
     tx = optax.adamw(lr)
     if method == "full":
@@ -60,14 +75,17 @@ def make_step(method: str, model, params, rank: int, dropout: float, lr: float =
         n = sum(x.size for x in jax.tree.leaves(params))
         return jax.jit(step, donate_argnums=0), state, None, n
 
-    kind = "lora" if method == "lora" else "dora"
+    kind = method if method in ("lora", "vera", "dvora") else "dora"
     adapted = dora_jax.wrap(
         params,
-        rank=rank,
+        rank=vera_rank if kind in ("vera", "dvora") else rank,
         method=kind,
         targets=PROJECTIONS,
         dropout=dropout,
-        exact_norm_grad=method == "dora_exact",
+        axes=axes,
+        **(
+            {"exact_norm_grad": method == "dora_exact"} if kind != "vera" and kind != "lora" else {}
+        ),
     )
     frozen, trainable = dora_jax.partition(adapted)
 
@@ -95,18 +113,31 @@ def make_step(method: str, model, params, rank: int, dropout: float, lr: float =
     return jax.jit(step, donate_argnums=0), state, frozen, n
 
 
-def setup(args):
-    cfg = LlamaConfig.bench()
+def setup(args, scanned: bool = False):
+    """(config, model, params, tokens, axes); ``axes`` learnt from the model when scanned."""
+    cfg = LlamaConfig.bench(scan_layers=scanned)
     model = Llama(cfg)
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, cfg.vocab_size)
     params = jax.jit(model.init)(jax.random.key(0), tokens[:, :8])["params"]
-    return cfg, model, params, tokens
+    axes = None
+    if scanned:
+        axes = dora_jax.infer_axes(lambda p, t: model.apply({"params": p}, t), params, tokens)
+    return cfg, model, params, tokens, axes
+
+
+def xla_step_mb(step, state, frozen, tokens) -> float:
+    """XLA's accounting of one compiled step: temporaries + arguments + outputs - aliased."""
+    m = step.lower(state, frozen, tokens, jax.random.key(0)).compile().memory_analysis()
+    total = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+    return (total - m.alias_size_in_bytes) / 2**20
 
 
 def memory_of(method: str, args) -> dict:
     """Runs in a fresh process: compile, a few steps, then peak RSS and XLA's accounting."""
-    _, model, params, tokens = setup(args)
-    step, state, frozen, _ = make_step(method, model, params, args.rank, args.dropout)
+    _, model, params, tokens, axes = setup(args, args.layouts == "scanned")
+    step, state, frozen, _ = make_step(
+        method, model, params, args.rank, args.dropout, axes=axes, vera_rank=args.vera_rank
+    )
     key = jax.random.key(0)
     compiled = step.lower(state, frozen, tokens, key).compile()
     analysis = compiled.memory_analysis()
@@ -137,7 +168,9 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", default=None, help="write results here")
-    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
+    parser.add_argument("--layouts", default="unscanned", help="unscanned,scanned")
+    parser.add_argument("--vera-rank", type=int, default=256)
     parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -146,63 +179,78 @@ def main():
         return
 
     methods = args.methods.split(",")
-    cfg, model, params, tokens = setup(args)
+    layouts = args.layouts.split(",")
+    runs = {}
+    for layout in layouts:
+        cfg, model, params, tokens, axes = setup(args, layout == "scanned")
+        for m in methods:
+            step, state, frozen, n = make_step(
+                m, model, params, args.rank, args.dropout, axes=axes, vera_rank=args.vera_rank
+            )
+            t0 = time.perf_counter()
+            compiled = step.lower(state, frozen, tokens, jax.random.key(0)).compile()
+            state, loss = compiled(state, frozen, tokens, jax.random.key(0))
+            loss.block_until_ready()
+            mem = compiled.memory_analysis()
+            xla_mb = mem.temp_size_in_bytes + mem.argument_size_in_bytes
+            xla_mb = (xla_mb + mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**20
+            runs[layout, m] = {"step": compiled, "frozen": frozen, "params": n, "tokens": tokens}
+            runs[layout, m].update(compile_s=time.perf_counter() - t0, xla_step_mb=xla_mb)
+            state, loss = compiled(state, frozen, tokens, jax.random.key(1))  # warm-up
+            runs[layout, m]["state"] = state
+            runs[layout, m]["times"] = []
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform}: hidden {cfg.hidden_size}, "
         f"FFN {cfg.intermediate_size}, {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
-        f"batch {args.batch}x{args.seq}, rank {args.rank}, dropout {args.dropout}"
+        f"batch {args.batch}x{args.seq}, rank {args.rank} (VeRA/DVoRA {args.vera_rank}), "
+        f"dropout {args.dropout}"
     )
-    runs = {}
-    for m in methods:
-        step, state, frozen, n = make_step(m, model, params, args.rank, args.dropout)
-        t0 = time.perf_counter()
-        state, loss = step(state, frozen, tokens, jax.random.key(0))
-        loss.block_until_ready()
-        runs[m] = {"step": step, "frozen": frozen, "params": n}
-        runs[m]["compile_s"] = time.perf_counter() - t0
-        state, loss = step(state, frozen, tokens, jax.random.key(1))  # warm-up
-        runs[m]["state"] = state
-        runs[m]["times"] = []
     for r in range(args.rounds):
-        for m in methods:
-            run = runs[m]
+        for run in runs.values():  # interleaved: machine noise hits every configuration alike
             state = run["state"]
             for i in range(args.steps):
                 t0 = time.perf_counter()
-                state, loss = run["step"](state, run["frozen"], tokens, jax.random.key(100 * r + i))
+                state, loss = run["step"](
+                    state, run["frozen"], run["tokens"], jax.random.key(100 * r + i)
+                )
                 loss.block_until_ready()
                 run["times"].append(time.perf_counter() - t0)
             run["state"] = state
 
     results = {}
-    for m in methods:
-        results[m] = {
-            "step_s": statistics.median(runs[m]["times"]),
-            "trainable_params": runs[m]["params"],
-            "compile_s": runs[m]["compile_s"],
+    for (layout, m), run in runs.items():
+        results[f"{layout}/{m}"] = {
+            "step_s": statistics.median(run["times"]),
+            "trainable_params": run["params"],
+            "compile_s": run["compile_s"],
+            "xla_step_mb": run["xla_step_mb"],
         }
     del runs
     if not args.no_memory:
-        for m in methods:
-            cmd = [sys.executable, os.path.abspath(__file__), "--_memory", m]
-            cmd += ["--rank", str(args.rank), "--dropout", str(args.dropout)]
-            cmd += ["--batch", str(args.batch), "--seq", str(args.seq)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            results[m].update(json.loads(out.strip().splitlines()[-1]))
+        for layout in layouts:
+            for m in methods:
+                cmd = [sys.executable, os.path.abspath(__file__), "--_memory", m]
+                cmd += ["--rank", str(args.rank), "--dropout", str(args.dropout)]
+                cmd += ["--batch", str(args.batch), "--seq", str(args.seq)]
+                cmd += ["--layouts", layout, "--vera-rank", str(args.vera_rank)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                results[f"{layout}/{m}"].update(json.loads(out.strip().splitlines()[-1]))
 
-    base = results.get("lora")
-    header = f"{'method':<12}{'trainable':>12}{'step s':>9}{'/LoRA':>7}"
+    header = f"{'layout/method':<20}{'trainable':>12}{'step s':>9}{'ratio':>7}"
+    header += f"{'XLA step MB':>13}{'ratio':>7}"
     if not args.no_memory:
-        header += f"{'RSS MB':>9}{'/LoRA':>7}{'XLA temp MB':>13}{'/LoRA':>7}"
-    print(header)
-    for m, r in results.items():
-        line = f"{m:<12}{r['trainable_params']:>12,}{r['step_s']:>9.3f}"
+        header += f"{'RSS MB':>9}{'ratio':>7}"
+    print(header + "   (ratio: to LoRA; DVoRA to VeRA)")
+    for name, r in results.items():
+        layout, m = name.split("/")
+        base = results.get(f"{layout}/{'vera' if m == 'dvora' else 'lora'}")
+        line = f"{name:<20}{r['trainable_params']:>12,}{r['step_s']:>9.3f}"
         line += f"{r['step_s'] / base['step_s']:>7.2f}" if base else f"{'':>7}"
+        line += f"{r['xla_step_mb']:>13.1f}"
+        line += f"{r['xla_step_mb'] / base['xla_step_mb']:>7.3f}" if base else f"{'':>7}"
         if not args.no_memory:
             line += f"{r['peak_rss_mb']:>9.0f}"
             line += f"{r['peak_rss_mb'] / base['peak_rss_mb']:>7.3f}" if base else f"{'':>7}"
-            line += f"{r['xla_temp_mb']:>13.1f}"
-            line += f"{r['xla_temp_mb'] / base['xla_temp_mb']:>7.3f}" if base else f"{'':>7}"
         print(line)
     if args.json:
         with open(args.json, "w") as f:

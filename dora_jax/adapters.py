@@ -23,6 +23,7 @@ asks the node; it never switches on the method's name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dora_jax.axes import Axes
 
@@ -102,7 +105,7 @@ def column_norm_sq(base: Array, left: Array, right: Array, stack=0, inputs=1) ->
     so = s_pos + o_pos
     w_sq = lax.dot_general(base, base, ((i_pos, i_pos), (so, so)), preferred_element_type=f32)
     a_w = lax.dot_general(a, base, ((a_i, i_pos), (a_s, s_pos)), preferred_element_type=f32)
-    a_w = a_w.reshape(*stack_shape, rank, _prod(out_shape))  # (*stack, r, out)
+    a_w = a_w.reshape(*stack_shape, rank, _prod(out_shape))  # (*stack, r, out); r may be 0
     a_a = lax.dot_general(a, a, ((a_i, a_i), (a_s, a_s)))  # (*stack, r, r)
     cross = jnp.sum(b * a_w, axis=-2)
     quad = jnp.sum(b * jnp.matmul(a_a, b), axis=-2)
@@ -144,6 +147,26 @@ def warn_zero_columns(magnitude: Array, path: str) -> None:
             UserWarning,
             stacklevel=5,
         )
+
+
+def _sharded_like(fn, like: Array, *inputs):
+    """``fn(*inputs)``, its result sharded like ``like``, also on ``Explicit`` mesh axes.
+
+    Under ``Explicit`` axis types (``jax.make_mesh``'s default) a contraction over a sharded
+    input axis must name its output's sharding; the norm's maths then runs with the axes
+    made ``Auto`` and its result takes ``like``'s sharding (the magnitude's).
+    """
+    mesh = None
+    for x in jax.tree.leaves(inputs):
+        m = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+        if any(t == jax.sharding.AxisType.Explicit for t in getattr(m, "axis_types", ())):
+            mesh = m
+            break
+    if mesh is None:
+        return fn(*inputs)
+    spec = getattr(getattr(jax.typeof(like), "sharding", None), "spec", None) or P()
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.auto_axes(fn, out_sharding=NamedSharding(mesh, spec))(*inputs)
 
 
 class Adapter:
@@ -297,7 +320,10 @@ class _Decomposed(Adapter):
         """``||W0 + dW||_c`` by the factored formula, float32, shape ``(*stack, *out)``."""
         base = self.dequantised_base() if base is None else base
         left, right = self.factors()
-        norm_sq = column_norm_sq(base, left, right, self.stack, self.inputs)
+        norm_sq = _sharded_like(
+            functools.partial(column_norm_sq, stack=self.stack, inputs=self.inputs),
+            self.magnitude, base, left, right,
+        )  # fmt: skip
         norm = jnp.sqrt(jnp.maximum(norm_sq, NORM_EPS))
         return norm if self.exact_norm_grad else lax.stop_gradient(norm)
 

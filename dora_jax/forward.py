@@ -3,10 +3,11 @@
 :func:`apply` traces the user's function once with each adapter node standing in for its
 base kernel, then evaluates the resulting jaxpr with an interpreter that follows every
 adapted kernel through dtype casts, transposes, nested ``jit``, ``remat``, ``scan``,
-``cond`` and ``while``. The interpreter is a table of rules, one per primitive family
-(:data:`RULES`); where an adapted kernel meets a contraction (``dot_general`` with any
-contraction and batch pattern, ``conv_general_dilated``) or an embedding lookup
-(``gather``), the rule computes the factored form (DoRA, Liu et al. 2024, Sec. 4.3)::
+``cond``, ``while`` and ``shard_map``. The interpreter is a table of rules, one per
+primitive family (:data:`RULES`); where an adapted kernel meets a contraction
+(``dot_general`` with any contraction and batch pattern, ``conv_general_dilated``) or an
+embedding lookup (``gather``), the rule computes the factored form (DoRA, Liu et al.
+2024, Sec. 4.3)::
 
     y = (x W0 + (x L) R) * (m / ||W0 + L R||_c)
 
@@ -31,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jcore
+from jax.sharding import PartitionSpec as P
 
-from dora_jax.adapters import Adapter, is_adapter, to_kernel_layout
+from dora_jax.adapters import Adapter, _pytree_dataclass, is_adapter, static, to_kernel_layout
 from dora_jax.axes import Axes
 from dora_jax.tree import path_str
 
@@ -217,9 +219,25 @@ def _eval(jaxpr, consts, args, ctx: _Context) -> list:
     return [read(v) for v in jaxpr.outvars]
 
 
+def _varying_axes(aval) -> frozenset:
+    """The mesh axes a value varies over inside ``shard_map`` (``aval.mat.varying``; older
+    jax: ``aval.vma``)."""
+    mat = getattr(aval, "mat", None)
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
 def _zeros_like_outputs(eqn) -> list:
-    """infer_axes: stand-in outputs of a use that was recorded instead of computed."""
-    return [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.outvars]
+    """infer_axes: stand-in outputs of a use that was recorded instead of computed.
+
+    Inside ``shard_map`` each takes the output's varying mesh axes, so that collectives
+    after the use (``psum``) still type-check.
+    """
+    outs = []
+    for v in eqn.outvars:
+        z = jnp.zeros(v.aval.shape, v.aval.dtype)
+        vma = tuple(sorted(_varying_axes(v.aval)))
+        outs.append(lax.pcast(z, vma, to="varying") if vma else z)
+    return outs
 
 
 # --- casts, pass-throughs, transpose -----------------------------------------------------
@@ -327,10 +345,10 @@ def _sliced_view(view: _View, sliced, shared) -> _View:
 
 
 def _scan_counts(params) -> tuple[int, int]:
-    """``(number of consts, number of carries)`` of a scan equation."""
-    if "num_consts" in params:
+    """``(number of consts, number of carries)`` of a ``scan`` equation."""
+    if "num_consts" in params:  # jax <= 0.10
         return params["num_consts"], params["num_carry"]
-    # jax >= 0.11 groups the operands instead: ft_in unpacks to (consts, carry, xs).
+    # jax >= 0.11: ``ft_in`` groups the inputs as (consts, carry, xs).
     consts, carry, _ = params["ft_in"].unpack()
     return len(consts), len(carry)
 
@@ -400,6 +418,149 @@ def _while_rule(eqn, invals, ctx):
         return [_plain(o, ctx, "while output") for o in outs]
 
     return list(lax.while_loop(cond, body, init))
+
+
+@_pytree_dataclass
+class _Factored(Adapter):
+    """An adapted kernel as the pieces the factored forward reads, its scale precomputed.
+
+    Carries an adapter into ``shard_map``: the scale ``c = m / ||W0 + dW||_c`` is computed
+    outside from the whole kernel (a column norm over one shard of the input axes would be
+    wrong), and every piece is sharded like the kernel axes it spans. Fields: ``base`` in the
+    kernel's layout, ``left ([*stack,] *in, r)``, ``mid (*stack, r)`` or None,
+    ``right ([*stack,] r, *out)``, ``post (*stack, *out)`` or None, ``scale (*stack, *out)``
+    or None.
+    """
+
+    base: jax.Array
+    left: jax.Array
+    mid: jax.Array | None
+    right: jax.Array
+    post: jax.Array | None
+    scale: jax.Array | None
+    stack: tuple[int, ...] = static(())
+    inputs: tuple[int, ...] = static((0,))
+    dropout: float = static(0.0)
+    assumed_layout: bool = static(False)
+
+    @classmethod
+    def of(cls, node: Adapter) -> _Factored:
+        """The pieces of ``node``, its output scale computed from its whole kernel."""
+        left, mid, right, post = node.low_rank()
+        return cls(
+            node.base, left, mid, right, post, node.output_scale(),
+            stack=node.stack, inputs=node.inputs, dropout=node.dropout,
+            assumed_layout=node.assumed_layout,
+        )  # fmt: skip
+
+    def specs(self, kernel_spec) -> _Factored:
+        """Partition specs of the pieces, given the kernel's: each follows its axes."""
+        ks = (*kernel_spec, *(None,) * (self.base.ndim - len(kernel_spec)))
+        stack = [ks[p] for p in self.stack]
+        ins = [ks[p] for p in self.inputs]
+        outs = [ks[p] for p in self.outputs]
+
+        def own(x, *axes):  # shared pieces (VeRA) have no stack axes
+            return None if x is None else P(*(stack if x.ndim > len(axes) else ()), *axes)
+
+        return dataclasses.replace(
+            self, base=P(*ks), left=own(self.left, *ins, None), mid=own(self.mid, None),
+            right=own(self.right, None, *outs), post=own(self.post, *outs),
+            scale=own(self.scale, *outs),
+        )  # fmt: skip
+
+    def low_rank(self):
+        return self.left, self.mid, self.right, self.post
+
+    def output_scale(self, base=None):
+        return self.scale
+
+    def factors(self):
+        rank = self.left.shape[-1]
+        left, right = self.left, self.right
+        if self.mid is not None:
+            left = left * self.mid.reshape(*self.stack_shape, *(1,) * len(self.inputs), rank)
+        if self.post is not None:
+            right = right * self.post.reshape(*self.stack_shape, 1, *self.out_shape)
+        return left, right
+
+
+def _node_spec(view: _View, spec) -> tuple:
+    """The partition spec of ``view``'s node (kernel) from that of the value it shows."""
+    spec = (*spec, *(None,) * (len(view.axes) - len(spec)))
+    out = [None] * len(view.axes)
+    for k, a in enumerate(view.axes):
+        out[a] = spec[k]
+    return tuple(out)
+
+
+@_rule("shard_map")
+def _shard_map_rule(eqn, invals, ctx):
+    """A ``shard_map`` over adapted kernels: the factored forward inside, scale from outside.
+
+    The output scale ``m / ||W0 + dW||_c`` is computed here, outside, from the whole kernel,
+    and enters the body sharded like the kernel's output axes; the low-rank pieces follow
+    the kernel's input and output axes. A body that sums partial products over a sharded
+    input axis (``psum``) then sums scaled partials: the scale is per output feature, so
+    that equals the scaled sum. Under :func:`infer_axes` the probed kernels enter sharded
+    like the program asked and the body records their uses.
+    """
+    p = eqn.params
+    args, specs, views = [], [], []
+    for x, spec in zip(invals, p["in_specs"]):
+        if not _is_view(x) or (not ctx.probing and hasattr(x.node.base, "dequantize")):
+            args.append(_plain(x, ctx, "shard_map"))
+            specs.append(spec)
+            views.append(None)
+            continue
+        node_spec = _node_spec(x, spec)
+        if ctx.probing:
+            probe = x.node
+            leaves, treedef = [probe.value], jax.tree.structure(probe)
+            spec_leaves = [P(*node_spec)]
+        else:
+            node = _Factored.of(x.node)
+            leaves, treedef = jax.tree.flatten(node)
+            spec_leaves = treedef.flatten_up_to(node.specs(node_spec))
+        views.append((len(leaves), treedef, x))
+        args += leaves
+        specs += spec_leaves
+    axes = sorted(p["newly_manual_axes"])
+    key = ctx.next_key() if ctx.key is not None else None
+
+    def body(key, *flat):
+        inputs, pos = [], 0
+        for info in views:
+            if info is None:
+                inputs.append(flat[pos])
+                pos += 1
+            else:
+                n, treedef, view = info
+                node = jax.tree.unflatten(treedef, flat[pos : pos + n])
+                inputs.append(view.replace(node=node))
+                pos += n
+        if key is not None:  # a different dropout mask on every shard
+            for name in axes:
+                key = jax.random.fold_in(key, lax.axis_index(name))
+        outs = _eval(p["jaxpr"], (), inputs, ctx.with_key(key))
+        return tuple(_plain(o, ctx, "shard_map output") for o in outs)
+
+    fn = jax.shard_map(
+        body, mesh=p["mesh"], in_specs=(P(), *specs), out_specs=p["out_specs"],
+        check_vma=p["check_vma"], axis_names=set(p["newly_manual_axes"]),
+    )  # fmt: skip
+    return list(fn(key, *args))
+
+
+@_rule("pvary")
+def _pvary_rule(eqn, invals, ctx):
+    """A type-level marker: views pass through (their pieces are marked where used)."""
+    outs = list(invals)
+    plain = [i for i, x in enumerate(invals) if not _is_view(x)]
+    if plain:
+        for i, a in zip(plain, _bind(eqn, [invals[i] for i in plain])):
+            outs[i] = a
+    return outs
 
 
 # --- contractions: dot_general, conv, gather ---------------------------------------------
@@ -551,6 +712,14 @@ def _contract_batched(node: Adapter, x, dtype, kw, ctx):
     layout (XLA on CPU computes their weight gradients several times faster than those of
     the same products with the outputs unflattened); a kernel in ``(*stack, *in, *out)``
     order is read as a flat matrix too, any other layout by one ``dot_general`` in place.
+
+    Autodiff differentiates it. The backward pass keeps ``x``, ``x L`` and, for a scaled
+    (decomposed) method, the unscaled output for the gradient of the scale: one
+    ``(n, out)`` array per projection (and per layer of a scan) that LoRA does not keep.
+    Measured alternatives (README, "DoRA vs LoRA in scanned stacks"): a custom VJP that
+    keeps the scaled output and divides by the scale keeps as much in a scan and defeats
+    XLA's buffer sharing in unscanned models; recomputing ``x W0`` in the backward pass
+    brings scanned memory to LoRA's but costs 1.46x LoRA's step time.
     """
     ns = len(node.stack)
     stack_shape, in_shape, out_shape = node.stack_shape, node.in_shape, node.out_shape
@@ -807,7 +976,8 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
     transposed use over its output axes (a tied embedding's ``attend``) and its embedding
     lookups (``gather``) are computed as ``(x W0 + s (x A) B) * (m / ||W0 + s A B||_c)``
     (DoRA; LoRA without the factor), never forming ``W0 + s A B`` or ``W'``. Works under
-    ``jit``, ``grad``, ``remat``, ``vmap`` and inside ``nn.scan`` / ``nnx.scan`` stacks.
+    ``jit``, ``grad``, ``remat``, ``vmap``, inside ``nn.scan`` / ``nnx.scan`` stacks and
+    inside ``shard_map``.
     Adapter nodes may sit anywhere in the arguments; one that the function returns
     unchanged is returned as the node. The base kernels get no gradient (they are frozen).
 
@@ -820,7 +990,11 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
         factored forward does not cover (it then forms ``W'`` for that use).
 
     Returns:
-      A function with ``fn``'s signature.
+      A function with ``fn``'s signature. Called under ``jit``/``grad``/``vmap`` it traces
+      into the caller's program. Called eagerly, it compiles the factored program with
+      ``jax.jit`` once per signature (tree structure, static arguments, shapes and dtypes)
+      and reuses it: a new signature (or a static argument that cannot be hashed) traces
+      again. As with ``jax.jit``, state that ``fn`` closes over is read when it is traced.
 
     Raises:
       ValueError: when the model contracts an adapted kernel on other axes than its node
@@ -831,6 +1005,9 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
       logits = dora_jax.apply(model.apply)({"params": adapted}, tokens)
     """
     warned: set = set()
+    # Eager calls run the interpreter under jax.jit, one compiled program per call signature:
+    # interpreted op by op, every eager call would trace the whole model again.
+    compiled: dict = {}
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
@@ -839,53 +1016,99 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
         if not any(is_adapter(leaf) for leaf in leaves):
             return fn(*args, **kwargs)
         dynamic = [i for i, leaf in enumerate(leaves) if is_adapter(leaf) or _is_array(leaf)]
-
-        def flat_fn(*values):
-            full = list(leaves)
-            for i, v in zip(dynamic, values):
-                full[i] = v
-            a, k = jax.tree.unflatten(treedef, full)
-            return fn(*a, **k)
-
-        # Trace with a stand-in of the (dequantised) kernel's type in place of each node.
-        stand_ins = [
-            jax.ShapeDtypeStruct(leaves[i].base.shape, leaves[i].base.dtype)
-            if is_adapter(leaves[i])
-            else leaves[i]
-            for i in dynamic
-        ]
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*stand_ins)
-        inputs, originals = [], {}
-        for i in dynamic:
-            leaf = leaves[i]
-            if is_adapter(leaf):
-                path = path_str(flat[i][0][2:])  # the path inside its argument
-                # Stop the base's gradient once, here: stopped again inside a scan body, the
-                # sliced kernel would become a new value that the backward pass saves for
-                # every layer, instead of reusing the stacked input.
-                # Shared leaves (VeRA's random matrices) are frozen too.
-                frozen = {n: getattr(leaf, n) for n in ("base", *leaf.shared)}
-                node = dataclasses.replace(leaf, **jax.tree.map(lax.stop_gradient, frozen))
-                originals[id(node)] = leaf
-                dtype = stand_ins[len(inputs)].dtype
-                inputs.append(_View(node, dtype, path, _identity(leaf.base.ndim)))
-            else:
-                inputs.append(leaf)
-        ctx = _Context(key, strict, warned)
-        outs = _eval(closed.jaxpr, closed.consts, inputs, ctx)
-        outs = [_returned(o, originals, ctx) for o in outs]
-        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+        values = [leaves[i] for i in dynamic]
+        # The traced program closes over the static leaves only, never over the arrays.
+        static = [None if i in dynamic else leaf for i, leaf in enumerate(leaves)]
+        paths = {i: path_str(flat[i][0][2:]) for i in dynamic}  # paths inside the argument
+        run = functools.partial(_run, fn, treedef, static, dynamic, paths, strict, warned)
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((values, key))):
+            return run(values, key)
+        signature = _signature(treedef, static, values)
+        if signature is None:  # an unhashable static argument: no cache, trace every call
+            return run(values, key)
+        if signature not in compiled:
+            passed: dict = {}  # filled when traced: output leaf -> input node passed through
+            compiled[signature] = (jax.jit(functools.partial(run, passed=passed)), passed)
+        call, passed = compiled[signature]
+        out = call(values, key)
+        if not passed:
+            return out
+        # A node returned unchanged comes back as the caller's node, not a copy from jit.
+        out_leaves, out_def = jax.tree.flatten(out, is_leaf=is_adapter)
+        for j, k in passed.items():
+            out_leaves[j] = values[k]
+        return jax.tree.unflatten(out_def, out_leaves)
 
     return wrapped
 
 
+def _signature(treedef, static: list, values: list):
+    """A hashable key of one call: tree structure, static leaves, shapes and dtypes."""
+    avals = []
+    for v in values:
+        leaves, structure = jax.tree.flatten(v)
+        avals.append((structure, tuple((x.shape, x.dtype, getattr(x, "weak_type", False))
+                                       for x in map(jax.typeof, leaves))))  # fmt: skip
+    signature = (treedef, tuple(static), tuple(avals))
+    try:
+        hash(signature)
+    except TypeError:
+        return None
+    return signature
+
+
+def _run(fn, treedef, static, dynamic, paths, strict, warned, values, key, passed=None):
+    """Traces ``fn`` with stand-ins for the adapter nodes and interprets it factored.
+
+    ``passed``, if given, gets ``{output leaf: position in values}`` for the nodes that
+    ``fn`` returns unchanged.
+    """
+
+    def flat_fn(*vals):
+        full = list(static)
+        for i, v in zip(dynamic, vals):
+            full[i] = v
+        a, k = jax.tree.unflatten(treedef, full)
+        return fn(*a, **k)
+
+    # Trace with a stand-in of the (dequantised) kernel's type in place of each node.
+    stand_ins = [
+        jax.ShapeDtypeStruct(v.base.shape, v.base.dtype) if is_adapter(v) else v for v in values
+    ]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*stand_ins)
+    inputs, originals = [], {}
+    for k, (i, leaf, stand_in) in enumerate(zip(dynamic, values, stand_ins)):
+        if is_adapter(leaf):
+            # Stop the base's gradient once, here: stopped again inside a scan body, the
+            # sliced kernel would become a new value that the backward pass saves for
+            # every layer, instead of reusing the stacked input.
+            # Shared leaves (VeRA's random matrices) are frozen too.
+            frozen = {n: getattr(leaf, n) for n in ("base", *leaf.shared)}
+            node = dataclasses.replace(leaf, **jax.tree.map(lax.stop_gradient, frozen))
+            originals[id(node)] = (leaf, k)
+            inputs.append(_View(node, stand_in.dtype, paths[i], _identity(leaf.base.ndim)))
+        else:
+            inputs.append(leaf)
+    ctx = _Context(key, strict, warned)
+    outs = _eval(closed.jaxpr, closed.consts, inputs, ctx)
+    results = []
+    for j, o in enumerate(outs):
+        value, k = _returned(o, originals, ctx)
+        if k is not None and passed is not None:
+            passed[j] = k
+        results.append(value)
+    outs = results
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+
 def _returned(out, originals: dict, ctx: _Context):
-    """An output: an adapter passed through unchanged is returned as the node itself."""
+    """``(output, position)``: an adapter passed through unchanged is returned as the node
+    itself, with its position among the inputs; any other output with position None."""
     if _is_view(out) and id(out.node) in originals:
-        leaf = originals[id(out.node)]
+        leaf, k = originals[id(out.node)]
         if out.axes == _identity(leaf.base.ndim) and out.dtype == leaf.base.dtype:
-            return leaf
-    return _plain(out, ctx, "returned from the function")
+            return leaf, k
+    return _plain(out, ctx, "returned from the function"), None
 
 
 def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> dict[str, Axes]:
@@ -893,7 +1116,7 @@ def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> dict[str, Axes]
 
     Walks the traced program with the evaluator :func:`apply` uses, following every float
     leaf of ``params`` with at least 2 axes (through casts, transposes, ``jit``, ``remat``,
-    ``scan``, ``cond``, ``while``) to the uses that consume it:
+    ``scan``, ``cond``, ``while``, ``shard_map``) to the uses that consume it:
 
     - a ``dot_general`` (matmul, einsum; the kernel on either side): its contracted axes
       are input axes, its batch axes stack axes (``'BTD,NDH->BTNH'`` gives

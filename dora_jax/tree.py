@@ -223,7 +223,7 @@ def wrap(
             f"regex that matches some of them (searched in the '/'-joined path), e.g. "
             f"targets=r'(query|value)/kernel$'."
         )
-    settings = _resolve_rules(rules, [p for _, p, _, _, _ in chosen], defaults)
+    settings = _resolve_rules(rules, [p for _, p, *_ in chosen], defaults)
 
     too_small = [
         (p, limit, cfg["rank"])
