@@ -538,3 +538,123 @@ def test_a_failed_async_save_raises_and_the_process_exits(tmp_path, break_folder
     else:
         assert "CLEAR ERROR" in proc.stdout, proc.stdout + proc.stderr[-2000:]
         assert "folder exists and is writable" in proc.stdout
+
+
+# --- a trainer killed while an evaluator reads (two processes) -----------------------------
+
+_COMMON = """
+import hashlib, sys, time
+import jax, jax.numpy as jnp, numpy as np, optax
+import dora_jax
+from dora_jax import checkpoint
+
+params = {
+    "up": {"kernel": jax.random.normal(jax.random.key(0), (32, 48))},
+    "down": {"kernel": jax.random.normal(jax.random.key(1), (48, 32))},
+}
+adapted = dora_jax.wrap(params, rank=4)
+frozen, trainable = dora_jax.partition(adapted)
+tx = optax.adam(1e-2)
+opt_state = tx.init(trainable)
+
+def digest(trainable, opt_state):
+    h = hashlib.sha256()
+    for x in jax.tree.leaves((trainable, opt_state)):
+        h.update(np.asarray(x).tobytes())
+    return h.hexdigest()[:16]
+"""
+
+_TRAINER = (
+    _COMMON
+    + """
+def loss(trainable, i):
+    x = jax.random.normal(jax.random.fold_in(jax.random.key(2), i), (8, 32))
+    f = dora_jax.apply(lambda p, x: jnp.tanh(x @ p["up"]["kernel"]) @ p["down"]["kernel"])
+    return jnp.mean((f(dora_jax.combine(frozen, trainable), x) - x) ** 2)
+
+@jax.jit
+def train_step(trainable, opt_state, i):
+    grads = jax.grad(loss)(trainable, i)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state
+
+manager = checkpoint.manager(sys.argv[1], max_to_keep=None)
+for i in range(1, 10**6):
+    trainable, opt_state = train_step(trainable, opt_state, i)
+    print("state", i, digest(trainable, opt_state), flush=True)
+    checkpoint.save(manager, i, dora_jax.combine(frozen, trainable), opt_state, data_position=i)
+    # orbax finishes the previous save before it starts the next one.
+    print("committed", i - 1, flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+)
+
+_EVALUATOR = (
+    _COMMON
+    + """
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    manager = checkpoint.manager(sys.argv[1])  # a new reader each time, default options
+    try:
+        r = checkpoint.restore(manager, adapted, opt_state)
+    except checkpoint.CheckpointError as e:
+        if "No complete checkpoint" not in str(e):
+            raise
+        time.sleep(0.05)
+        continue
+    assert r.data_position == r.step
+    print("restored", r.step, digest(dora_jax.partition(r.adapted)[1], r.opt_state), flush=True)
+"""
+)
+
+
+def _lines(text: str, tag: str) -> dict[int, str]:
+    words = [line.split() for line in text.splitlines() if line.startswith(tag + " ")]
+    return {int(w[1]): (w[2] if len(w) > 2 else "") for w in words}
+
+
+# Seconds the two processes run side by side; DORA_JAX_KILL_TEST_SECONDS=30 for a longer run.
+KILL_TEST_SECONDS = max(10.0, float(os.environ.get("DORA_JAX_KILL_TEST_SECONDS", "12")))
+
+
+@pytest.mark.e2e
+def test_trainer_killed_while_an_evaluator_restores_loses_no_step(tmp_path):
+    folder = str(tmp_path / "run")
+    env = _env()
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", _TRAINER, folder, "0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+    )  # fmt: skip
+    evaluator = subprocess.Popen(
+        [sys.executable, "-c", _EVALUATOR, folder, str(KILL_TEST_SECONDS)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+    )  # fmt: skip
+    try:
+        eval_out, eval_err = evaluator.communicate(timeout=KILL_TEST_SECONDS + 120)
+    finally:
+        trainer.kill()  # SIGKILL, most likely in the middle of a save
+        train_out, train_err = trainer.communicate(timeout=60)
+    assert evaluator.returncode == 0, eval_err[-3000:]
+    assert trainer.returncode == -signal.SIGKILL, train_err[-3000:]
+
+    states = _lines(train_out, "state")
+    committed = set(_lines(train_out, "committed")) - {0}
+    restored = _lines(eval_out, "restored")
+    assert len(committed) >= 3 and restored, (train_out[-500:], eval_out[-500:])
+    print(f"{len(states)} steps trained, {len(restored)} restored by the evaluator")
+    # What the evaluator read was what the trainer had at that step, bit for bit.
+    for step, digest in restored.items():
+        assert digest == states[step], step
+
+    # Nothing the trainer reported as saved is missing, and every committed step restores
+    # to exactly the trainer's state at that step.
+    ns: dict = {}
+    exec(_COMMON, ns)  # the same templates and digest, in this process
+    reader = checkpoint.manager(folder, read_only=True)
+    on_disk = {}
+    for step in reader.all_steps():
+        r = checkpoint.restore(reader, ns["adapted"], ns["opt_state"], step=step)
+        on_disk[step] = ns["digest"](dora_jax.partition(r.adapted)[1], r.opt_state)
+    assert committed <= set(on_disk), sorted(committed - set(on_disk))
+    for step, digest in on_disk.items():
+        assert digest == states[step], step
