@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dora_jax.adapters import _pytree_dataclass, is_adapter, static
+from dora_jax.adapters import _pytree_dataclass, is_adapter, safe_norm, static
 from dora_jax.tree import path_str
 
 Array = jax.Array
@@ -145,6 +145,10 @@ def quantize(
         absmax). The input is zero-padded to a whole number of blocks.
       stack, inputs: numbers of leading stack axes and of input axes (as in ``dora_jax.Axes``).
 
+    Raises:
+      ValueError: ``x`` holds NaN or infinite values, or (q4_1) entries beyond float16's
+        range; checked when ``x`` is concrete (not under ``jit``).
+
     Returns:
       A :class:`QuantizedArray` of ``x``'s shape and dtype. The round trip errs by at most
       half the largest gap between adjacent NF4 levels times the block's absmax (nf4),
@@ -165,6 +169,7 @@ def quantize(
             f"one input and one output axis after the stack axes (e.g. stack=1 for an nn.scan "
             f"stack (layers, in, out))."
         )
+    _check_values(x, format, "kernel")
     stack_shape = tuple(x.shape[:stack])
     in_shape = tuple(x.shape[stack : stack + inputs])
     out_shape = tuple(x.shape[stack + inputs :])
@@ -207,6 +212,31 @@ def quantize(
     else:
         codes = q.astype(jnp.int8)
     return QuantizedArray(codes, scales, offsets, format, in_shape, out_shape, np.dtype(x.dtype))
+
+
+# float16's largest finite value: q4_1 stores each block's scale and minimum in float16.
+FLOAT16_MAX = 65504.0
+
+
+def _check_values(x, format: str, what: str) -> None:
+    """Refuses values a format cannot hold (checked on concrete arrays, not under a trace)."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    bad = int(x.size - jnp.sum(jnp.isfinite(x)))
+    if bad:
+        raise ValueError(
+            f"{what} of shape {tuple(x.shape)} holds {bad} NaN or infinite values; quantised, "
+            f"each would turn its whole block into NaN. Replace them before quantising, or "
+            f"leave this kernel unquantised."
+        )
+    if format == "q4_1":
+        peak = float(jnp.max(jnp.abs(x))) if x.size else 0.0
+        if peak > FLOAT16_MAX:
+            raise ValueError(
+                f"{what} has entries up to {peak:.4g}, beyond the float16 range (65504) in "
+                f"which q4_1 stores each block's scale and minimum; use format='nf4' or "
+                f"'int8' (float32 scales)."
+            )
 
 
 def from_gguf_q4_1(data: np.ndarray, in_shape, out_shape, dtype=jnp.float32) -> QuantizedArray:
@@ -296,6 +326,7 @@ def quantize_base(
                     f"{tuple(node.base.shape)}; it must be the same kernel in Flax layout."
                 )
         else:
+            _check_values(node.base, format, f"Kernel '{p}'")
             q = _quantize(node.base, format, block=block, stack=node.stack, inputs=node.inputs)
         new = {"base": q}
         if "magnitude" in {f.name for f in dataclasses.fields(node)}:
@@ -315,5 +346,4 @@ _quantize = jax.jit(quantize, static_argnames=("format", "block", "stack", "inpu
 @functools.partial(jax.jit, static_argnames=("stack", "inputs"))
 def _column_norm(q: QuantizedArray, stack: int, inputs: int) -> Array:
     """``||W0||_c`` of the dequantised kernel, float32 (DoRA's magnitude init)."""
-    w = q.dequantize().astype(jnp.float32)
-    return jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(stack, stack + inputs))))
+    return safe_norm(q.dequantize(), tuple(range(stack, stack + inputs)))

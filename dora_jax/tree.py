@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -11,7 +12,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dora_jax.adapters import DoRA, DVoRA, LoRA, VeRA, is_adapter
+from dora_jax.adapters import DoRA, DVoRA, LoRA, VeRA, is_adapter, safe_norm
 
 PyTree = Any
 
@@ -116,6 +117,20 @@ def _check_axes(path: str, leaf, ax: Axes) -> int:
     return min(n_in, n_out)
 
 
+def _check_numbers(rank, alpha, dropout) -> None:
+    """Refuses a rank, alpha or dropout rate that makes no sensible adapter."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}.")
+    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)  # noqa: E731
+    if alpha is not None and not (real(alpha) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(
+            f"alpha must be a finite positive number (the update's scale is alpha / rank), "
+            f"got {alpha!r}."
+        )
+    if not (real(dropout) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}.")
+
+
 def wrap(
     params: PyTree,
     rank: int = 8,
@@ -172,6 +187,7 @@ def wrap(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}.")
+    _check_numbers(rank, alpha, dropout)
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}.")
     if not 0.0 <= dropout < 1.0:
@@ -257,7 +273,7 @@ def _shared_matrices(leaves, chosen, rank, key, dtype):
 def _magnitude(base, ax: Axes, dtype):
     """``||W0||_c``: the L2 norm over the input axes, in float32."""
     in_axes = tuple(range(ax.stack, ax.stack + ax.inputs))
-    return jnp.sqrt(jnp.sum(jnp.square(base.astype(jnp.float32)), axis=in_axes)).astype(dtype)
+    return safe_norm(base, in_axes).astype(dtype)  # no overflow for entries beyond ~1e18
 
 
 def _make_vera_node(base, ax: Axes, method, shared, dropout, exact_norm_grad, dtype):

@@ -343,3 +343,96 @@ def test_errors(setup):
             {"w": {"kernel": jnp.ones((2, 2, 2))}},
             jnp.ones((1, 2)),
         )
+
+
+# --- numbers wrap refuses, and the norm where the expansion fails ---------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"alpha": float("nan")}, "alpha must be a finite positive"),
+        ({"alpha": float("inf")}, "alpha must be a finite positive"),
+        ({"alpha": 0.0}, "alpha must be a finite positive"),
+        ({"alpha": -2.0}, "alpha must be a finite positive"),
+        ({"alpha": "16"}, "alpha must be a finite positive"),
+        ({"rank": True}, "rank must be a positive int"),
+        ({"rank": 2.0}, "rank must be a positive int"),
+        ({"rank": 0}, "rank must be a positive int"),
+        ({"dropout": float("nan")}, "dropout must be a number in"),
+    ],
+)
+def test_wrap_refuses_nonsense_numbers(kwargs, message):
+    params = {"dense": {"kernel": jnp.ones((4, 3))}}
+    with pytest.raises(ValueError, match=message):
+        dora_jax.wrap(params, **{"rank": 2, **kwargs})
+
+
+def _norm64(w, a, b, scale):
+    """``||W0 + s A B||_c`` in float64 numpy: the reference."""
+    v = np.asarray(w, np.float64) + scale * np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    return np.sqrt(np.sum(v * v, axis=0))
+
+
+def _cancelling_node(t, n_in=64, n_out=16, rank=4, seed=0):
+    """A DoRA node whose update is ``dW = -t W0`` (W0 of rank ``rank``)."""
+    ku, kv = jax.random.split(jax.random.key(seed))
+    u = jax.random.normal(ku, (n_in, rank))
+    v = jax.random.normal(kv, (rank, n_out))
+    node = dora_jax.wrap({"kernel": u @ v}, rank=rank)["kernel"]
+    return dora_jax.DoRA(u @ v, u, -t * v / node.scale, node.magnitude, scale=node.scale)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("t", [0.0, 0.5, 0.9, 0.99, 0.999, 0.9999])
+def test_norm_is_accurate_when_the_update_nearly_cancels_the_base(t, jit):
+    node = _cancelling_node(t)
+    norm = jax.jit(lambda n: n.weight_norm())(node) if jit else node.weight_norm()
+    expected = _norm64(node.base, node.a, node.b, node.scale)
+    # The expansion alone loses ~13% at t = 0.999 (rounding of terms ~1e6x the result). Any
+    # float32 sum of W0 + dW errs by ~eps |W0| / |W0 + dW| = 1.2e-7 / (1 - t).
+    np.testing.assert_allclose(norm, expected, rtol=max(1e-4, 2e-7 / (1 - t)))
+
+
+def test_expansion_error_stays_within_its_bound():
+    # Where the fast expansion is used (terms at most CANCELLATION_LIMIT times the squared
+    # norm), its error stays below ~1e-4 of the norm; beyond, the direct sum takes over.
+    for t in np.linspace(0.0, 0.98, 12):
+        node = _cancelling_node(float(t), seed=int(t * 100))
+        left, right = node.factors()
+        w_sq, cross, quad = dora_jax.adapters._norm_terms(node.base, left, right, 0, 1)
+        norm_sq = w_sq + 2 * cross + quad
+        ratio = float(jnp.max((w_sq + 2 * jnp.abs(cross) + quad) / norm_sq))
+        expected = _norm64(node.base, node.a, node.b, node.scale)
+        error = np.max(np.abs(np.sqrt(np.asarray(norm_sq, np.float64)) / expected - 1))
+        assert error <= 1e-7 * ratio + 1e-6, (t, ratio, error)
+
+
+def test_exact_norm_gradient_is_finite_on_the_direct_path():
+    node = _cancelling_node(0.999)
+    node = dora_jax.DoRA(
+        node.base, node.a, node.b, node.magnitude, scale=node.scale, exact_norm_grad=True
+    )
+    grad = jax.grad(lambda b: jnp.sum(dora_jax.DoRA(
+        node.base, node.a, b, node.magnitude, scale=node.scale, exact_norm_grad=True
+    ).weight_norm()))(node.b)  # fmt: skip
+    # d||V||_c / dB = s A^T V / ||V||_c, by hand in float64.
+    v = np.asarray(node.base, np.float64) + node.scale * np.asarray(
+        node.a, np.float64
+    ) @ np.asarray(node.b, np.float64)
+    expected = node.scale * np.asarray(node.a, np.float64).T @ (v / np.linalg.norm(v, axis=0))
+    np.testing.assert_allclose(grad, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+def test_a_kernel_of_huge_magnitude_does_not_overflow_the_norm():
+    w = 1e20 * jax.random.normal(jax.random.key(0), (32, 8))
+    adapted = dora_jax.wrap({"kernel": w}, rank=2)
+    node = adapted["kernel"]
+    expected = np.linalg.norm(np.asarray(w, np.float64), axis=0)
+    np.testing.assert_allclose(node.magnitude, expected, rtol=1e-5)
+    np.testing.assert_allclose(node.weight_norm(), expected, rtol=1e-5)
+    merged = dora_jax.merge(adapted)["kernel"]  # at init W' = W0
+    np.testing.assert_allclose(merged, w, rtol=1e-5)
+    x = jnp.ones((2, 32))
+    y = dora_jax.apply(lambda p, x: x @ p["kernel"])(adapted, x)
+    np.testing.assert_allclose(y, np.asarray(x, np.float64) @ np.asarray(w, np.float64), rtol=1e-4)
