@@ -184,6 +184,16 @@ class Adapter:
     inputs: int
     dropout: float
 
+    def __jax_array__(self):
+        # jax calls this when a node reaches an operation as if it were an array: the model
+        # was called with adapted params directly.
+        raise TypeError(
+            f"An adapter node ({type(self).__name__}, base {tuple(self.base.shape)}) was used "
+            f"as an array: call the model through dora_jax.apply, e.g. "
+            f"dora_jax.apply(model.apply)({{'params': adapted}}, x), or merge first with "
+            f"dora_jax.merge(adapted)."
+        )
+
     # --- what every kind answers -------------------------------------------------------
     def factors(self) -> tuple[Array, Array]:
         raise NotImplementedError

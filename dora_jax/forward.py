@@ -221,7 +221,9 @@ def _cond(eqn, invals, ctx: _Context) -> list:
     index, *ops = invals
 
     def branch(closed, *args):
-        return _eval(closed.jaxpr, closed.consts, args, ctx)
+        # Branches must return arrays of one type: a kernel returned by one branch is formed.
+        outs = _eval(closed.jaxpr, closed.consts, args, ctx)
+        return [_plain(o, ctx, "returned from a cond branch") for o in outs]
 
     fns = [functools.partial(branch, br) for br in eqn.params["branches"]]
     return list(lax.switch(index, fns, *ops))
@@ -234,6 +236,9 @@ def _while(eqn, invals, ctx: _Context) -> list:
     init = [_plain(x, ctx, "while carry") for x in invals[cn + bn :]]
     cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
 
+    if ctx.key is not None:  # a key carried and split per iteration: fresh dropout masks
+        return _keyed_while(cj, bj, cconsts, bconsts, init, ctx)
+
     def cond(carry):
         return _eval(cj.jaxpr, cj.consts, [*cconsts, *carry], ctx)[0]
 
@@ -241,6 +246,18 @@ def _while(eqn, invals, ctx: _Context) -> list:
         return _eval(bj.jaxpr, bj.consts, [*bconsts, *carry], ctx)
 
     return list(lax.while_loop(cond, body, init))
+
+
+def _keyed_while(cj, bj, cconsts, bconsts, init, ctx: _Context) -> list:
+    def cond(carry):
+        return _eval(cj.jaxpr, cj.consts, [*cconsts, *carry[0]], ctx)[0]
+
+    def body(carry):
+        values, key = carry
+        key, use = jax.random.split(key)
+        return _eval(bj.jaxpr, bj.consts, [*bconsts, *values], _with_key(ctx, use)), key
+
+    return list(lax.while_loop(cond, body, (init, ctx.next_key()))[0])
 
 
 def _dot_general(eqn, invals, ctx: _Context):

@@ -304,6 +304,13 @@ def quantize_base(
         frozen, trainable = dora_jax.partition(adapted)  # codes and scales are frozen
     """
 
+    if not any(is_adapter(x) for x in jax.tree.leaves(adapted, is_leaf=is_adapter)):
+        raise TypeError(
+            f"quantize_base takes a tree from dora_jax.wrap and quantises its adapted kernels; "
+            f"got {type(adapted).__name__} without adapter nodes. Quantise a single kernel with "
+            f"dora_jax.quantize(x, format), or wrap the params first."
+        )
+
     def convert(path, node):
         if not is_adapter(node):
             return node

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dora_jax.adapters import DoRA, DVoRA, LoRA, VeRA, is_adapter, safe_norm
 
@@ -315,6 +316,7 @@ def merge(adapted: PyTree) -> PyTree:
       merged = dora_jax.merge(adapted)
       y = model.apply({"params": merged}, x)
     """
+    _check_whole(adapted, "merge")
     return jax.tree.map(
         lambda x: x.materialise() if is_adapter(x) else x, adapted, is_leaf=is_adapter
     )
@@ -363,6 +365,7 @@ def partition(adapted: PyTree) -> tuple[PyTree, PyTree]:
       frozen, trainable = dora_jax.partition(adapted)
       adapted = dora_jax.combine(frozen, trainable)
     """
+    _check_whole(adapted, "partition")
     mask = trainable_mask(adapted)
     trainable = jax.tree.map(lambda x, m: x if m else None, adapted, mask)
     frozen = jax.tree.map(lambda x, m: None if m else x, adapted, mask)
@@ -395,4 +398,44 @@ def combine(frozen: PyTree, trainable: PyTree) -> PyTree:
             )
         return t if f is None else f
 
-    return jax.tree.map(pick, frozen, trainable, is_leaf=is_none)
+    combined = jax.tree.map(pick, frozen, trainable, is_leaf=is_none)
+    _check_fits(combined)
+    return combined
+
+
+def _check_whole(adapted: PyTree, what: str) -> None:
+    """Clear errors for a tree without adapters or with one half of a partition missing."""
+    nodes = [
+        (path_str(p), x)
+        for p, x in jax.tree_util.tree_flatten_with_path(adapted, is_leaf=is_adapter)[0]
+        if is_adapter(x)
+    ]
+    if not nodes:
+        raise ValueError(
+            f"{what} got a tree without adapter nodes (nothing would train). Pass the output "
+            f"of dora_jax.wrap(params, ...)."
+        )
+    for path, node in nodes:
+        missing = [f for f in _data_fields(node) if getattr(node, f) is None]
+        if missing:
+            half = "frozen" if set(missing) <= set(node.trainable) else "trainable"
+            raise ValueError(
+                f"{what} got the {half} half of dora_jax.partition: adapter '{path}' has no "
+                f"{missing}. Pass the whole tree, dora_jax.combine(frozen, trainable)."
+            )
+
+
+def _check_fits(combined: PyTree) -> None:
+    """Each node's trainable leaves must fit its frozen base (same rank, stack, in, out)."""
+    for p, node in jax.tree_util.tree_flatten_with_path(combined, is_leaf=is_adapter)[0]:
+        if not is_adapter(node) or any(getattr(node, f) is None for f in _data_fields(node)):
+            continue
+        try:
+            jax.eval_shape(lambda n: (n.low_rank(), n.output_scale()), node)
+        except (TypeError, ValueError) as e:
+            shapes = {f: tuple(np.shape(getattr(node, f))) for f in node.trainable}
+            raise ValueError(
+                f"combine: the trainable leaves of adapter '{path_str(p)}' {shapes} do not fit "
+                f"its base of shape {tuple(node.base.shape)} ({type(e).__name__}: {e}). Pass "
+                f"the two halves of one dora_jax.partition call (or of the same wrap settings)."
+            ) from None

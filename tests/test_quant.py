@@ -481,3 +481,10 @@ def test_q4_1_refuses_values_beyond_float16():
     assert np.all(np.isfinite(q.dequantize()))
     for fmt in ("nf4", "int8"):  # float32 scales: fine
         assert np.all(np.isfinite(dora_jax.quantize(w * 1e3, fmt).dequantize()))
+
+
+def test_quantize_base_of_a_plain_array_is_a_clear_error():
+    with pytest.raises(TypeError, match="quantize_base takes a tree from dora_jax.wrap"):
+        dora_jax.quantize_base(jnp.ones((8, 4)), "nf4")
+    with pytest.raises(TypeError, match="dora_jax.quantize\\(x, format\\)"):
+        dora_jax.quantize_base({"kernel": jnp.ones((8, 4))}, "nf4")

@@ -436,3 +436,90 @@ def test_a_kernel_of_huge_magnitude_does_not_overflow_the_norm():
     x = jnp.ones((2, 32))
     y = dora_jax.apply(lambda p, x: x @ p["kernel"])(adapted, x)
     np.testing.assert_allclose(y, np.asarray(x, np.float64) @ np.asarray(w, np.float64), rtol=1e-4)
+
+
+# --- clear errors for halves, empty trees and direct use -----------------------------------
+
+
+def _small():
+    params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}}
+    return params, dora_jax.wrap(params, rank=2)
+
+
+def test_partition_of_a_tree_without_adapters_is_a_clear_error():
+    params, _ = _small()
+    with pytest.raises(ValueError, match="partition got a tree without adapter nodes"):
+        dora_jax.partition(params)
+
+
+def test_merge_of_one_half_is_a_clear_error():
+    _, adapted = _small()
+    frozen, trainable = dora_jax.partition(adapted)
+    with pytest.raises(ValueError, match="merge got the frozen half.*combine"):
+        dora_jax.merge(frozen)
+    with pytest.raises(ValueError, match="merge got the trainable half"):
+        dora_jax.merge(trainable)
+
+
+def test_combine_with_a_trainable_half_of_another_shape_is_a_clear_error():
+    params, adapted = _small()
+    frozen, _ = dora_jax.partition(adapted)
+    _, wider = dora_jax.partition(dora_jax.wrap({"dense": {"kernel": jnp.ones((6, 5))}}, rank=2))
+    with pytest.raises(ValueError, match="'dense/kernel'.*do not fit its base of shape \\(6, 4\\)"):
+        dora_jax.combine(frozen, wider)
+
+
+def test_calling_the_model_without_apply_names_the_fix():
+    model = MLP()
+    x = jnp.ones((2, 8))
+    params = model.init(jax.random.key(0), x)["params"]
+    adapted = dora_jax.wrap(params, rank=2)
+    for run in (model.apply, jax.jit(model.apply)):
+        with pytest.raises(TypeError, match="dora_jax.apply"):
+            run({"params": adapted}, x)
+
+
+def test_cond_returning_the_kernel_or_an_array_forms_the_kernel():
+    _, adapted = _small()
+    adapted = perturb(adapted, size=0.3)
+
+    def f(p, x, flag):
+        w = jax.lax.cond(flag, lambda: p["dense"]["kernel"], lambda: jnp.eye(6, 4))
+        return x @ w
+
+    x = jax.random.normal(jax.random.key(1), (3, 6))
+    merged = dora_jax.merge(adapted)["dense"]["kernel"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dora_jax.FallbackWarning)
+        for flag, w in ((True, merged), (False, jnp.eye(6, 4))):
+            got = jax.jit(dora_jax.apply(f))(adapted, x, flag)
+            np.testing.assert_allclose(got, x @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loop", ["fori", "while"])
+def test_dropout_masks_differ_across_loop_iterations(loop):
+    # Two identical iterations of a loop with a traced trip count: with a fresh mask per
+    # iteration their outputs differ; a mask reused across iterations would make them equal.
+    params = {"dense": {"kernel": jnp.zeros((64, 32))}}
+    adapted = dora_jax.wrap(params, rank=4, method="lora", dropout=0.5)
+    adapted = perturb(adapted, size=1.0)
+    x = jnp.ones((1, 64))
+
+    def f(p, n):
+        out = jnp.zeros((2, 32))
+
+        def body(i, out):
+            return out.at[i].set((x @ p["dense"]["kernel"])[0])
+
+        if loop == "fori":
+            return jax.lax.fori_loop(0, n, body, out)
+        return jax.lax.while_loop(
+            lambda c: c[0] < n, lambda c: (c[0] + 1, body(c[0], c[1])), (0, out)
+        )[1]
+
+    out = jax.jit(dora_jax.apply(f, key=jax.random.key(3)))(adapted, jnp.int32(2))
+    assert np.all(np.isfinite(out))
+    assert not np.allclose(out[0], out[1])
+    # Without a key (evaluation) there is no dropout: both iterations agree.
+    out = jax.jit(dora_jax.apply(f))(adapted, jnp.int32(2))
+    np.testing.assert_allclose(out[0], out[1])
