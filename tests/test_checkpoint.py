@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,8 +38,7 @@ def _trainer(**kwargs):
 
 
 def _assert_trees_equal(a, b):
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+    chex.assert_trees_all_equal(a, b)  # same structure, bit-identical leaves
 
 
 # --- resume -------------------------------------------------------------------------------
@@ -220,6 +220,7 @@ print("RESHARD OK")
 """
 
 
+@pytest.mark.e2e
 def test_restore_onto_another_mesh(tmp_path):
     code = _RESHARD.format(root=str(ROOT), path=str(tmp_path / "ckpt"))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -270,6 +271,7 @@ def _assert_params(out: Path, expected) -> None:
         np.testing.assert_array_equal(params[k], v, err_msg=k)
 
 
+@pytest.mark.e2e
 def test_sigkill_during_training_resumes_from_last_checkpoint(tmp_path, uninterrupted):
     ckpt = tmp_path / "ckpt"
     cmd = [sys.executable, str(SCRIPT), *_ARGS, "--ckpt", str(ckpt), "--step-sleep", "0.5"]
@@ -293,6 +295,7 @@ def test_sigkill_during_training_resumes_from_last_checkpoint(tmp_path, uninterr
     _assert_params(tmp_path / "out.npz", uninterrupted)
 
 
+@pytest.mark.e2e
 def test_sigkill_during_save_resumes_from_last_complete_checkpoint(tmp_path, uninterrupted):
     ckpt = tmp_path / "ckpt"
     argv = [str(SCRIPT), *_ARGS, "--ckpt", str(ckpt)]
@@ -526,6 +529,7 @@ except checkpoint.CheckpointError as e:
         "os.makedirs(folder); os.chmod(folder, 0o500)",  # read-only (when not root)
     ],
 )
+@pytest.mark.e2e
 def test_a_failed_async_save_raises_and_the_process_exits(tmp_path, break_folder):
     folder = tmp_path / "run"
     code = _FAILED_SAVE.format(break_folder=break_folder)

@@ -440,6 +440,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.e2e
 def test_qdora_trains_on_a_mesh_like_on_one_device():
     """A quantised base under sharding: loss and gradients equal the one-device ones."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}

@@ -220,6 +220,7 @@ def test_step_on_one_device_matches_plain_jit(reference):
     assert float(train.cross_entropy(logits, tokens)) == pytest.approx(reference[0][0], rel=1e-6)
 
 
+@pytest.mark.e2e
 def test_meshes_of_8_devices_match_one_device(reference):
     meshes = ["data=8", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2"]
     code = _MESH_SCRIPT.format(root=str(ROOT), meshes=meshes, steps=STEPS)
@@ -241,6 +242,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.e2e
 def test_two_processes_of_4_devices_match_one_device(reference, tmp_path):
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -355,6 +357,7 @@ print("RESULT" + json.dumps(report))
 """
 
 
+@pytest.mark.e2e
 def test_quantised_base_is_split_over_8_devices_and_trains_like_one():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     proc = subprocess.run(
