@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import re
@@ -430,8 +431,10 @@ def _check_fits(combined: PyTree) -> None:
     for p, node in jax.tree_util.tree_flatten_with_path(combined, is_leaf=is_adapter)[0]:
         if not is_adapter(node) or any(getattr(node, f) is None for f in _data_fields(node)):
             continue
+        leaves, treedef = jax.tree.flatten(node)
+        signature = (treedef, tuple((np.shape(x), str(x.dtype)) for x in leaves))
         try:
-            jax.eval_shape(lambda n: (n.low_rank(), n.output_scale()), node)
+            _fits(signature)
         except (TypeError, ValueError) as e:
             shapes = {f: tuple(np.shape(getattr(node, f))) for f in node.trainable}
             raise ValueError(
@@ -439,3 +442,11 @@ def _check_fits(combined: PyTree) -> None:
                 f"its base of shape {tuple(node.base.shape)} ({type(e).__name__}: {e}). Pass "
                 f"the two halves of one dora_jax.partition call (or of the same wrap settings)."
             ) from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _fits(signature) -> None:
+    """Traces a node of this structure and these shapes once (layers share one signature)."""
+    treedef, shapes = signature
+    node = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes])
+    jax.eval_shape(lambda n: (n.low_rank(), n.output_scale()), node)
