@@ -368,8 +368,9 @@ def _cond_rule(eqn, invals, ctx):
     index, *ops = invals
 
     def branch(closed, *args):
+        # Branches must return arrays of one type: a kernel returned by one branch is formed.
         outs = _eval(closed.jaxpr, closed.consts, args, ctx)
-        return [_plain(o, ctx, "cond output") for o in outs]
+        return [_plain(o, ctx, "returned from a cond branch") for o in outs]
 
     fns = [functools.partial(branch, br) for br in eqn.params["branches"]]
     return list(lax.switch(index, fns, *ops))
@@ -383,6 +384,9 @@ def _while_rule(eqn, invals, ctx):
     init = [_plain(x, ctx, "while carry") for x in invals[cn + bn :]]
     cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
 
+    if ctx.key is not None:  # a key carried and split per iteration: fresh dropout masks
+        return _keyed_while(cj, bj, cconsts, bconsts, init, ctx)
+
     def cond(carry):
         return _eval(cj.jaxpr, cj.consts, [*cconsts, *carry], ctx)[0]
 
@@ -391,6 +395,21 @@ def _while_rule(eqn, invals, ctx):
         return [_plain(o, ctx, "while output") for o in outs]
 
     return list(lax.while_loop(cond, body, init))
+
+
+def _keyed_while(cj, bj, cconsts, bconsts, init, ctx: _Context) -> list:
+    """The while loop with a key carried and split per iteration (fresh dropout masks)."""
+
+    def cond(carry):
+        return _eval(cj.jaxpr, cj.consts, [*cconsts, *carry[0]], ctx)[0]
+
+    def body(carry):
+        values, key = carry
+        key, use = jax.random.split(key)
+        outs = _eval(bj.jaxpr, bj.consts, [*bconsts, *values], ctx.with_key(use))
+        return [_plain(o, ctx, "while output") for o in outs], key
+
+    return list(lax.while_loop(cond, body, (init, ctx.next_key()))[0])
 
 
 # --- contractions: dot_general, conv, gather ---------------------------------------------
