@@ -223,7 +223,7 @@ print("RESHARD OK")
 @pytest.mark.e2e
 def test_restore_onto_another_mesh(tmp_path):
     code = _RESHARD.format(root=str(ROOT), path=str(tmp_path / "ckpt"))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
     )
@@ -254,6 +254,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def _env():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one device, as the in-process reference
+    # Subprocesses import this checkout's dora_jax, whatever copy is installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 
 
@@ -534,7 +536,11 @@ def test_a_failed_async_save_raises_and_the_process_exits(tmp_path, break_folder
     folder = tmp_path / "run"
     code = _FAILED_SAVE.format(break_folder=break_folder)
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     if os.geteuid() == 0 and "chmod" in break_folder:

@@ -388,16 +388,8 @@ def unstack_layer_params(params, num_layers: int):
 
 # --- Hugging Face checkpoints ------------------------------------------------------------
 
-# Projection names shared by this module and Hugging Face's Llama (``self_attn.q_proj``...).
-PROJECTIONS = (
-    "self_attn/q_proj",
-    "self_attn/k_proj",
-    "self_attn/v_proj",
-    "self_attn/o_proj",
-    "mlp/gate_proj",
-    "mlp/up_proj",
-    "mlp/down_proj",
-)
+# Projection paths shared by this module and Hugging Face's Llama (``self_attn.q_proj``...).
+_PROJECTION_PATHS = tuple(PROJECTIONS.values())
 _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 _HF_MODEL_TYPES = ("llama", "mistral")
 _SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
@@ -420,7 +412,7 @@ def hf_module_name(path: str, index: tuple[int, ...] = ()) -> str | None:
     if parts[:-1] == ["lm_head"] and not index:
         return "lm_head"
     module = "/".join(parts[1:-1])
-    if module not in PROJECTIONS:
+    if module not in _PROJECTION_PATHS:
         return None
     if parts[0] == "layers" and len(index) == 1:
         layer = index[0]
@@ -437,7 +429,7 @@ def _hf_tensors(config: LlamaConfig):
     for i in range(config.num_layers):
         for norm in _LAYER_NORMS:
             yield (norm, "scale"), i, f"model.layers.{i}.{norm}.weight", False
-        for proj in PROJECTIONS:
+        for proj in _PROJECTION_PATHS:
             name = f"model.layers.{i}.{proj.replace('/', '.')}.weight"
             yield (*proj.split("/"), "kernel"), i, name, True
     yield ("norm", "scale"), None, "model.norm.weight", False
