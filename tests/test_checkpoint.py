@@ -369,8 +369,24 @@ def test_checkpoint_records_each_nodes_whole_configuration(tmp_path):
     node = meta["adapters"]["stack/kernel"]
     assert node["kind"] == "DoRA" and node["rank"] == 4 and node["scale"] == 0.75
     assert node["dropout"] == 0.25 and node["exact_norm_grad"] is True
-    assert (node["stack"], node["inputs"]) == (1, 1)
+    # Stack and input axes are kernel positions (JSON lists).
+    assert (node["stack"], node["inputs"]) == ([0], [1])
     assert node["base"] == [[3, 8, 6], "float32"] and node["a"] == [[3, 8, 4], "float32"]
+
+
+def test_checkpoint_records_magnitude_nodes_and_refuses_another_method(tmp_path):
+    params = _dense(layers=3)
+    rules = [(r"^stack/", dict(method="magnitude"))]
+    manager, opt_state = _save(tmp_path, _wrap(params, rules=rules))
+    meta = json.loads((tmp_path / "1" / "meta" / "metadata").read_text())
+    node = meta["adapters"]["stack/kernel"]
+    assert node["kind"] == "Magnitude" and node["rank"] == 0
+    assert node["magnitude"] == [[3, 6], "float32"]
+    assert meta["adapters"]["first/kernel"]["kind"] == "DoRA"
+    restored = checkpoint.restore(manager, _wrap(params, rules=rules), opt_state)
+    assert restored is not None
+    with pytest.raises(checkpoint.CheckpointError, match="'stack/kernel'"):
+        checkpoint.restore(manager, _wrap(params), opt_state)
 
 
 @pytest.mark.parametrize("where", [(0, 0, 0), (-1, -1, -1), (-1, 3, 2)])
