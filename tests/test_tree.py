@@ -1,5 +1,6 @@
 """wrap / partition / combine / merge / optax behaviour, the jaxpr check and bad input."""
 
+import dataclasses
 import re
 import warnings
 
@@ -523,3 +524,24 @@ def test_dropout_masks_differ_across_loop_iterations(loop):
     # Without a key (evaluation) there is no dropout: both iterations agree.
     out = jax.jit(dora_jax.apply(f))(adapted, jnp.int32(2))
     np.testing.assert_allclose(out[0], out[1])
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_norm_guard_reads_kernels_in_any_layout(jit):
+    # (layers, in, out) stored as (out, layers, in): the direct path (t = 0.999) and the
+    # expansion (t = 0.5) both give the float64 norm of each layer's W0 + dW.
+    layers, n_in, n_out, rank = 3, 64, 16, 4
+    ku, kv = jax.random.split(jax.random.key(1))
+    u = jax.random.normal(ku, (layers, n_in, rank))
+    v = jax.random.normal(kv, (layers, rank, n_out))
+    canonical = u @ v  # (layers, in, out)
+    stored = jnp.transpose(canonical, (2, 0, 1))
+    axes = {"kernel": dora_jax.Axes(stack=(1,), inputs=(2,))}
+    node = dora_jax.wrap({"kernel": stored}, rank=rank, axes=axes)["kernel"]
+    for t in (0.5, 0.999):
+        moved = dataclasses.replace(node, a=u, b=-t * v / node.scale)
+        norm = jax.jit(lambda n: n.weight_norm())(moved) if jit else moved.weight_norm()
+        expected = np.stack(
+            [_norm64(canonical[i], u[i], moved.b[i], node.scale) for i in range(layers)]
+        )
+        np.testing.assert_allclose(norm, expected, rtol=max(1e-4, 2e-7 / (1 - t)))
