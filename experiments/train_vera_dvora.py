@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 import dora_jax
 import dora_jax.checkpoint
+from dora_jax.adapters import magnitude_init
 from dora_jax.experiments import commonsense, stats, training
 from dora_jax.memory import PeakRSS
 from dora_jax.models.llama import PROJECTIONS, Llama, LlamaConfig, projection_regex
@@ -366,8 +367,7 @@ def magnitude_change(adapted) -> float | None:
     moved, total = 0.0, 0.0
     for node in jax.tree.leaves(adapted, is_leaf=dora_jax.is_adapter):
         if dora_jax.is_adapter(node) and hasattr(node, "magnitude"):
-            axes = tuple(range(node.stack, node.stack + node.inputs))
-            m0 = jnp.sqrt(jnp.sum(jnp.square(node.base.astype(jnp.float32)), axis=axes))
+            m0 = magnitude_init(node.dequantised_base(), node.stack, node.inputs, jnp.float32)
             moved += float(jnp.sum(jnp.abs(node.magnitude - m0)))
             total += float(jnp.sum(m0))
     return moved / total if total else None

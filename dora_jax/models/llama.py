@@ -388,8 +388,6 @@ def unstack_layer_params(params, num_layers: int):
 
 # --- Hugging Face checkpoints ------------------------------------------------------------
 
-# Projection paths shared by this module and Hugging Face's Llama (``self_attn.q_proj``...).
-_PROJECTION_PATHS = tuple(PROJECTIONS.values())
 _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 _HF_MODEL_TYPES = ("llama", "mistral")
 _SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
@@ -412,7 +410,7 @@ def hf_module_name(path: str, index: tuple[int, ...] = ()) -> str | None:
     if parts[:-1] == ["lm_head"] and not index:
         return "lm_head"
     module = "/".join(parts[1:-1])
-    if module not in _PROJECTION_PATHS:
+    if module not in PROJECTIONS.values():
         return None
     if parts[0] == "layers" and len(index) == 1:
         layer = index[0]
@@ -429,7 +427,7 @@ def _hf_tensors(config: LlamaConfig):
     for i in range(config.num_layers):
         for norm in _LAYER_NORMS:
             yield (norm, "scale"), i, f"model.layers.{i}.{norm}.weight", False
-        for proj in _PROJECTION_PATHS:
+        for proj in PROJECTIONS.values():
             name = f"model.layers.{i}.{proj.replace('/', '.')}.weight"
             yield (*proj.split("/"), "kernel"), i, name, True
     yield ("norm", "scale"), None, "model.norm.weight", False
