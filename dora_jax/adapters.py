@@ -75,11 +75,12 @@ def canonical_order(ndim: int, stack, inputs) -> tuple[int, ...]:
 def column_norm_sq(base: Array, left: Array, right: Array, stack=0, inputs=1) -> Array:
     """``||W0 + L R||_c^2`` per output feature without forming ``W0 + L R``.
 
-    Expands the square (shared/CONVENTIONS.md):
+    Expands the square (docs/conventions.md):
     ``||W0||^2 + 2 sum_r(R * (L^T W0)) + sum_r(R * ((L^T L) R))``. Every product contracts
     the input axes first, so no temporary of the kernel's size exists; all maths in float32
     (bf16 bases are read in their own dtype and accumulated in float32). The kernel is read
-    in its own layout (no transposed copy).
+    in its own layout (no transposed copy). Loses accuracy when the update nearly cancels the
+    base, and overflows beyond ~1e19: :func:`column_norm` guards both.
 
     Args:
       base: the kernel, its axes at any positions.
@@ -91,26 +92,115 @@ def column_norm_sq(base: Array, left: Array, right: Array, stack=0, inputs=1) ->
     Returns:
       ``(*stack, *out)`` float32.
     """
+    w_sq, cross, quad = _norm_terms(base, left, right, stack, inputs)
+    return (w_sq + 2.0 * cross + quad).reshape(_kept_shape(base, stack, inputs))
+
+
+def _kept_shape(base, stack, inputs) -> tuple[int, ...]:
+    s_pos, _, o_pos = _positions(base.ndim, stack, inputs)
+    return tuple(base.shape[p] for p in s_pos + o_pos)
+
+
+def _norm_terms(base, left, right, stack, inputs):
+    """``||W0||^2``, ``sum_r(R * (L^T W0))``, ``sum_r(R * ((L^T L) R))``, ``(*stack, out)``."""
     f32 = jnp.float32
     s_pos, i_pos, o_pos = _positions(base.ndim, stack, inputs)
     ns, ni = len(s_pos), len(i_pos)
     stack_shape = tuple(base.shape[p] for p in s_pos)
-    out_shape = tuple(base.shape[p] for p in o_pos)
+    n_out = _prod(base.shape[p] for p in o_pos)
     rank = left.shape[-1]
     a = left.astype(f32)
-    b = right.astype(f32).reshape(*stack_shape, rank, _prod(out_shape))
+    b = right.astype(f32).reshape(*stack_shape, rank, n_out)
     a_s, a_i = tuple(range(ns)), tuple(range(ns, ns + ni))
     # Batched dot products instead of square-then-sum keep the jaxpr free of kernel-sized
     # intermediates (and read a bf16 base directly with float32 accumulation).
     so = s_pos + o_pos
     w_sq = lax.dot_general(base, base, ((i_pos, i_pos), (so, so)), preferred_element_type=f32)
     a_w = lax.dot_general(a, base, ((a_i, i_pos), (a_s, s_pos)), preferred_element_type=f32)
-    a_w = a_w.reshape(*stack_shape, rank, _prod(out_shape))  # (*stack, r, out); r may be 0
+    a_w = a_w.reshape(*stack_shape, rank, n_out)  # (*stack, r, out); r may be 0
     a_a = lax.dot_general(a, a, ((a_i, a_i), (a_s, a_s)))  # (*stack, r, r)
     cross = jnp.sum(b * a_w, axis=-2)
     quad = jnp.sum(b * jnp.matmul(a_a, b), axis=-2)
-    norm_sq = w_sq.reshape(*stack_shape, -1) + 2.0 * cross + quad
-    return norm_sq.reshape(*stack_shape, *out_shape)
+    return w_sq.reshape(*stack_shape, n_out), cross, quad
+
+
+# The expansion is used where its terms exceed the squared norm by at most this factor: its
+# float32 rounding errors (relative ~1e-7 on each term) then stay below ~1e-4 of the norm.
+CANCELLATION_LIMIT = 1024.0
+
+
+def column_norm(base: Array, left: Array, right: Array, stack=0, inputs=1) -> Array:
+    """``||W0 + L R||_c`` per output feature, float32, accurate where the expansion is not.
+
+    By the factored expansion (:func:`column_norm_sq`) wherever it is accurate. Where it is
+    not, by a direct sum over blocks of input rows with a running per-column scale (as
+    LAPACK's ``nrm2``; no ``W0 + L R`` temporary): when the update nearly cancels the base
+    (the terms exceed the squared norm by more than :data:`CANCELLATION_LIMIT`, e.g.
+    ``dW = -0.999 W0``, where the expansion loses ~13%; the cancellation the factored norm
+    of Zelenin & Zhuravlyova, "Scaling DoRA", 2026, guards against), or when a squared
+    norm overflows float32 (entries beyond ~1e18). The check costs ``O(out)``; the direct
+    path runs only for a kernel that needs it (a kernel stored in another layout than
+    ``(*stack, *in, *out)`` is read there through a canonical-order copy).
+
+    Args: as :func:`column_norm_sq`.
+
+    Returns:
+      ``(*stack, *out)`` float32.
+    """
+    w_sq, cross, quad = _norm_terms(base, left, right, stack, inputs)
+    norm_sq = w_sq + 2.0 * cross + quad
+    size = w_sq + 2.0 * jnp.abs(cross) + quad
+    accurate = jnp.all(jnp.isfinite(size) & (size <= CANCELLATION_LIMIT * jnp.maximum(norm_sq, 0)))
+    norm = lax.cond(
+        accurate,
+        lambda: jnp.sqrt(jnp.maximum(norm_sq, NORM_EPS)),
+        lambda: _direct_column_norm(base, left, right, stack, inputs),
+    )
+    return norm.reshape(_kept_shape(base, stack, inputs))
+
+
+def _direct_column_norm(base, left, right, stack, inputs) -> Array:
+    """``||W0 + L R||_c`` summed over blocks of input rows, scaled per column, ``(*stack, out)``."""
+    s_pos, i_pos, o_pos = _positions(base.ndim, stack, inputs)
+    order = s_pos + i_pos + o_pos
+    w = base if order == tuple(range(base.ndim)) else jnp.transpose(base, order)
+    ns = len(s_pos)
+    stack_shape = w.shape[:ns]
+    n_in = _prod(w.shape[ns : ns + len(i_pos)])
+    n_out = _prod(w.shape[ns + len(i_pos) :])
+    rank = left.shape[-1]
+    w = w.reshape(*stack_shape, n_in, n_out)
+    a = left.astype(jnp.float32).reshape(*stack_shape, n_in, rank)
+    b = right.astype(jnp.float32).reshape(*stack_shape, rank, n_out)
+    # The largest divisor of n_in up to 256 and below n_in: blocks never of the kernel's size.
+    rows = max([d for d in range(1, min(256, max(1, n_in // 2)) + 1) if n_in % d == 0])
+    s = tuple(range(ns))
+
+    def block(i, carry):
+        scale, ssq = carry
+        w_i = lax.dynamic_slice_in_dim(w, i * rows, rows, axis=ns).astype(jnp.float32)
+        a_i = lax.dynamic_slice_in_dim(a, i * rows, rows, axis=ns)
+        v = w_i + lax.dot_general(a_i, b, (((ns + 1,), (ns,)), (s, s)))
+        new = jnp.maximum(scale, jnp.max(jnp.abs(v), axis=ns))
+        safe = jnp.where(new > 0, new, 1.0)
+        ssq = ssq * jnp.square(scale / safe)
+        ssq = ssq + jnp.sum(jnp.square(v / jnp.expand_dims(safe, ns)), axis=ns)
+        return new, ssq
+
+    zeros = jnp.zeros((*stack_shape, n_out), jnp.float32)
+    scale, ssq = lax.fori_loop(0, n_in // rows, block, (zeros, zeros))
+    return scale * jnp.sqrt(jnp.maximum(ssq, NORM_EPS))
+
+
+def safe_norm(x: Array, axis: tuple[int, ...]) -> Array:
+    """The L2 norm over ``axis`` in float32, scaled by the largest entry where squaring
+    would overflow (kernels with entries beyond ~1e18)."""
+    x = x.astype(jnp.float32)
+    plain = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis))
+    peak = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+    peak = jnp.where(peak > 0, peak, 1.0)
+    scaled = jnp.squeeze(peak, axis) * jnp.sqrt(jnp.sum(jnp.square(x / peak), axis=axis))
+    return jnp.where(jnp.isfinite(plain), plain, scaled)
 
 
 def to_kernel_layout(x: Array, ndim: int, stack, inputs) -> Array:
@@ -222,6 +312,16 @@ class Adapter:
         ``column_norm()`` if given, else the norm of ``base`` over its input axes)."""
         return dataclasses.replace(self, base=base)
 
+    def __jax_array__(self):
+        # jax calls this when a node reaches an operation as if it were an array: the model
+        # was called with adapted params directly.
+        raise TypeError(
+            f"An adapter node ({type(self).__name__}, base {tuple(self.base.shape)}) was used "
+            f"as an array: call the model through dora_jax.apply, e.g. "
+            f"dora_jax.apply(model.apply)({{'params': adapted}}, x), or merge first with "
+            f"dora_jax.merge(adapted)."
+        )
+
     # --- what every kind answers -------------------------------------------------------
     def factors(self) -> tuple[Array, Array]:
         raise NotImplementedError
@@ -320,11 +420,11 @@ class _Decomposed(Adapter):
         """``||W0 + dW||_c`` by the factored formula, float32, shape ``(*stack, *out)``."""
         base = self.dequantised_base() if base is None else base
         left, right = self.factors()
-        norm_sq = _sharded_like(
-            functools.partial(column_norm_sq, stack=self.stack, inputs=self.inputs),
+        norm = _sharded_like(
+            functools.partial(column_norm, stack=self.stack, inputs=self.inputs),
             self.magnitude, base, left, right,
         )  # fmt: skip
-        norm = jnp.sqrt(jnp.maximum(norm_sq, NORM_EPS))
+        norm = jnp.maximum(norm, math.sqrt(NORM_EPS))
         return norm if self.exact_norm_grad else lax.stop_gradient(norm)
 
     def output_scale(self, base: Array | None = None) -> Array:
@@ -337,8 +437,7 @@ def magnitude_init(base: Array, stack, inputs, dtype, path: str = "") -> Array:
     Warns (naming ``path``) when a column is all zero: DoRA cannot train it.
     """
     s, i, o = _positions(base.ndim, stack, inputs)
-    w = base.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=i))
+    norm = safe_norm(base, i)
     # The sum keeps stack and output axes in kernel order; bring the stack axes first.
     kept = [p for p in range(base.ndim) if p not in i]
     norm = jnp.transpose(norm, [kept.index(p) for p in s + o])

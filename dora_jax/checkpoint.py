@@ -2,14 +2,18 @@
 
 A checkpoint holds the trainable adapter leaves, the optimiser state, the RNG key (as key
 data), the step, the data position and VeRA's shared matrices (once, not once per node),
-plus a small JSON record: methods, ranks and a fingerprint of the frozen base model. The
-base itself is never saved: restoring needs it anyway, and it is usually 100-1000x larger.
+plus a small JSON record: every adapter node's whole configuration (kind, rank, scale,
+dropout, norm gradient, axes, the shapes and dtypes of its fields) and a fingerprint of the
+frozen base model that covers every value of every leaf. The base itself is never saved:
+restoring needs it anyway, and it is usually 100-1000x larger. Non-parameter NNX state
+(BatchNorm statistics, RNG streams) is saved and restored with the adapters.
 
 Restoring takes templates (a freshly wrapped tree and a fresh optimiser state, placed as
 you want them): their structure checks the checkpoint, their shardings say where restored
 arrays go, so a checkpoint saved on one mesh restores onto another. orbax writes each step
 into a temporary directory and renames it on commit, so a process killed mid-save leaves
-the previous step as the latest complete one.
+the previous step as the latest complete one; such leftovers are deleted by the next
+writer's first save, never by a manager that only reads (an evaluator beside a trainer).
 
 Example::
 
@@ -19,22 +23,29 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import threading
+import weakref
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
+from jax import lax
 
 from dora_jax.adapters import is_adapter
 from dora_jax.tree import combine, partition, path_str
 
 PyTree = Any
-FORMAT = 1
+FORMAT = 2
 
 
 class CheckpointError(ValueError):
@@ -52,13 +63,22 @@ class Restored(NamedTuple):
 
 
 def manager(
-    directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True
+    directory: str | os.PathLike,
+    *,
+    max_to_keep: int | None = 3,
+    async_save: bool = True,
+    read_only: bool = False,
 ) -> ocp.CheckpointManager:
     """An orbax ``CheckpointManager`` for adapter checkpoints in ``directory``.
 
     With ``async_save`` the write happens in a background thread after the arrays are
     copied to host: call ``manager.wait_until_finished()`` before reading the files, and
     ``manager.close()`` at the end of training.
+
+    Opening a manager never deletes anything, so an evaluator may open the folder of a
+    running trainer: temporary directories left by a killed run are removed by the first
+    :func:`save` of the next writer (one writer per folder). ``read_only=True`` refuses to
+    save and never creates the folder.
 
     On a TPU pod every host passes the same shared path (e.g. ``gs://bucket/run``).
 
@@ -69,18 +89,66 @@ def manager(
     """
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
-        create=True,
-        # Half-written steps of a killed run are deleted when the next run opens the folder.
-        cleanup_tmp_directories=True,
+        create=not read_only,
+        # Never on opening: a temporary directory may be another process's save in flight.
+        cleanup_tmp_directories=False,
         enable_async_checkpointing=async_save,
+        read_only=read_only,
     )
     directory = os.fspath(directory)
     if "://" not in directory:  # keep gs:// and other remote paths as they are
         directory = os.path.abspath(directory)
-    return ocp.CheckpointManager(directory, options=options)
+    return _Manager(directory, options=options)
+
+
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager, but a failed background save raises a clear error and lets the
+    process exit (orbax's waiting threads are released)."""
+
+    def wait_until_finished(self):
+        try:
+            return super().wait_until_finished()
+        except Exception as e:
+            _release_failed_save()
+            raise CheckpointError(
+                f"A background save to {self.directory} failed ({type(e).__name__}: {e}). "
+                f"Nothing was committed for it; earlier steps are intact. Check that the "
+                f"folder exists and is writable."
+            ) from e
+
+
+# Managers whose folder has been cleared of a killed run's temporary directories.
+_CLEANED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _remove_leftovers(manager: ocp.CheckpointManager) -> None:
+    """Deletes temporary step directories of a killed writer, once per writing manager."""
+    if manager in _CLEANED:
+        return
+    _CLEANED.add(manager)
+    options = ocp.CheckpointManagerOptions(
+        create=True, cleanup_tmp_directories=True, enable_async_checkpointing=False
+    )
+    cleaner = ocp.CheckpointManager(manager.directory, options=options)
+    # orbax deletes in the background and waits only in its own save(): wait here, or the
+    # deletion could race the save that follows.
+    getattr(cleaner, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+    cleaner.close()
 
 
 # --- fingerprints ------------------------------------------------------------------------
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _state_paths(tree: PyTree) -> set[str]:
+    """Paths of non-parameter NNX variables (BatchNorm statistics, RNG keys and counts)."""
+    flat = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: is_adapter(x) or _is_variable(x)
+    )[0]
+    return {path_str(p) for p, x in flat if _is_variable(x) and not isinstance(x, nnx.Param)}
 
 
 def _base_model(adapted: PyTree) -> PyTree:
@@ -88,34 +156,130 @@ def _base_model(adapted: PyTree) -> PyTree:
     return jax.tree.map(lambda x: x.base if is_adapter(x) else x, adapted, is_leaf=is_adapter)
 
 
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser: a bijection that mixes every input bit into all."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as uint32 (64-bit values as two words on a trailing axis)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
+    info = jnp.finfo if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo
+    bits = info(x.dtype).bits
+    if bits < 8:  # int4, float4: exact in a wider type
+        x = x.astype(jnp.float32 if info is jnp.finfo else jnp.int32)
+        bits = 32
+    words = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint32}[bits]
+    return lax.bitcast_convert_type(x, words).astype(jnp.uint32)
+
+
 @jax.jit
-def _heads(leaves):
-    # A few values per leaf, read exactly (a slice, no arithmetic): the same on any mesh.
-    return [x.reshape(-1)[:8] for x in leaves]
+def _checksums(leaves):
+    """Two 32-bit sums per leaf of every value's bits, mixed with its position.
+
+    Wrapping integer sums are exact and order-free, so the result is the same on any mesh
+    and any number of hosts, and nothing is gathered: each device reduces its own shard.
+    Position-dependent, so swapped layers of a stack differ. Not a cryptographic hash.
+    """
+    out = []
+    for x in leaves:
+        u = _as_uint32(x)
+        index, stride = jnp.zeros(u.shape, jnp.uint32), 1
+        for axis in reversed(range(u.ndim)):
+            step = jnp.uint32(stride % 2**32)
+            index = index + lax.broadcasted_iota(jnp.uint32, u.shape, axis) * step
+            stride *= u.shape[axis]
+        h = _fmix32(u ^ (index * jnp.uint32(0x9E3779B9)))
+        weighted = h * (index * jnp.uint32(2) + jnp.uint32(1))
+        out.append(jnp.stack([jnp.sum(h, dtype=jnp.uint32), jnp.sum(weighted, dtype=jnp.uint32)]))
+    return out
+
+
+# Fingerprints of the last few bases, keyed by their leaves' identities: a training loop
+# saves the same frozen arrays every time, so each save after the first costs nothing.
+_FINGERPRINTS: list[tuple[list, dict]] = []
+
+
+def _cached(flat: list[tuple[str, Any]]) -> dict | None:
+    for refs, fp in _FINGERPRINTS:
+        if len(refs) == len(flat) and all(r() is x for r, (_, x) in zip(refs, flat)):
+            return fp
+    return None
+
+
+def _remember(flat: list[tuple[str, Any]], fp: dict) -> None:
+    if not all(isinstance(x, jax.Array) for _, x in flat):  # numpy arrays are mutable
+        return
+    _FINGERPRINTS.insert(0, ([weakref.ref(x) for _, x in flat], fp))
+    del _FINGERPRINTS[4:]
+
+
+def _host(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)  # replicated: every process holds the whole value
+    return np.asarray(x)
+
+
+def _base_leaves(params: PyTree) -> list[tuple[str, Any]]:
+    skip = _state_paths(params)
+    flat = jax.tree_util.tree_flatten_with_path(_base_model(params))[0]
+    out = []
+    for p, x in flat:
+        key = path_str(p)
+        if key not in skip:
+            out.append((key, x if hasattr(x, "dtype") else np.asarray(x)))
+    return out
+
+
+def _dtype_name(x) -> str:
+    return str(x.dtype)
+
+
+def _nbytes(x) -> int:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
 
 
 def fingerprint(params: PyTree) -> dict[str, Any]:
-    """Identifies a base model: its paths, shapes, dtypes and a hash of a few values.
+    """Identifies a base model: paths, shapes, dtypes and a checksum of every value.
 
     Works on plain params and on adapted trees (the frozen kernels count, the adapters do
     not), so an adapter's fingerprint equals that of the model it was wrapped around.
+    Non-parameter NNX state (BatchNorm statistics, RNG streams) is not part of the base.
+    Each leaf's checksum covers all its values (every layer of a stack) and is computed
+    where the leaf lives, by exact integer sums: the same on any mesh.
+
+    Returns:
+      ``{"sha256", "leaves", "bytes", "per_leaf": [[path, shape, dtype, checksum], ...]}``.
 
     Example::
 
       assert fingerprint(adapted) == fingerprint(params)
     """
-    flat = jax.tree_util.tree_flatten_with_path(_base_model(params))[0]
-    summary = [[path_str(p), list(np.shape(x)), str(x.dtype)] for p, x in flat]
-    heads = _heads([x for _, x in flat])
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        heads = multihost_utils.process_allgather(heads, tiled=True)
-    digest = hashlib.sha256(json.dumps(summary).encode())
-    for h in heads:
-        digest.update(np.asarray(h).tobytes())
-    n_bytes = sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for _, x in flat)
-    return {"sha256": digest.hexdigest(), "leaves": len(flat), "bytes": n_bytes}
+    flat = _base_leaves(params)
+    known = _cached(flat)
+    if known is not None:
+        return copy.deepcopy(known)
+    sums = _checksums([x for _, x in flat]) if flat else []
+    per_leaf = [
+        [key, list(np.shape(x)), _dtype_name(x), _host(s).astype(">u4").tobytes().hex()]
+        for (key, x), s in zip(flat, sums)
+    ]
+    digest = hashlib.sha256(json.dumps(per_leaf).encode()).hexdigest()
+    n_bytes = sum(_nbytes(x) for _, x in flat)
+    fp = {"sha256": digest, "leaves": len(flat), "bytes": n_bytes, "per_leaf": per_leaf}
+    _remember(flat, fp)
+    return copy.deepcopy(fp)
 
 
 def _shape_digest(summary) -> str:
@@ -168,14 +332,83 @@ def _shared(adapted: PyTree) -> dict[str, Any]:
     return {}
 
 
-def _adapters(adapted: PyTree) -> dict[str, list]:
+def _json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, dtypes strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _field_config(value: Any) -> Any:
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(value):  # e.g. a quantised base: its kind and fields
+        return {"kind": type(value).__name__, **_fields_config(value)}
+    return [list(np.shape(value)), str(value.dtype)]
+
+
+def _fields_config(obj: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out[f.name] = _json(value) if f.metadata.get("static") else _field_config(value)
+    return out
+
+
+def _node_config(node: Any) -> dict[str, Any]:
+    """Everything that makes an adapter node compute what it computes, as JSON."""
+    return _json({"kind": type(node).__name__, "rank": node.rank, **_fields_config(node)})
+
+
+def _adapters(adapted: PyTree) -> dict[str, dict]:
     flat = jax.tree_util.tree_flatten_with_path(adapted, is_leaf=is_adapter)[0]
-    return {path_str(p): [type(x).__name__, x.rank] for p, x in flat if is_adapter(x)}
+    return {path_str(p): _node_config(x) for p, x in flat if is_adapter(x)}
 
 
 def _one_or_list(values):
     values = sorted(set(values))
     return values[0] if len(values) == 1 else values
+
+
+def _json_position(data_position: Any) -> Any:
+    """numpy / 0-d array scalars as Python numbers; refuses what JSON cannot hold."""
+
+    def plain(x):
+        if isinstance(x, (np.generic, jax.Array, np.ndarray)) and np.ndim(x) == 0:
+            return np.asarray(x).item()
+        if isinstance(x, Mapping):
+            return {str(k): plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    value = plain(data_position)
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"data_position={data_position!r} cannot be stored in the checkpoint's JSON "
+            f"record ({e}). Pass an int, a string or a small dict/list of them (numpy "
+            f"scalars are fine)."
+        ) from None
+    return value
+
+
+def _release_failed_save() -> None:
+    """Lets orbax's threads of a save that failed at its start end, so the process can exit.
+
+    orbax starts non-daemon threads that wait (up to 20 minutes) for a signal that the
+    step's directory exists; when creating it fails, the signal never comes. Setting it
+    with the threads marked cancelled lets them return at once. (A save of another manager
+    in flight in this process at that moment is cancelled too, and says so when awaited.)
+    """
+    try:
+        from orbax.checkpoint._src.futures import future as orbax_future
+
+        for thread in threading.enumerate():
+            if isinstance(thread, orbax_future._SignalingThread) and thread.is_alive():
+                thread.cancel()
+                orbax_future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
+    except (ImportError, AttributeError):  # pragma: no cover - another orbax version
+        pass
 
 
 # --- save / restore ------------------------------------------------------------------------
@@ -196,22 +429,39 @@ def save(
     Args:
       manager: from :func:`manager`.
       step: the number of training steps taken.
-      adapted: the whole adapted tree (e.g. ``combine(frozen, trainable)``); only its
-        trainable leaves and VeRA's shared matrices are written, the base only fingerprinted.
+      adapted: the whole adapted tree (e.g. ``combine(frozen, trainable)``); its trainable
+        leaves, VeRA's shared matrices and any non-parameter NNX state (BatchNorm
+        statistics, RNG streams) are written, the base only fingerprinted.
       opt_state: the optimiser state (any pytree of arrays).
       key: the training RNG key (typed or raw); restored as it was.
-      data_position: where the data stream is (an int or a small JSON-able dict).
+      data_position: where the data stream is: an int, a string or a small dict/list of
+        them, numpy scalars included (checked now, so a bad value fails here).
       force: save even if the manager's save interval says otherwise.
 
     Returns:
-      Whether a checkpoint was started (orbax may skip, e.g. a step saved already).
+      True if the checkpoint was started; False, writing nothing, if ``step`` is saved
+      already (or the manager's save interval skips it).
+
+    Raises:
+      CheckpointError: the manager is read-only, or writing failed (the folder was
+        removed or is not writable); earlier steps are unharmed.
 
     Example::
 
       adapted = dora_jax.combine(frozen, trainable)
       dora_jax.checkpoint.save(manager, step, adapted, opt_state, key=key, data_position=i)
     """
+    where = f"step {step} in {manager.directory}"
+    if manager._options.read_only:
+        raise CheckpointError(
+            f"Cannot save {where}: the manager is read-only. Open the folder with "
+            f"dora_jax.checkpoint.manager(directory) in the one process that trains."
+        )
+    data_position = _json_position(data_position)
+    if int(step) in manager.all_steps():
+        return False
     _, trainable = partition(adapted)
+    state_paths = _state_paths(adapted)
     state = {"trainable": _nest(_flat(trainable))}
     opt_flat = _flat(opt_state)
     if opt_flat:
@@ -219,6 +469,14 @@ def save(
     shared = _shared(adapted)
     if shared:
         state["vera_shared"] = shared
+    mutable = {k: x for k, x in _flat(adapted).items() if k in state_paths}
+    mutable_keys = {}
+    for k, x in mutable.items():
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            mutable_keys[k] = str(jax.random.key_impl(x))
+            mutable[k] = jax.random.key_data(x)
+    if mutable:
+        state["model_state"] = _nest(mutable)
     key_impl = None
     if key is not None:
         if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -230,17 +488,32 @@ def save(
         "format": FORMAT,
         "step": int(step),
         "data_position": data_position,
-        "method": _one_or_list(k.lower() for k, _ in adapters.values()),
-        "rank": _one_or_list(r for _, r in adapters.values()),
+        "method": _one_or_list(c["kind"].lower() for c in adapters.values()),
+        "rank": _one_or_list(c["rank"] for c in adapters.values()),
         "base": fingerprint(adapted),
         "adapters": adapters,
         "trainable": _shape_digest(_describe(_flat(trainable))),
         "opt_state": _shape_digest(_describe(opt_flat)),
+        "model_state": _describe(mutable),
+        "model_state_keys": mutable_keys,
         "key_impl": key_impl,
         "has_key": key is not None,
     }
+    _remove_leftovers(manager)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    return manager.save(int(step), args=args, force=force)
+    try:
+        return manager.save(int(step), args=args, force=force)
+    except ocp.checkpoint_manager.StepAlreadyExistsError:
+        return False  # an asynchronous save of this step committed meanwhile
+    except CheckpointError:
+        raise  # the previous, background save failed (see _Manager)
+    except Exception as e:
+        _release_failed_save()
+        raise CheckpointError(
+            f"Saving {where} failed ({type(e).__name__}: {e}). Nothing was committed for "
+            f"this step (or for one still being written, if the error is from it); earlier "
+            f"steps are intact. Check that the folder exists and is writable."
+        ) from e
 
 
 def _abstract(x):
@@ -248,16 +521,35 @@ def _abstract(x):
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
+_META_KEYS = (
+    "format", "step", "data_position", "base", "adapters", "trainable", "opt_state",
+    "model_state", "model_state_keys", "key_impl", "has_key",
+)  # fmt: skip
+
+
 def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
     try:
         restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored["meta"])
+        meta = dict(restored["meta"])
     except Exception as e:  # orbax raises many types for a damaged step
         raise CheckpointError(
             f"Checkpoint step {step} in {manager.directory} has no readable metadata "
             f"({type(e).__name__}: {e}). It is corrupt or not a dora_jax checkpoint; restore "
             f"another step (complete steps: {list(manager.all_steps())}) or delete it."
         ) from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"Checkpoint step {step} in {manager.directory} has format {meta.get('format')}, "
+            f"expected {FORMAT}: it was written by another version of dora_jax."
+        )
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(
+            f"Checkpoint step {step} in {manager.directory} has incomplete metadata: it lacks "
+            f"{missing}. It is corrupt or was edited; restore another step (complete steps: "
+            f"{list(manager.all_steps())}) or delete it."
+        )
+    return meta
 
 
 def restore(
@@ -271,11 +563,13 @@ def restore(
 
     The templates give structure, shapes, dtypes and shardings: restored arrays land on the
     templates' shardings, whatever mesh saved them. The base kernels of ``adapted`` stay as
-    they are; the checkpoint's fingerprint must match them.
+    they are; the checkpoint's fingerprint must match them, and every adapter node's
+    configuration (kind, rank, scale, dropout, norm gradient, axes, shapes, dtypes) must
+    equal the saved one. Non-parameter NNX state in ``adapted`` is replaced by the saved.
 
     Args:
       manager: from :func:`manager`.
-      adapted: ``dora_jax.wrap(params, ...)`` of the same base, method and rank.
+      adapted: ``dora_jax.wrap(params, ...)`` of the same base with the same settings.
       opt_state: ``tx.init(trainable)`` of the same optimiser.
       step: which step; default the latest complete one.
 
@@ -284,7 +578,8 @@ def restore(
 
     Raises:
       CheckpointError: no complete checkpoint, an unreadable one, or one saved for another
-        base model, adapter layout or optimiser.
+        base model, adapter configuration or optimiser (the message names the first
+        difference).
 
     Example::
 
@@ -313,6 +608,19 @@ def restore(
     shared = _shared(adapted)
     if shared:
         target["vera_shared"] = {k: _abstract(x) for k, x in shared.items()}
+    state_paths = _state_paths(adapted)
+    mutable = {k: x for k, x in _flat(adapted).items() if k in state_paths}
+    if mutable:
+        target["model_state"] = _nest(
+            {
+                k: _abstract(
+                    jax.random.key_data(x)
+                    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+                    else x
+                )
+                for k, x in mutable.items()
+            }
+        )
     if meta["has_key"]:
         # Key data is tiny: restore it replicated on the devices of the first trainable leaf.
         like = next(iter(flat_t.values()))
@@ -346,6 +654,13 @@ def restore(
             adapted,
             is_leaf=is_adapter,
         )
+    if mutable:
+        values = _unnest(state["model_state"])
+        for k, impl in meta["model_state_keys"].items():
+            values[k] = jax.random.wrap_key_data(values[k], impl=impl)
+        paths, treedef = jax.tree_util.tree_flatten_with_path(adapted)
+        leaves = [values.get(path_str(p), x) for p, x in paths]
+        adapted = jax.tree.unflatten(treedef, leaves)
     if flat_o:
         values = _unnest(state["opt_state"])
         opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), [values[k] for k in flat_o])
@@ -362,29 +677,60 @@ def _combine_trainable(adapted: PyTree, trainable: PyTree) -> PyTree:
     return combine(frozen, trainable)
 
 
+def _first_difference(saved: Any, here: Any, where: str = "") -> str | None:
+    """``"field: saved X, template Y"`` for the first place two JSON values differ."""
+    if isinstance(saved, dict) and isinstance(here, dict):
+        for k in [*here, *(k for k in saved if k not in here)]:
+            found = _first_difference(saved.get(k), here.get(k), f"{where}.{k}" if where else k)
+            if found:
+                return found
+        return None
+    if saved != here:
+        return f"{where}: saved {saved}, template {here}"
+    return None
+
+
 def _check(meta: dict, adapted, opt_state, manager, step) -> None:
     """Clear errors for a checkpoint that does not belong to these templates."""
     where = f"checkpoint step {step} in {manager.directory}"
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{where} has format {meta.get('format')}, expected {FORMAT}.")
     base = fingerprint(adapted)
-    if meta["base"] != base:
+    saved_base = meta["base"]
+    if saved_base.get("sha256") != base["sha256"]:
+        saved_leaves = {e[0]: e[1:] for e in saved_base.get("per_leaf", [])}
+        here_leaves = {e[0]: e[1:] for e in base["per_leaf"]}
+        first = next(
+            (
+                f"'{k}': saved {saved_leaves.get(k)}, this model {here_leaves.get(k)}"
+                for k in [*here_leaves, *saved_leaves]
+                if saved_leaves.get(k) != here_leaves.get(k)
+            ),
+            "none per leaf",
+        )
         raise CheckpointError(
             f"{where} was saved for another base model: its fingerprint is "
-            f"{meta['base']['sha256'][:12]} ({meta['base']['leaves']} leaves, "
-            f"{meta['base']['bytes']:,} bytes), this model's is {base['sha256'][:12]} "
-            f"({base['leaves']} leaves, {base['bytes']:,} bytes). Wrap the same base model "
-            f"(same weights, shapes and dtypes) that the adapter was trained on."
+            f"{str(saved_base.get('sha256'))[:12]} ({saved_base.get('leaves')} leaves, "
+            f"{saved_base.get('bytes')} bytes), this model's is {base['sha256'][:12]} "
+            f"({base['leaves']} leaves, {base['bytes']} bytes); first difference (shape, "
+            f"dtype, checksum) {first}. Wrap the same base model (same weights, shapes and "
+            f"dtypes) that the adapter was trained on."
         )
-    adapters = _adapters(adapted)
-    if meta["adapters"] != adapters:
-        saved, here = meta["adapters"], adapters
-        diff = sorted(set(saved) ^ set(here)) or [k for k in saved if saved[k] != here[k]]
+    saved, here = meta["adapters"], _adapters(adapted)
+    if saved != here:
+        missing = [k for k in saved if k not in here]
+        extra = [k for k in here if k not in saved]
+        if missing or extra:
+            what = (
+                f"adapted kernels saved but not in the template: {missing[:4]}, in the "
+                f"template but not saved: {extra[:4]}"
+            )
+        else:
+            k = next(k for k in here if saved[k] != here[k])
+            what = f"'{k}': {_first_difference(saved[k], here[k])}"
         raise CheckpointError(
-            f"{where} holds adapters (method {meta['method']}, rank {meta['rank']}) that do "
-            f"not match the template's; first differences: "
-            + ", ".join(f"'{k}': saved {saved.get(k)}, template {here.get(k)}" for k in diff[:4])
-            + ". Wrap with the same method, rank and targets as when saving."
+            f"{where} holds adapters (method {meta.get('method')}, rank {meta.get('rank')}) "
+            f"that do not match the template's; first difference: {what}. Wrap with the same "
+            f"method, rank, alpha, rslora, dropout, exact_norm_grad, targets, axes and dtype "
+            f"as when saving."
         )
     _, trainable = partition(adapted)
     if meta["trainable"] != _shape_digest(_describe(_flat(trainable))):
@@ -396,6 +742,18 @@ def _check(meta: dict, adapted, opt_state, manager, step) -> None:
         raise CheckpointError(
             f"{where}: the optimiser state's structure differs from the template's. Pass "
             f"tx.init(trainable) of the same optimiser (same chain, masks and dtypes)."
+        )
+    state_paths = _state_paths(adapted)
+    mutable = {k: x for k, x in _flat(adapted).items() if k in state_paths}
+    for k, x in mutable.items():
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            mutable[k] = jax.random.key_data(x)
+    if meta["model_state"] != _json(_describe(mutable)):
+        raise CheckpointError(
+            f"{where}: the model's non-parameter state (NNX BatchNorm statistics, RNG "
+            f"streams) differs from the template's: saved {meta['model_state'][:4]}, "
+            f"template {_json(_describe(mutable))[:4]}. Build the template from the same "
+            f"model with nnx.split(model) as when saving."
         )
 
 

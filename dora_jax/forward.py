@@ -395,8 +395,9 @@ def _cond_rule(eqn, invals, ctx):
     index, *ops = invals
 
     def branch(closed, *args):
+        # Branches must return arrays of one type: a kernel returned by one branch is formed.
         outs = _eval(closed.jaxpr, closed.consts, args, ctx)
-        return [_plain(o, ctx, "cond output") for o in outs]
+        return [_plain(o, ctx, "returned from a cond branch") for o in outs]
 
     fns = [functools.partial(branch, br) for br in eqn.params["branches"]]
     return list(lax.switch(index, fns, *ops))
@@ -409,6 +410,9 @@ def _while_rule(eqn, invals, ctx):
     cconsts, bconsts = invals[:cn], invals[cn : cn + bn]
     init = [_plain(x, ctx, "while carry") for x in invals[cn + bn :]]
     cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+
+    if ctx.key is not None:  # a key carried and split per iteration: fresh dropout masks
+        return _keyed_while(cj, bj, cconsts, bconsts, init, ctx)
 
     def cond(carry):
         return _eval(cj.jaxpr, cj.consts, [*cconsts, *carry], ctx)[0]
@@ -561,6 +565,21 @@ def _pvary_rule(eqn, invals, ctx):
         for i, a in zip(plain, _bind(eqn, [invals[i] for i in plain])):
             outs[i] = a
     return outs
+
+
+def _keyed_while(cj, bj, cconsts, bconsts, init, ctx: _Context) -> list:
+    """The while loop with a key carried and split per iteration (fresh dropout masks)."""
+
+    def cond(carry):
+        return _eval(cj.jaxpr, cj.consts, [*cconsts, *carry[0]], ctx)[0]
+
+    def body(carry):
+        values, key = carry
+        key, use = jax.random.split(key)
+        outs = _eval(bj.jaxpr, bj.consts, [*bconsts, *values], ctx.with_key(use))
+        return [_plain(o, ctx, "while output") for o in outs], key
+
+    return list(lax.while_loop(cond, body, (init, ctx.next_key()))[0])
 
 
 # --- contractions: dot_general, conv, gather ---------------------------------------------

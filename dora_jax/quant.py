@@ -173,6 +173,10 @@ def quantize(
       stack, inputs: the kernel's stack and input axes, as in ``dora_jax.Axes``: position
         tuples, or the counts of leading stack axes and of the input axes after them.
 
+    Raises:
+      ValueError: ``x`` holds NaN or infinite values, or (q4_1) entries beyond float16's
+        range; checked when ``x`` is concrete (not under ``jit``).
+
     Returns:
       A :class:`QuantizedArray` of ``x``'s shape and dtype. The round trip errs by at most
       half the largest gap between adjacent NF4 levels times the block's absmax (nf4),
@@ -199,6 +203,7 @@ def quantize(
             f"quantize needs the stack axes first (a scan slices the leading axes of the codes), "
             f"got stack axes {s_pos} of shape {tuple(x.shape)}; move them to the front."
         )
+    _check_values(x, format, "kernel")
     ns = len(s_pos)
     stack_shape = tuple(x.shape[:ns])
     in_shape = tuple(x.shape[p] for p in i_pos)
@@ -249,6 +254,31 @@ def quantize(
     return QuantizedArray(
         codes, scales, offsets, format, in_shape, out_shape, np.dtype(x.dtype), layer_inputs
     )
+
+
+# float16's largest finite value: q4_1 stores each block's scale and minimum in float16.
+FLOAT16_MAX = 65504.0
+
+
+def _check_values(x, format: str, what: str) -> None:
+    """Refuses values a format cannot hold (checked on concrete arrays, not under a trace)."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    bad = int(x.size - jnp.sum(jnp.isfinite(x)))
+    if bad:
+        raise ValueError(
+            f"{what} of shape {tuple(x.shape)} holds {bad} NaN or infinite values; quantised, "
+            f"each would turn its whole block into NaN. Replace them before quantising, or "
+            f"leave this kernel unquantised."
+        )
+    if format == "q4_1":
+        peak = float(jnp.max(jnp.abs(x))) if x.size else 0.0
+        if peak > FLOAT16_MAX:
+            raise ValueError(
+                f"{what} has entries up to {peak:.4g}, beyond the float16 range (65504) in "
+                f"which q4_1 stores each block's scale and minimum; use format='nf4' or "
+                f"'int8' (float32 scales)."
+            )
 
 
 def from_gguf_q4_1(data: np.ndarray, in_shape, out_shape, dtype=jnp.float32) -> QuantizedArray:
@@ -316,6 +346,13 @@ def quantize_base(
         frozen, trainable = dora_jax.partition(adapted)  # codes and scales are frozen
     """
 
+    if not any(is_adapter(x) for x in jax.tree.leaves(adapted, is_leaf=is_adapter)):
+        raise TypeError(
+            f"quantize_base takes a tree from dora_jax.wrap and quantises its adapted kernels; "
+            f"got {type(adapted).__name__} without adapter nodes. Quantise a single kernel with "
+            f"dora_jax.quantize(x, format), or wrap the params first."
+        )
+
     def convert(path, node):
         if not is_adapter(node):
             return node
@@ -339,6 +376,7 @@ def quantize_base(
                     f"kernel's own axis order)."
                 )
         else:
+            _check_values(node.base, format, f"Kernel '{p}'")
             q = _quantize(node.base, format, block=block, stack=node.stack, inputs=node.inputs)
         return node.with_base(q, lambda: _column_norm(q, node.stack, node.inputs))
 

@@ -10,7 +10,10 @@ adapts:
 - ``B`` ``(*stack, r, *out)`` and ``magnitude`` ``(*stack, *out)`` follow its output axes;
 - VeRA's ``d`` ``(*stack, r)`` is replicated but for its stack axes, ``b`` follows the
   output axes, and the shared matrices are replicated;
-- stack axes (``nn.scan`` layers) are never sharded, so a scan slices base and adapter alike.
+- stack axes (``nn.scan`` layers) are never sharded, so a scan slices base and adapter alike;
+- a quantised base's codes and scales ``(*stack, out, n_blocks, ...)`` take the kernel's
+  output axes' spec on ``out`` and its input axes' spec on the blocks (blocks run along each
+  output feature's inputs), so a quantised base is split over the devices like its kernel.
 
 Optimiser state is sharded like the parameter each entry belongs to, the batch over
 ``(data, fsdp)``. Meshes use ``Auto`` axis types: an ordinary Flax model (which does not
@@ -38,6 +41,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dora_jax.adapters import is_adapter
+from dora_jax.quant import QuantizedArray
 from dora_jax.tree import path_str
 
 PyTree = Any
@@ -105,12 +109,24 @@ def mesh_from_string(spec: str | None, *, devices: Sequence[Any] | None = None) 
     if not spec:
         return make_mesh(devices=devices)
     sizes = dict.fromkeys(AXES, 1)
+    seen = set()
+    example = "expected 'axis=size' pairs separated by ',', e.g. 'data=2,fsdp=2,tensor=2'"
     for part in spec.split(","):
-        name, sep, value = part.partition("=")
-        name = name.strip()
+        name, sep, value = (s.strip() for s in part.partition("="))
         if not sep or name not in sizes:
-            raise ValueError(f"bad mesh {spec!r}: expected e.g. 'data=2,fsdp=2,tensor=2'.")
-        sizes[name] = int(value)
+            raise ValueError(
+                f"bad mesh {spec!r}: {part!r} does not name one of the axes {AXES}; {example}."
+            )
+        if name in seen:
+            raise ValueError(f"bad mesh {spec!r}: axis {name!r} is given twice; {example}.")
+        seen.add(name)
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(
+                f"bad mesh {spec!r}: the size of {name!r} is {value!r}, not an integer (-1 "
+                f"takes the remaining devices); {example}."
+            ) from None
     return make_mesh(**sizes, devices=devices)
 
 
@@ -133,6 +149,44 @@ def _fit(spec: tuple, shape: tuple[int, ...], mesh: Mesh | None) -> P:
             names = ()
         fitted.append(names[0] if len(names) == 1 else (names or None))
     return P(*fitted)
+
+
+def _check_rule_axes(rules: Rules, mesh: Mesh) -> None:
+    """A user rule naming an axis the mesh lacks is a typo, not a request to replicate."""
+    names = tuple(mesh.axis_names)
+    for pattern, spec in rules:
+        if (pattern, spec) in DEFAULT_RULES:  # defaults adapt to meshes without some axes
+            continue
+        for entry in spec:
+            for axis in (entry,) if isinstance(entry, str) else tuple(entry or ()):
+                if axis not in names:
+                    raise ValueError(
+                        f"Partition rule ({pattern!r}, {spec}) names mesh axis {axis!r}, which "
+                        f"the mesh does not have; its axes are {names}. Fix the name."
+                    )
+
+
+def _flat_entry(entries: tuple):
+    """The spec of axes flattened into one (row-major): the mesh axes of their leading
+    sharded entries, which tile the flattened axis in contiguous blocks."""
+    names: list[str] = []
+    for entry in entries:
+        if entry is None:
+            break
+        names += [entry] if isinstance(entry, str) else list(entry)
+    return None if not names else names[0] if len(names) == 1 else tuple(names)
+
+
+def _quantized_specs(q: QuantizedArray, roles: dict, mesh: Mesh | None) -> QuantizedArray:
+    """Codes ``(*stack, out, n_blocks, block)`` and scales ``(*stack, out, n_blocks)``
+    sharded like their kernel: ``out`` as its output axes, the blocks as its input axes."""
+    out, inp = _flat_entry(roles["out"]), _flat_entry(roles["in"])
+
+    def spec(x, trailing: int):
+        return _fit((*roles["stack"], out, inp, *(None,) * trailing), x.shape, mesh)
+
+    offsets = None if q.offsets is None else spec(q.offsets, 0)
+    return dataclasses.replace(q, codes=spec(q.codes, 1), scales=spec(q.scales, 0), offsets=offsets)
 
 
 def _kernel_spec(path: str, ndim: int, stack: tuple[int, ...], rules: Rules) -> tuple:
@@ -168,7 +222,8 @@ def _node_specs(node, path: str, rules: Rules, mesh: Mesh | None):
 
     def field_spec(name, value):
         if name == "base":
-            # A quantised base may hold several arrays: only kernel-shaped ones are sharded.
+            if isinstance(value, QuantizedArray):
+                return _quantized_specs(value, roles, mesh)
             return jax.tree.map(lambda x: P(*kernel) if x.shape == node.base.shape else P(), value)
         if name in layout:
             spec = sum((roles[r] for r in layout[name]), ())
@@ -201,6 +256,9 @@ def param_specs(tree: PyTree, mesh: Mesh | None = None, rules: Rules = DEFAULT_R
       specs = dora_jax.sharding.param_specs(adapted, mesh)
       rules = (("attn/.*/kernel$", P(None, "tensor")), *dora_jax.sharding.DEFAULT_RULES)
     """
+
+    if mesh is not None:
+        _check_rule_axes(rules, mesh)
 
     def one(path, x):
         p = path_str(path)

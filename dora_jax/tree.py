@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dora_jax.adapters import KINDS, is_adapter
 from dora_jax.axes import Axes, example_hint
@@ -190,7 +193,7 @@ def wrap(
           (r"mlp/", dict(method="dora", rank=16)),
           (r"(q|v)_proj", dict(method="lora", rank=4, alpha=8))])
     """
-    _check_settings(dict(method=method, rank=rank, dropout=dropout))
+    _check_settings(dict(method=method, rank=rank, alpha=alpha, dropout=dropout))
     if any(is_adapter(x) for x in jax.tree.leaves(params, is_leaf=is_adapter)):
         raise ValueError(
             "params already holds adapters: wrapping twice would adapt the adapters. Call "
@@ -312,14 +315,23 @@ def _resolve_rules(rules, paths: list[str], defaults: dict) -> list[dict]:
 
 
 def _check_settings(cfg: dict, path: str | None = None) -> None:
+    """Refuses a method, rank, alpha or dropout rate that makes no sensible adapter."""
     where = f" (kernel '{path}')" if path else ""
     if cfg["method"] not in METHODS:
         raise ValueError(f"method={cfg['method']!r} is not one of {METHODS}{where}.")
     rank = cfg["rank"]
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}{where}.")
-    if not 0.0 <= cfg["dropout"] < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {cfg['dropout']}{where}.")
+    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)  # noqa: E731
+    alpha = cfg.get("alpha")
+    if alpha is not None and not (real(alpha) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(
+            f"alpha must be a finite positive number (the update's scale is alpha / rank), "
+            f"got {alpha!r}{where}."
+        )
+    dropout = cfg["dropout"]
+    if not (real(dropout) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}{where}.")
 
 
 def _in_out(shape, ax: Axes) -> tuple[int, int]:
@@ -339,6 +351,7 @@ def merge(adapted: PyTree) -> PyTree:
       merged = dora_jax.merge(adapted)
       y = model.apply({"params": merged}, x)
     """
+    _check_whole(adapted, "merge")
     return jax.tree.map(
         lambda x: x.materialise() if is_adapter(x) else x, adapted, is_leaf=is_adapter
     )
@@ -387,6 +400,7 @@ def partition(adapted: PyTree) -> tuple[PyTree, PyTree]:
       frozen, trainable = dora_jax.partition(adapted)
       adapted = dora_jax.combine(frozen, trainable)
     """
+    _check_whole(adapted, "partition")
     mask = trainable_mask(adapted)
     trainable = jax.tree.map(lambda x, m: x if m else None, adapted, mask)
     frozen = jax.tree.map(lambda x, m: None if m else x, adapted, mask)
@@ -419,4 +433,54 @@ def combine(frozen: PyTree, trainable: PyTree) -> PyTree:
             )
         return t if f is None else f
 
-    return jax.tree.map(pick, frozen, trainable, is_leaf=is_none)
+    combined = jax.tree.map(pick, frozen, trainable, is_leaf=is_none)
+    _check_fits(combined)
+    return combined
+
+
+def _check_whole(adapted: PyTree, what: str) -> None:
+    """Clear errors for a tree without adapters or with one half of a partition missing."""
+    nodes = [
+        (path_str(p), x)
+        for p, x in jax.tree_util.tree_flatten_with_path(adapted, is_leaf=is_adapter)[0]
+        if is_adapter(x)
+    ]
+    if not nodes:
+        raise ValueError(
+            f"{what} got a tree without adapter nodes (nothing would train). Pass the output "
+            f"of dora_jax.wrap(params, ...)."
+        )
+    for path, node in nodes:
+        missing = [f for f in _data_fields(node) if getattr(node, f) is None]
+        if missing:
+            half = "frozen" if set(missing) <= set(node.trainable) else "trainable"
+            raise ValueError(
+                f"{what} got the {half} half of dora_jax.partition: adapter '{path}' has no "
+                f"{missing}. Pass the whole tree, dora_jax.combine(frozen, trainable)."
+            )
+
+
+def _check_fits(combined: PyTree) -> None:
+    """Each node's trainable leaves must fit its frozen base (same rank, stack, in, out)."""
+    for p, node in jax.tree_util.tree_flatten_with_path(combined, is_leaf=is_adapter)[0]:
+        if not is_adapter(node) or any(getattr(node, f) is None for f in _data_fields(node)):
+            continue
+        leaves, treedef = jax.tree.flatten(node)
+        signature = (treedef, tuple((np.shape(x), str(x.dtype)) for x in leaves))
+        try:
+            _fits(signature)
+        except (TypeError, ValueError) as e:
+            shapes = {f: tuple(np.shape(getattr(node, f))) for f in node.trainable}
+            raise ValueError(
+                f"combine: the trainable leaves of adapter '{path_str(p)}' {shapes} do not fit "
+                f"its base of shape {tuple(node.base.shape)} ({type(e).__name__}: {e}). Pass "
+                f"the two halves of one dora_jax.partition call (or of the same wrap settings)."
+            ) from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _fits(signature) -> None:
+    """Traces a node of this structure and these shapes once (layers share one signature)."""
+    treedef, shapes = signature
+    node = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes])
+    jax.eval_shape(lambda n: (n.low_rank(), n.output_scale()), node)

@@ -1,4 +1,4 @@
-"""Plain-jnp references of the formulas in shared/CONVENTIONS.md, independent of dora_jax.
+"""Plain-jnp references of the formulas in docs/conventions.md, independent of dora_jax.
 
 Kernels are taken flattened to ``(*stack, in, out)``: the reference does the obvious thing,
 forming ``V = W0 + dW`` and its column norm directly.

@@ -440,6 +440,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.e2e
 def test_qdora_trains_on_a_mesh_like_on_one_device():
     """A quantised base under sharding: loss and gradients equal the one-device ones."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -451,3 +452,40 @@ def test_qdora_trains_on_a_mesh_like_on_one_device():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(out["mesh"], out["one"], rtol=1e-4)
+
+
+# --- values a format cannot hold ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("fmt", ["nf4", "int8", "q4_1"])
+def test_quantize_refuses_nan_and_inf(fmt, bad):
+    w = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    w[3, 2] = bad
+    w[40, 5] = bad
+    with pytest.raises(ValueError, match=r"kernel of shape \(64, 8\) holds 2 NaN or infinite"):
+        dora_jax.quantize(jnp.asarray(w), fmt)
+    adapted = dora_jax.wrap({"layer": {"kernel": jnp.asarray(w)}}, rank=2)
+    with pytest.raises(ValueError, match="Kernel 'layer/kernel' of shape .* holds 2 NaN"):
+        dora_jax.quantize_base(adapted, fmt)
+
+
+def test_q4_1_refuses_values_beyond_float16():
+    w = jnp.full((32, 4), 1.0).at[0, 0].set(7e4)
+    with pytest.raises(ValueError, match="entries up to 7e\\+04, beyond the float16 range"):
+        dora_jax.quantize(w, "q4_1")
+    with pytest.raises(ValueError, match="Kernel 'k' .*float16 range"):
+        dora_jax.quantize_base(dora_jax.wrap({"k": w}, rank=2, targets="k"), "q4_1")
+    # The largest float16 value itself round-trips within the documented error.
+    w = jnp.full((32, 4), 65504.0).at[1].set(-65504.0)
+    q = dora_jax.quantize(w, "q4_1", block=32)
+    assert np.all(np.isfinite(q.dequantize()))
+    for fmt in ("nf4", "int8"):  # float32 scales: fine
+        assert np.all(np.isfinite(dora_jax.quantize(w * 1e3, fmt).dequantize()))
+
+
+def test_quantize_base_of_a_plain_array_is_a_clear_error():
+    with pytest.raises(TypeError, match="quantize_base takes a tree from dora_jax.wrap"):
+        dora_jax.quantize_base(jnp.ones((8, 4)), "nf4")
+    with pytest.raises(TypeError, match="dora_jax.quantize\\(x, format\\)"):
+        dora_jax.quantize_base({"kernel": jnp.ones((8, 4))}, "nf4")

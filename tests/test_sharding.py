@@ -220,6 +220,7 @@ def test_step_on_one_device_matches_plain_jit(reference):
     assert float(train.cross_entropy(logits, tokens)) == pytest.approx(reference[0][0], rel=1e-6)
 
 
+@pytest.mark.e2e
 def test_meshes_of_8_devices_match_one_device(reference):
     meshes = ["data=8", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2"]
     code = _MESH_SCRIPT.format(root=str(ROOT), meshes=meshes, steps=STEPS)
@@ -241,6 +242,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.e2e
 def test_two_processes_of_4_devices_match_one_device(reference, tmp_path):
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -265,3 +267,108 @@ def test_two_processes_of_4_devices_match_one_device(reference, tmp_path):
     losses = json.loads(Path(str(out) + ".json").read_text())
     params = dict(np.load(out))
     _assert_matches(reference, [losses[str(i)] for i in range(STEPS)], params)
+
+
+# --- rules, mesh strings and quantised bases ----------------------------------------------
+
+
+def test_misspelled_mesh_axis_in_a_rule_is_a_clear_error():
+    params = {"q_proj": {"kernel": jnp.zeros((8, 8))}}
+    rules = ((r"q_proj", P("fdsp", "tensor")), *sharding.DEFAULT_RULES)
+    with pytest.raises(ValueError, match=r"'fdsp'.*axes are \('data', 'fsdp', 'tensor'\)"):
+        sharding.param_specs(dora_jax.wrap(params, rank=2), MESH_222, rules)
+    # The defaults on a mesh without some of their axes still drop them (documented).
+    mesh = AbstractMesh((2,), ("fsdp",))
+    specs = sharding.param_specs({"q_proj": {"kernel": jnp.zeros((8, 8))}}, mesh)
+    assert specs["q_proj"]["kernel"] == P("fsdp", None)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("data=two", "size of 'data' is 'two', not an integer"),
+        ("fsdp=", "size of 'fsdp' is '', not an integer"),
+        ("data=2;fsdp=2", "size of 'data' is '2;fsdp=2'.*separated by ','"),
+        ("data=4,data=1", "axis 'data' is given twice"),
+        ("model=2", "'model=2' does not name one of the axes"),
+    ],
+)
+def test_malformed_mesh_strings_are_clear_errors(spec, message):
+    with pytest.raises(ValueError, match=f"bad mesh {spec!r}: .*{message}"):
+        sharding.mesh_from_string(spec)
+
+
+def test_quantised_codes_and_scales_follow_their_kernel():
+    _, params = _llama_params()
+    adapted = dora_jax.wrap(params, rank=4, targets=r"(q_proj|down_proj)/kernel$")
+    adapted = dora_jax.quantize_base(adapted, "q4_1", block=32)
+    specs = sharding.param_specs(adapted, MESH_222)
+    q = _node(specs, "layers_0/self_attn/q_proj/kernel").base  # kernel P(fsdp, tensor)
+    assert (q.codes, q.scales, q.offsets) == (
+        P("tensor", "fsdp", None), P("tensor", "fsdp"), P("tensor", "fsdp")
+    )  # fmt: skip
+    down = _node(specs, "layers_0/mlp/down_proj/kernel").base  # kernel P(tensor, fsdp)
+    assert (down.codes, down.scales) == (P("fsdp", "tensor", None), P("fsdp", "tensor"))
+
+
+def test_flattened_output_axes_shard_only_by_a_leading_prefix():
+    assert sharding._flat_entry(("tensor", None)) == "tensor"
+    assert sharding._flat_entry((None, "tensor")) is None  # not contiguous once flattened
+    assert sharding._flat_entry(("fsdp", "tensor", None)) == ("fsdp", "tensor")
+    assert sharding._flat_entry((("data", "fsdp"), None, "tensor")) == ("data", "fsdp")
+
+
+_QUANTISED_ON_8 = """
+import json, jax, jax.numpy as jnp, numpy as np
+import dora_jax
+from dora_jax.models.llama import Llama, LlamaConfig
+
+cfg = LlamaConfig.tiny(scan_layers=True)
+model = Llama(cfg)
+tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
+params = model.init(jax.random.key(0), tokens[:, :8])["params"]
+axes = dora_jax.infer_axes(lambda p, t: model.apply({"params": p}, t), params, tokens)
+adapted = dora_jax.quantize_base(dora_jax.wrap(params, rank=4, axes=axes), "nf4", block=16)
+frozen, trainable = dora_jax.partition(adapted)
+trainable = jax.tree.map(lambda x: x + 0.01, trainable)
+
+def loss(trainable, frozen, tokens):
+    logits = dora_jax.apply(model.apply)({"params": dora_jax.combine(frozen, trainable)}, tokens)
+    return jnp.mean(jax.nn.log_softmax(logits) ** 2)
+
+out = {"one": jax.jit(jax.value_and_grad(loss))(trainable, frozen, tokens)}
+mesh = dora_jax.mesh_from_string("fsdp=4,tensor=2")
+sh = dora_jax.sharding.shardings(dora_jax.combine(frozen, trainable), mesh)
+frozen_sh, trainable_sh = dora_jax.partition(sh)
+f = dora_jax.sharding.put(frozen, frozen_sh)
+t = dora_jax.sharding.put(trainable, trainable_sh)
+step = jax.jit(jax.value_and_grad(loss), in_shardings=(trainable_sh, frozen_sh,
+               dora_jax.sharding.batch_sharding(mesh)))
+out["mesh"] = step(t, f, tokens)
+report = {k: [float(v)] + [float(jnp.sum(g * g)) for g in jax.tree.leaves(g)]
+          for k, (v, g) in out.items()}
+codes = {}
+for path, x in jax.tree_util.tree_flatten_with_path(f)[0]:
+    name = dora_jax.tree.path_str(path)
+    if name.endswith(("codes", "scales")):
+        codes[name] = [x.nbytes, x.addressable_shards[0].data.nbytes]
+report["bytes"] = codes
+print("RESULT" + json.dumps(report))
+"""
+
+
+@pytest.mark.e2e
+def test_quantised_base_is_split_over_8_devices_and_trains_like_one():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _QUANTISED_ON_8],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = _result(proc.stdout)
+    np.testing.assert_allclose(out["mesh"], out["one"], rtol=1e-4)
+    q = out["bytes"]["layers/self_attn/q_proj/kernel/base/codes"]  # fsdp on in, tensor on out
+    assert q[1] * 8 == q[0], q
+    down = out["bytes"]["layers/mlp/down_proj/kernel/base/scales"]
+    assert down[1] * 8 == down[0], down
+    assert all(per_device < total for total, per_device in out["bytes"].values())

@@ -1,5 +1,6 @@
 """wrap / partition / combine / merge / optax behaviour, the jaxpr check and bad input."""
 
+import dataclasses
 import re
 import warnings
 
@@ -343,3 +344,204 @@ def test_errors(setup):
             {"w": {"kernel": jnp.ones((2, 2, 2))}},
             jnp.ones((1, 2)),
         )
+
+
+# --- numbers wrap refuses, and the norm where the expansion fails ---------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"alpha": float("nan")}, "alpha must be a finite positive"),
+        ({"alpha": float("inf")}, "alpha must be a finite positive"),
+        ({"alpha": 0.0}, "alpha must be a finite positive"),
+        ({"alpha": -2.0}, "alpha must be a finite positive"),
+        ({"alpha": "16"}, "alpha must be a finite positive"),
+        ({"rank": True}, "rank must be a positive int"),
+        ({"rank": 2.0}, "rank must be a positive int"),
+        ({"rank": 0}, "rank must be a positive int"),
+        ({"dropout": float("nan")}, "dropout must be a number in"),
+    ],
+)
+def test_wrap_refuses_nonsense_numbers(kwargs, message):
+    params = {"dense": {"kernel": jnp.ones((4, 3))}}
+    with pytest.raises(ValueError, match=message):
+        dora_jax.wrap(params, **{"rank": 2, **kwargs})
+
+
+def _norm64(w, a, b, scale):
+    """``||W0 + s A B||_c`` in float64 numpy: the reference."""
+    v = np.asarray(w, np.float64) + scale * np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    return np.sqrt(np.sum(v * v, axis=0))
+
+
+def _cancelling_node(t, n_in=64, n_out=16, rank=4, seed=0):
+    """A DoRA node whose update is ``dW = -t W0`` (W0 of rank ``rank``)."""
+    ku, kv = jax.random.split(jax.random.key(seed))
+    u = jax.random.normal(ku, (n_in, rank))
+    v = jax.random.normal(kv, (rank, n_out))
+    node = dora_jax.wrap({"kernel": u @ v}, rank=rank)["kernel"]
+    return dora_jax.DoRA(u @ v, u, -t * v / node.scale, node.magnitude, scale=node.scale)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("t", [0.0, 0.5, 0.9, 0.99, 0.999, 0.9999])
+def test_norm_is_accurate_when_the_update_nearly_cancels_the_base(t, jit):
+    node = _cancelling_node(t)
+    norm = jax.jit(lambda n: n.weight_norm())(node) if jit else node.weight_norm()
+    expected = _norm64(node.base, node.a, node.b, node.scale)
+    # The expansion alone loses ~13% at t = 0.999 (rounding of terms ~1e6x the result). Any
+    # float32 sum of W0 + dW errs by ~eps |W0| / |W0 + dW| = 1.2e-7 / (1 - t).
+    np.testing.assert_allclose(norm, expected, rtol=max(1e-4, 2e-7 / (1 - t)))
+
+
+def test_expansion_error_stays_within_its_bound():
+    # Where the fast expansion is used (terms at most CANCELLATION_LIMIT times the squared
+    # norm), its error stays below ~1e-4 of the norm; beyond, the direct sum takes over.
+    for t in np.linspace(0.0, 0.98, 12):
+        node = _cancelling_node(float(t), seed=int(t * 100))
+        left, right = node.factors()
+        w_sq, cross, quad = dora_jax.adapters._norm_terms(node.base, left, right, 0, 1)
+        norm_sq = w_sq + 2 * cross + quad
+        ratio = float(jnp.max((w_sq + 2 * jnp.abs(cross) + quad) / norm_sq))
+        expected = _norm64(node.base, node.a, node.b, node.scale)
+        error = np.max(np.abs(np.sqrt(np.asarray(norm_sq, np.float64)) / expected - 1))
+        assert error <= 1e-7 * ratio + 1e-6, (t, ratio, error)
+
+
+def test_exact_norm_gradient_is_finite_on_the_direct_path():
+    node = _cancelling_node(0.999)
+    node = dora_jax.DoRA(
+        node.base, node.a, node.b, node.magnitude, scale=node.scale, exact_norm_grad=True
+    )
+    grad = jax.grad(lambda b: jnp.sum(dora_jax.DoRA(
+        node.base, node.a, b, node.magnitude, scale=node.scale, exact_norm_grad=True
+    ).weight_norm()))(node.b)  # fmt: skip
+    # d||V||_c / dB = s A^T V / ||V||_c, by hand in float64.
+    v = np.asarray(node.base, np.float64) + node.scale * np.asarray(
+        node.a, np.float64
+    ) @ np.asarray(node.b, np.float64)
+    expected = node.scale * np.asarray(node.a, np.float64).T @ (v / np.linalg.norm(v, axis=0))
+    np.testing.assert_allclose(grad, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+def test_a_kernel_of_huge_magnitude_does_not_overflow_the_norm():
+    w = 1e20 * jax.random.normal(jax.random.key(0), (32, 8))
+    adapted = dora_jax.wrap({"kernel": w}, rank=2)
+    node = adapted["kernel"]
+    expected = np.linalg.norm(np.asarray(w, np.float64), axis=0)
+    np.testing.assert_allclose(node.magnitude, expected, rtol=1e-5)
+    np.testing.assert_allclose(node.weight_norm(), expected, rtol=1e-5)
+    merged = dora_jax.merge(adapted)["kernel"]  # at init W' = W0
+    np.testing.assert_allclose(merged, w, rtol=1e-5)
+    x = jnp.ones((2, 32))
+    y = dora_jax.apply(lambda p, x: x @ p["kernel"])(adapted, x)
+    np.testing.assert_allclose(y, np.asarray(x, np.float64) @ np.asarray(w, np.float64), rtol=1e-4)
+
+
+# --- clear errors for halves, empty trees and direct use -----------------------------------
+
+
+def _small():
+    params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}}
+    return params, dora_jax.wrap(params, rank=2)
+
+
+def test_partition_of_a_tree_without_adapters_is_a_clear_error():
+    params, _ = _small()
+    with pytest.raises(ValueError, match="partition got a tree without adapter nodes"):
+        dora_jax.partition(params)
+
+
+def test_merge_of_one_half_is_a_clear_error():
+    _, adapted = _small()
+    frozen, trainable = dora_jax.partition(adapted)
+    with pytest.raises(ValueError, match="merge got the frozen half.*combine"):
+        dora_jax.merge(frozen)
+    with pytest.raises(ValueError, match="merge got the trainable half"):
+        dora_jax.merge(trainable)
+
+
+def test_combine_with_a_trainable_half_of_another_shape_is_a_clear_error():
+    params, adapted = _small()
+    frozen, _ = dora_jax.partition(adapted)
+    _, wider = dora_jax.partition(dora_jax.wrap({"dense": {"kernel": jnp.ones((6, 5))}}, rank=2))
+    with pytest.raises(ValueError, match="'dense/kernel'.*do not fit its base of shape \\(6, 4\\)"):
+        dora_jax.combine(frozen, wider)
+
+
+def test_calling_the_model_without_apply_names_the_fix():
+    model = MLP()
+    x = jnp.ones((2, 8))
+    params = model.init(jax.random.key(0), x)["params"]
+    adapted = dora_jax.wrap(params, rank=2)
+    for run in (model.apply, jax.jit(model.apply)):
+        with pytest.raises(TypeError, match="dora_jax.apply"):
+            run({"params": adapted}, x)
+
+
+def test_cond_returning_the_kernel_or_an_array_forms_the_kernel():
+    _, adapted = _small()
+    adapted = perturb(adapted, size=0.3)
+
+    def f(p, x, flag):
+        w = jax.lax.cond(flag, lambda: p["dense"]["kernel"], lambda: jnp.eye(6, 4))
+        return x @ w
+
+    x = jax.random.normal(jax.random.key(1), (3, 6))
+    merged = dora_jax.merge(adapted)["dense"]["kernel"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dora_jax.FallbackWarning)
+        for flag, w in ((True, merged), (False, jnp.eye(6, 4))):
+            got = jax.jit(dora_jax.apply(f))(adapted, x, flag)
+            np.testing.assert_allclose(got, x @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loop", ["fori", "while"])
+def test_dropout_masks_differ_across_loop_iterations(loop):
+    # Two identical iterations of a loop with a traced trip count: with a fresh mask per
+    # iteration their outputs differ; a mask reused across iterations would make them equal.
+    params = {"dense": {"kernel": jnp.zeros((64, 32))}}
+    adapted = dora_jax.wrap(params, rank=4, method="lora", dropout=0.5)
+    adapted = perturb(adapted, size=1.0)
+    x = jnp.ones((1, 64))
+
+    def f(p, n):
+        out = jnp.zeros((2, 32))
+
+        def body(i, out):
+            return out.at[i].set((x @ p["dense"]["kernel"])[0])
+
+        if loop == "fori":
+            return jax.lax.fori_loop(0, n, body, out)
+        return jax.lax.while_loop(
+            lambda c: c[0] < n, lambda c: (c[0] + 1, body(c[0], c[1])), (0, out)
+        )[1]
+
+    out = jax.jit(dora_jax.apply(f, key=jax.random.key(3)))(adapted, jnp.int32(2))
+    assert np.all(np.isfinite(out))
+    assert not np.allclose(out[0], out[1])
+    # Without a key (evaluation) there is no dropout: both iterations agree.
+    out = jax.jit(dora_jax.apply(f))(adapted, jnp.int32(2))
+    np.testing.assert_allclose(out[0], out[1])
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_norm_guard_reads_kernels_in_any_layout(jit):
+    # (layers, in, out) stored as (out, layers, in): the direct path (t = 0.999) and the
+    # expansion (t = 0.5) both give the float64 norm of each layer's W0 + dW.
+    layers, n_in, n_out, rank = 3, 64, 16, 4
+    ku, kv = jax.random.split(jax.random.key(1))
+    u = jax.random.normal(ku, (layers, n_in, rank))
+    v = jax.random.normal(kv, (layers, rank, n_out))
+    canonical = u @ v  # (layers, in, out)
+    stored = jnp.transpose(canonical, (2, 0, 1))
+    axes = {"kernel": dora_jax.Axes(stack=(1,), inputs=(2,))}
+    node = dora_jax.wrap({"kernel": stored}, rank=rank, axes=axes)["kernel"]
+    for t in (0.5, 0.999):
+        moved = dataclasses.replace(node, a=u, b=-t * v / node.scale)
+        norm = jax.jit(lambda n: n.weight_norm())(moved) if jit else moved.weight_norm()
+        expected = np.stack(
+            [_norm64(canonical[i], u[i], moved.b[i], node.scale) for i in range(layers)]
+        )
+        np.testing.assert_allclose(norm, expected, rtol=max(1e-4, 2e-7 / (1 - t)))
