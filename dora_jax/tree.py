@@ -351,7 +351,7 @@ def merge(adapted: PyTree) -> PyTree:
       merged = dora_jax.merge(adapted)
       y = model.apply({"params": merged}, x)
     """
-    _check_whole(adapted, "merge")
+    _check_whole(adapted, "merge", plain_ok=True)
     return jax.tree.map(
         lambda x: x.materialise() if is_adapter(x) else x, adapted, is_leaf=is_adapter
     )
@@ -438,14 +438,15 @@ def combine(frozen: PyTree, trainable: PyTree) -> PyTree:
     return combined
 
 
-def _check_whole(adapted: PyTree, what: str) -> None:
-    """Clear errors for a tree without adapters or with one half of a partition missing."""
+def _check_whole(adapted: PyTree, what: str, plain_ok: bool = False) -> None:
+    """Clear errors for a tree with one half of a partition missing, or (unless
+    ``plain_ok``: merging plain params returns them unchanged) without adapters."""
     nodes = [
         (path_str(p), x)
         for p, x in jax.tree_util.tree_flatten_with_path(adapted, is_leaf=is_adapter)[0]
         if is_adapter(x)
     ]
-    if not nodes:
+    if not nodes and not plain_ok:
         raise ValueError(
             f"{what} got a tree without adapter nodes (nothing would train). Pass the output "
             f"of dora_jax.wrap(params, ...)."

@@ -453,6 +453,13 @@ def test_partition_of_a_tree_without_adapters_is_a_clear_error():
         dora_jax.partition(params)
 
 
+def test_merge_of_plain_params_returns_them_unchanged():
+    # Evaluation code merges whatever it gets: the base model's params pass through.
+    params, _ = _small()
+    merged = dora_jax.merge(params)
+    assert merged["dense"]["kernel"] is params["dense"]["kernel"]
+
+
 def test_merge_of_one_half_is_a_clear_error():
     _, adapted = _small()
     frozen, trainable = dora_jax.partition(adapted)
