@@ -650,7 +650,6 @@ class DVoRA(_SharedRandomFactors, _Decomposed):
                    assumed_layout=assumed_layout)  # fmt: skip
 
 
-# The kinds wrap(method=...) knows, by name.
 def is_adapter(x: Any) -> bool:
     """True for an adapter node (use as ``is_leaf`` when mapping over adapted trees)."""
     return isinstance(x, Adapter)

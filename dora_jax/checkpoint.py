@@ -42,6 +42,7 @@ from flax import nnx
 from jax import lax
 
 from dora_jax.adapters import is_adapter
+from dora_jax.forward import _fmix32  # the same bit mixer as adapter dropout
 from dora_jax.tree import combine, partition, path_str
 
 PyTree = Any
@@ -154,15 +155,6 @@ def _state_paths(tree: PyTree) -> set[str]:
 def _base_model(adapted: PyTree) -> PyTree:
     """The plain params under an adapted tree: each node replaced by its frozen kernel."""
     return jax.tree.map(lambda x: x.base if is_adapter(x) else x, adapted, is_leaf=is_adapter)
-
-
-def _fmix32(h):
-    """MurmurHash3's 32-bit finaliser: a bijection that mixes every input bit into all."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
 
 
 def _as_uint32(x: jax.Array) -> jax.Array:
