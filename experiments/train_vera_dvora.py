@@ -612,14 +612,19 @@ def main(argv=None):
             eval_seconds.append(seconds)
             # What training changed (trainable leaves, optimiser state, key, VeRA's shared
             # matrices once), with a fingerprint of the base it belongs to.
-            ckpt = dora_jax.checkpoint.manager(
-                (out / "adapters" / f"{method}-seed{seed}").absolute()
-            )
-            dora_jax.checkpoint.save(
-                ckpt, args.steps, adapted, r["opt_state"], key=r["key"],
-                data_position=args.steps,
-            )  # fmt: skip
-            ckpt.wait_until_finished()
+            adapter_bytes = None
+            try:
+                ckpt = dora_jax.checkpoint.manager(
+                    (out / "adapters" / f"{method}-seed{seed}").absolute()
+                )
+                dora_jax.checkpoint.save(
+                    ckpt, args.steps, adapted, r["opt_state"], key=r["key"],
+                    data_position=args.steps,
+                )  # fmt: skip
+                ckpt.wait_until_finished()
+                adapter_bytes = dora_jax.checkpoint.size_bytes(ckpt)
+            except Exception as e:  # the scores stand without the saved adapter
+                tqdm.write(f"  WARNING: {method} seed {seed}: adapter not saved: {e!r}")
             if args.export_peft:  # DVoRA is written as a marked extension PEFT refuses
                 dora_jax.peft.save(out / "adapters" / f"{method}-seed{seed}-peft", adapted)
             keep(dict(method=method, seed=seed, trainable_params=n_train,
@@ -627,7 +632,7 @@ def main(argv=None):
                              tokens=r["tokens"], peak_rss_mb=r["peak_rss_mb"],
                              compile_s=r["compile_s"], step_mb=r["step_mb"], lr=r["lr"],
                              magnitude_change=magnitude_change(adapted),
-                             adapter_bytes=dora_jax.checkpoint.size_bytes(ckpt)))  # fmt: skip
+                             adapter_bytes=adapter_bytes))  # fmt: skip
             tqdm.write(
                 f"  {method} seed {seed}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
                 f"median step {statistics.median(times):.2f} s, "
