@@ -43,11 +43,8 @@ def count_work(args) -> None:
 
     tokenizer = smollm2.tokenizer_from_gguf(gguf.GGUFReader(str(smollm2.find_gguf())))
     pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
-    held_out, train = {}, []
-    for task in args.tasks.split(","):
-        task_train, task_eval = commonsense.split(commonsense.load_task(task), 0.5, seed=0)
-        held_out[task] = task_eval[: args.examples]
-        train += task_train
+    train, held_out = commonsense.train_and_held_out(args.tasks.split(","),
+                                                     eval_examples=args.examples)  # fmt: skip
     n = sum(len(v) for v in held_out.values())
     for packed, batch_size in ((False, 32), (True, 8)):
         shapes = []
@@ -89,15 +86,11 @@ def main(argv=None):
     if args.count_only:
         return count_work(args)
 
-    config, variables, tokenizer = smollm2.load_smollm2(scan_layers=True)
-    params = variables["params"]
+    config, params, tokenizer = training.load_llama(scan_layers=True)
     model = Llama(config)
     pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
-    held_out, train = {}, []
-    for task in args.tasks.split(","):
-        task_train, task_eval = commonsense.split(commonsense.load_task(task), 0.5, seed=0)
-        held_out[task] = task_eval[: args.examples]
-        train += task_train
+    train, held_out = commonsense.train_and_held_out(args.tasks.split(","),
+                                                     eval_examples=args.examples)  # fmt: skip
     n_eval = sum(len(v) for v in held_out.values())
     logprob_fn = training.make_logprob_fn(model.apply)
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 import dora_jax
 from dora_jax import analysis
 from dora_jax.experiments import commonsense, training
-from dora_jax.models.llama import PROJECTIONS, Llama, LlamaConfig, projection_regex
+from dora_jax.models.llama import PROJECTIONS, Llama, projection_regex
 
 METHODS = ("full", "lora", "dora")
 LABELS = {"full": "full fine-tuning", "lora": "LoRA", "dora": "DoRA"}
@@ -61,20 +61,6 @@ def parse_args(argv=None):
     if not 1 <= args.checkpoints <= args.steps:
         p.error("--checkpoints must be between 1 and --steps")
     return args
-
-
-def load(args):
-    from dora_jax.models import smollm2
-
-    if args.tiny:
-        import gguf
-
-        tokenizer = smollm2.tokenizer_from_gguf(gguf.GGUFReader(str(smollm2.find_gguf())))
-        config = LlamaConfig.tiny(vocab_size=tokenizer.get_vocab_size(), scan_layers=True)
-        params = Llama(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-        return config, params, tokenizer
-    config, variables, tokenizer = smollm2.load_smollm2(scan_layers=True)
-    return config, variables["params"], tokenizer
 
 
 def run_method(method, model, params, axes, batches, args, checkpoint_steps):
@@ -167,12 +153,10 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    config, params, tokenizer = load(args)
+    config, params, tokenizer = training.load_llama(args.tiny, scan_layers=True)
     model = Llama(config)
-    train = []
-    for task in args.tasks.split(","):
-        task_train, _ = commonsense.split(commonsense.load_task(task), 0.5, seed=0)
-        train += task_train[:32] if args.tiny else task_train
+    train, _ = commonsense.train_and_held_out(args.tasks.split(","),
+                                              train_limit=32 if args.tiny else None)  # fmt: skip
     axes = dora_jax.infer_axes(lambda p, t: model.apply({"params": p}, t), params,
                                jnp.zeros((1, 8), jnp.int32))  # fmt: skip
     every = args.steps / args.checkpoints

@@ -44,7 +44,7 @@ import dora_jax.checkpoint
 from dora_jax.adapters import magnitude_init
 from dora_jax.experiments import commonsense, stats, training
 from dora_jax.memory import PeakRSS
-from dora_jax.models.llama import PROJECTIONS, Llama, LlamaConfig, projection_regex
+from dora_jax.models.llama import PROJECTIONS, Llama, projection_regex
 
 METHODS = ("base", "lora", "dora", "dora_half", "vera", "dvora")
 LABELS = {"dora_half": "dora r/2"}
@@ -185,8 +185,6 @@ def parse_args(argv=None):
 def load_model(args):
     """(config, params, tokenizer): SmolLM2 from GGUF, a Hugging Face directory (--model),
     or a random tiny Llama (--tiny)."""
-    from dora_jax.models import smollm2
-
     if args.model:
         from tokenizers import Tokenizer
 
@@ -198,31 +196,16 @@ def load_model(args):
         config, params = from_hf(args.model, dtype=jnp.float32, scan_layers=True)
         return config, params, Tokenizer.from_file(str(tokenizer_file))
 
-    if args.tiny:
-        import gguf
-
-        tokenizer = smollm2.tokenizer_from_gguf(gguf.GGUFReader(str(smollm2.find_gguf())))
-        config = LlamaConfig.tiny(vocab_size=tokenizer.get_vocab_size(), scan_layers=True)
-        tokens = jnp.zeros((1, 8), jnp.int32)
-        params = Llama(config).init(jax.random.key(0), tokens)["params"]
-        return config, params, tokenizer
-    config, variables, tokenizer = smollm2.load_smollm2(scan_layers=True)
-    return config, variables["params"], tokenizer
+    return training.load_llama(args.tiny, scan_layers=True)
 
 
 def load_data(args):
     """(train, dev, held_out): the training halves' mixture less ``dev_examples`` kept for
     the learning-rate search, and ``{task: held-out examples}``."""
-    train, held_out = [], {}
-    for task in args.tasks:
-        examples = commonsense.load_task(task)
-        task_train, task_eval = commonsense.split(examples, 0.5, seed=args.held_out_seed)
-        if args.eval_examples:
-            task_eval = task_eval[: args.eval_examples]
-        if args.tiny:
-            task_train = task_train[:32]
-        train += task_train
-        held_out[task] = task_eval
+    train, held_out = commonsense.train_and_held_out(
+        args.tasks, held_out_seed=args.held_out_seed, eval_examples=args.eval_examples,
+        train_limit=32 if args.tiny else None,
+    )  # fmt: skip
     order = np.random.default_rng(args.held_out_seed).permutation(len(train))
     dev = [train[i] for i in order[: args.dev_examples]]
     train = [train[i] for i in sorted(order[args.dev_examples :])]

@@ -272,6 +272,27 @@ def split(
 # ---------------------------------------------------------------------- tokenising
 
 
+def train_and_held_out(
+    tasks: Sequence[str],
+    *,
+    held_out_seed: int = 0,
+    eval_examples: int = 0,
+    train_limit: int | None = None,
+) -> tuple[list[Example], dict[str, list[Example]]]:
+    """``(training examples, {task: held-out examples})`` for every experiment.
+
+    Each task's validation split is halved with :func:`split` (``seed=held_out_seed``); the
+    training halves are concatenated in task order (at most ``train_limit`` per task), the
+    held-out halves cut to their first ``eval_examples`` (0: all).
+    """
+    train, held_out = [], {}
+    for task in tasks:
+        task_train, task_eval = split(load_task(task), 0.5, seed=held_out_seed)
+        train += task_train if train_limit is None else task_train[:train_limit]
+        held_out[task] = task_eval[:eval_examples] if eval_examples else task_eval
+    return train, held_out
+
+
 def _encode_all(tokenizer, texts: Sequence[str]) -> dict[str, list[int]]:
     # Dedupe: BoolQ/HellaSwag repeat one long context across all choices.
     uniq = list(dict.fromkeys(texts))

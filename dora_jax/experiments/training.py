@@ -31,6 +31,23 @@ from dora_jax.models.llama import next_token_loss
 PyTree = Any
 
 
+def load_llama(tiny: bool = False, *, scan_layers: bool = True):
+    """``(config, params, tokenizer)``: SmolLM2-135M-Instruct from the packaged GGUF (float32),
+    or with ``tiny`` a random tiny Llama with SmolLM2's tokenizer (what CI runs)."""
+    from dora_jax.models import smollm2
+    from dora_jax.models.llama import Llama, LlamaConfig
+
+    if not tiny:
+        config, variables, tokenizer = smollm2.load_smollm2(scan_layers=scan_layers)
+        return config, variables["params"], tokenizer
+    import gguf
+
+    tokenizer = smollm2.tokenizer_from_gguf(gguf.GGUFReader(str(smollm2.find_gguf())))
+    config = LlamaConfig.tiny(vocab_size=tokenizer.get_vocab_size(), scan_layers=scan_layers)
+    params = Llama(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    return config, params, tokenizer
+
+
 def optimizer(lr: float, steps: int, *, warmup: int | None = None) -> optax.GradientTransformation:
     """AdamW (no weight decay) with linear warm-up (default ``steps // 10``, at least 1) and
     cosine decay to ``lr / 10``: the schedule every experiment uses."""
