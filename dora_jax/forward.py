@@ -96,6 +96,8 @@ class _Context:
     uses: int = 0
     # infer_axes: {kernel index: set of (kind, Axes)} instead of computing.
     found: dict | None = None
+    # Inputs already put in a contraction's order: {(id, perm, shape): (input, result)}.
+    arranged: dict = dataclasses.field(default_factory=dict)
 
     @property
     def probing(self) -> bool:
@@ -107,6 +109,19 @@ class _Context:
 
     def with_key(self, key) -> _Context:
         return _Context(key, self.strict, self.warned, found=self.found)
+
+    def arrange(self, x: jax.Array, perm: list[int], shape: tuple[int, ...]) -> jax.Array:
+        """``x`` transposed by ``perm`` and reshaped to ``shape``, once per input: projections
+        that share an input (q, k and v) then share the array the backward pass keeps,
+        instead of keeping one copy each (per layer, in a scan)."""
+        key = (id(x), tuple(perm), shape)
+        hit = self.arranged.get(key)
+        if hit is not None and hit[0] is x:  # holding x keeps its id from being reused
+            return hit[1]
+        y = x if perm == list(range(x.ndim)) else jnp.transpose(x, perm)
+        y = y.reshape(shape)
+        self.arranged[key] = (x, y)
+        return y
 
     def record(self, view: _View, kind: str, stack_axes, input_axes) -> None:
         """infer_axes: ``view``'s kernel is used with these (view) stack and input axes."""
@@ -689,10 +704,11 @@ def _dot_general_rule(eqn, invals, ctx):
     contracted = outputs if transposed else inputs
     free_x = [d for d in range(x.ndim) if d not in xc and d not in xb]
     perm = [pair[s] for s in sb] + free_x + [pair[a] for a in contracted]
-    if perm != list(range(x.ndim)):
-        x = jnp.transpose(x, perm)
-    free_shape = tuple(x.shape[len(sb) : len(sb) + len(free_x)])
-    x = x.reshape(*x.shape[: len(sb)], math.prod(free_shape), *x.shape[len(sb) + len(free_x) :])
+    arranged = [x.shape[d] for d in perm]
+    free_shape = tuple(arranged[len(sb) : len(sb) + len(free_x)])
+    x = ctx.arrange(
+        x, perm, (*arranged[: len(sb)], math.prod(free_shape), *arranged[len(sb) + len(free_x) :])
+    )
     kw = dict(
         precision=eqn.params["precision"],
         preferred_element_type=eqn.params["preferred_element_type"],

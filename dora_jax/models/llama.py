@@ -122,22 +122,28 @@ class LlamaConfig:
         return cls(**{**base, **overrides})
 
 
-def _dense(x, features: int, name: str, dtype: Dtype, param_dtype: Dtype):
-    """Bias-free projection applied to activations flattened to 2-D.
+def _dense(x2, features: int, name: str, dtype: Dtype, param_dtype: Dtype):
+    """Bias-free projection of activations flattened to 2-D ``(tokens, in)``.
 
-    XLA on CPU computes the weight gradient of a 3-D dot_general much more
-    slowly than the equivalent 2-D matmul, and the reshape itself is free.
+    XLA on CPU computes the weight gradient of a 3-D dot_general much more slowly than
+    the equivalent 2-D matmul, and the reshape itself is free. Callers flatten (and cast)
+    an input once for all the projections that read it (q, k, v; gate, up), so the
+    backward pass keeps one copy of it rather than one per projection (per layer, in a
+    scan).
     """
-    lead = x.shape[:-1]
-    y = nn.Dense(
+    return nn.Dense(
         features,
         use_bias=False,
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nn.initializers.normal(stddev=0.02),
         name=name,
-    )(x.reshape(-1, x.shape[-1]))
-    return y.reshape(*lead, features)
+    )(x2)
+
+
+def _flat(x, dtype: Dtype):
+    """``x`` as ``(tokens, features)`` in the computation dtype."""
+    return x.reshape(-1, x.shape[-1]).astype(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -242,13 +248,14 @@ class LlamaAttention(nn.Module):
         b, t, _ = x.shape
         hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        q = _dense(x, nh * hd, "q_proj", **kw).reshape(b, t, nh, hd)
-        k = _dense(x, nkv * hd, "k_proj", **kw).reshape(b, t, nkv, hd)
-        v = _dense(x, nkv * hd, "v_proj", **kw).reshape(b, t, nkv, hd)
+        x2 = _flat(x, self.dtype)
+        q = _dense(x2, nh * hd, "q_proj", **kw).reshape(b, t, nh, hd)
+        k = _dense(x2, nkv * hd, "k_proj", **kw).reshape(b, t, nkv, hd)
+        v = _dense(x2, nkv * hd, "v_proj", **kw).reshape(b, t, nkv, hd)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         out = _causal_attention(q, k, v, mask, self.dtype)
-        return _dense(out, cfg.hidden_size, "o_proj", **kw)
+        return _dense(_flat(out, self.dtype), cfg.hidden_size, "o_proj", **kw).reshape(b, t, -1)
 
 
 class LlamaMLP(nn.Module):
@@ -262,9 +269,11 @@ class LlamaMLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        gate = _dense(x, cfg.intermediate_size, "gate_proj", **kw)
-        up = _dense(x, cfg.intermediate_size, "up_proj", **kw)
-        return _dense(nn.silu(gate) * up, cfg.hidden_size, "down_proj", **kw)
+        x2 = _flat(x, self.dtype)
+        gate = _dense(x2, cfg.intermediate_size, "gate_proj", **kw)
+        up = _dense(x2, cfg.intermediate_size, "up_proj", **kw)
+        y = _dense(nn.silu(gate) * up, cfg.hidden_size, "down_proj", **kw)
+        return y.reshape(x.shape)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -345,7 +354,8 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = _dense(x, cfg.vocab_size, "lm_head", **kw)
+            logits = _dense(_flat(x, self.dtype), cfg.vocab_size, "lm_head", **kw)
+            logits = logits.reshape(*x.shape[:-1], cfg.vocab_size)
         return logits.astype(jnp.float32)
 
 
