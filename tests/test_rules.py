@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import dora_jax
-from tests import reference as ref
-from tests.test_apply import perturb
+from tests import helpers as ref
+from tests.helpers import perturb
 
 
 class Block(nn.Module):

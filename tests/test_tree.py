@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dora_jax
-from tests.test_apply import MLP, perturb
+from tests.helpers import MLP, perturb
 
 
 @pytest.fixture(scope="module")

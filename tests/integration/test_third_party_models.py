@@ -24,10 +24,7 @@ import pytest
 from flax import nnx
 
 import dora_jax
-from tests.conftest import require_package
-
-jax.config.update("jax_default_matmul_precision", "highest")
-
+from tests.helpers import require_package
 
 # --- a plain-jnp reference of DoRA/LoRA for any layout ------------------------------------
 
@@ -139,7 +136,7 @@ def check_model(
       inputs: ``{path regex: input axis positions}``: where each kernel's input axes truly
         are, written by hand from the model's code (independent of ``axes``).
       eager: also run the adapted forward outside ``jit`` (op by op, slow on this CPU: the
-        small models do; tests/test_layouts.py runs every layout both ways).
+        small models do; tests/forward/test_layouts.py runs every layout both ways).
     """
     wrap = lambda p: dora_jax.wrap(p, rank=rank, method=method, targets=targets, axes=axes)  # noqa: E731
     adapted = jax.jit(wrap)(params)

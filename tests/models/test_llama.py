@@ -14,7 +14,7 @@ from dora_jax.models.llama import (
     unstack_layer_params,
 )
 from dora_jax.models.smollm2 import unpermute_rope_rows
-from tests.conftest import require_package
+from tests.helpers import require_package
 
 
 def _init(config, seq=12, batch=2, seed=0):

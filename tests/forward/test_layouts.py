@@ -18,9 +18,7 @@ from jax import lax
 
 import dora_jax
 from dora_jax import Axes
-from tests import reference as ref
-
-jax.config.update("jax_default_matmul_precision", "highest")
+from tests import helpers as ref
 
 METHODS = ("lora", "dora", "vera", "dvora")
 
