@@ -240,3 +240,18 @@ def one_device_run(steps=MESH_STEPS):
     trainer = sharded_trainer()
     losses = [trainer.step(i, 8, 16) for i in range(steps)]
     return losses, trainer.trainable_numpy()
+
+
+def hf_llama(directory):
+    """The transformers Llama saved in ``directory``, in evaluation mode."""
+    import transformers
+
+    return transformers.LlamaForCausalLM.from_pretrained(directory).eval()
+
+
+def adapted_logits(config, tree, tokens) -> np.ndarray:
+    """Logits of dora_jax's Llama of ``config`` with (adapted) params ``tree``."""
+    from dora_jax.models.llama import Llama
+
+    fn = dora_jax.apply(Llama(config).apply)
+    return np.asarray(jax.jit(fn)({"params": tree}, jnp.asarray(tokens)))
