@@ -136,6 +136,14 @@ def ref_params(adapted, exact=False):
 # --- adapted trees and tiny models ---------------------------------------------------------
 
 
+def rand(seed, *shape):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
 def perturb(adapted, seed=0, size=0.05):
     """Moves every trainable leaf away from its init so B != 0 and m != ||W0||."""
     frozen, trainable = dora_jax.partition(adapted)
@@ -150,6 +158,20 @@ class MLP(nn.Module):
     def __call__(self, x):
         h = jnp.tanh(nn.Dense(16, name="fc1")(x))
         return nn.Dense(5, name="fc2")(h)
+
+
+def mlp_setup():
+    """``MLP``, its params and an input batch."""
+    x = jax.random.normal(jax.random.key(3), (4, 12))
+    model = MLP()
+    params = model.init(jax.random.key(0), x)["params"]
+    return model, params, x
+
+
+def small_dense():
+    """One Dense kernel (6, 4) and its adapted tree (DoRA of rank 2)."""
+    params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}}
+    return params, dora_jax.wrap(params, rank=2)
 
 
 # --- experiments/train_sharded.py, the trainer of the checkpoint and mesh tests -------------

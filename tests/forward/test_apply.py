@@ -10,15 +10,11 @@ import pytest
 from flax import nnx
 
 import dora_jax
-from tests.helpers import MLP, perturb, ref_params
+from tests.helpers import MLP, assert_trees_close, perturb, ref_params
 
 
 def maybe_jit(f, jit):
     return jax.jit(f) if jit else f
-
-
-def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
 
 def mlp_reference(p, x):
