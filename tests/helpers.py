@@ -174,6 +174,15 @@ def small_dense():
     return params, dora_jax.wrap(params, rank=2)
 
 
+def tiny_llama(seed=0, dtype=jnp.float32, **overrides):
+    """``LlamaConfig.tiny(**overrides)`` and its params in ``dtype``, initialised from ``seed``."""
+    from dora_jax.models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig.tiny(**overrides)
+    model = Llama(cfg, param_dtype=dtype)
+    return cfg, jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+
+
 # --- experiments/train_sharded.py, the trainer of the checkpoint and mesh tests -------------
 
 

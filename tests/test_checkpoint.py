@@ -12,8 +12,7 @@ import pytest
 
 import dora_jax
 from dora_jax import checkpoint
-from dora_jax.models.llama import Llama, LlamaConfig
-from tests.helpers import sharded_trainer
+from tests.helpers import sharded_trainer, tiny_llama
 
 PROJECTIONS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
 
@@ -46,13 +45,8 @@ def test_resume_is_bit_identical(tmp_path, uninterrupted):
         np.testing.assert_array_equal(second.trainable_numpy()[k], v, err_msg=k)
 
 
-def _tiny(seed=0, dtype=jnp.float32):
-    model = Llama(LlamaConfig.tiny(), param_dtype=dtype)
-    return jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
-
-
 def test_saves_trainable_leaves_only_and_vera_matrices_once(tmp_path):
-    params = _tiny()
+    params = tiny_llama()[1]
     adapted = dora_jax.wrap(params, rank=16, method="vera", targets=PROJECTIONS)
     _, trainable = dora_jax.partition(adapted)
     tx = optax.adam(1e-3)
@@ -89,7 +83,7 @@ def test_saves_trainable_leaves_only_and_vera_matrices_once(tmp_path):
 
 
 def test_checkpoint_is_small_next_to_the_base(tmp_path):
-    params = _tiny(dtype=jnp.bfloat16)
+    params = tiny_llama(dtype=jnp.bfloat16)[1]
     adapted = dora_jax.wrap(params, rank=4, targets=PROJECTIONS)
     _, trainable = dora_jax.partition(adapted)
     manager = checkpoint.manager(tmp_path, async_save=False)
@@ -106,7 +100,7 @@ def test_checkpoint_is_small_next_to_the_base(tmp_path):
 
 @pytest.fixture
 def saved(tmp_path):
-    params = _tiny()
+    params = tiny_llama()[1]
     adapted = dora_jax.wrap(params, rank=4, targets=PROJECTIONS)
     tx = optax.adamw(1e-3)
     opt_state = tx.init(dora_jax.partition(adapted)[1])
@@ -126,10 +120,10 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, saved):
 def test_another_model_is_a_clear_error(saved):
     directory, _, _, opt_state = saved
     manager = checkpoint.manager(directory)
-    other = dora_jax.wrap(_tiny(seed=1), rank=4, targets=PROJECTIONS)  # same shapes
+    other = dora_jax.wrap(tiny_llama(seed=1)[1], rank=4, targets=PROJECTIONS)  # same shapes
     with pytest.raises(checkpoint.CheckpointError, match="saved for another base model"):
         checkpoint.restore(manager, other, opt_state)
-    other = dora_jax.wrap(_tiny(dtype=jnp.bfloat16), rank=4, targets=PROJECTIONS)
+    other = dora_jax.wrap(tiny_llama(dtype=jnp.bfloat16)[1], rank=4, targets=PROJECTIONS)
     with pytest.raises(checkpoint.CheckpointError, match="saved for another base model"):
         checkpoint.restore(manager, other, opt_state)
 

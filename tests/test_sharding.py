@@ -14,17 +14,14 @@ from jax.sharding import PartitionSpec as P
 
 import dora_jax
 from dora_jax import sharding
-from dora_jax.models.llama import Llama, LlamaConfig, stack_layer_params
-from tests.helpers import train_sharded
+from dora_jax.models.llama import LlamaConfig, stack_layer_params
+from tests.helpers import tiny_llama, train_sharded
 
 MESH_222 = AbstractMesh((2, 2, 2), sharding.AXES)
 
 
-@functools.cache
-def _llama_params(**overrides):
-    cfg = LlamaConfig.tiny(**overrides)
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    return cfg, jax.jit(Llama(cfg).init)(jax.random.key(0), tokens)["params"]
+# The spec tests only read the params: one initialisation serves them all.
+_llama_params = functools.cache(tiny_llama)
 
 
 def _node(specs, path):

@@ -16,8 +16,7 @@ from jax import lax
 
 import dora_jax
 from dora_jax import Axes
-from tests import helpers as ref
-from tests.helpers import rand
+from tests.helpers import rand, ref_params
 
 METHODS = ("lora", "dora", "vera", "dvora")
 
@@ -165,33 +164,6 @@ def adapt(case, method, perturbed=True):
     return params, fn, x, adapted, adapted[name]
 
 
-def reference_kernel(node):
-    """W' by the plain formula: transpose to (*stack, in, out), form V, decompose, back."""
-    stack, inputs = node.stack, node.inputs
-    outputs = tuple(p for p in range(node.base.ndim) if p not in stack + inputs)
-    canonical = stack + inputs + outputs
-    w0 = ref.flat2(node.base, stack, inputs)
-    stack_shape, (n_in, n_out) = w0.shape[:-2], w0.shape[-2:]
-    if isinstance(node, (dora_jax.VeRA, dora_jax.DVoRA)):
-        b = node.b.reshape(*stack_shape, n_out)
-        v = w0 + ref.vera_delta(node.shared_a, node.shared_b, node.d, b, n_in, n_out)
-    else:
-        a = node.a.reshape(*stack_shape, n_in, -1)
-        v = w0 + ref.lora_delta(a, node.b.reshape(*stack_shape, -1, n_out), node.scale)
-    if isinstance(node, (dora_jax.DoRA, dora_jax.DVoRA)):
-        v = ref.decompose(v, node.magnitude.reshape(*stack_shape, n_out))
-    v = v.reshape([node.base.shape[p] for p in canonical])
-    return jnp.transpose(v, np.argsort(canonical))
-
-
-def reference_params(adapted):
-    return jax.tree.map(
-        lambda n: reference_kernel(n) if dora_jax.is_adapter(n) else n,
-        adapted,
-        is_leaf=dora_jax.is_adapter,
-    )
-
-
 def close(a, b, tol=2e-5):
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=tol, atol=tol), a, b)
 
@@ -208,13 +180,13 @@ def test_layout_forward_merge_grads(case, method):
     _, _, _, fresh, _ = adapt(case, method, perturbed=False)
     close(forward(fresh, x), fn(params, x))
 
-    want = fn(reference_params(adapted), x)
+    want = fn(ref_params(adapted), x)
     frozen, trainable = dora_jax.partition(adapted)
 
     def loss(t, f):
         return jnp.sum(jnp.sin(f(dora_jax.combine(frozen, t), x)))
 
-    ref_loss = lambda t, _: jnp.sum(jnp.sin(fn(reference_params(dora_jax.combine(frozen, t)), x)))  # noqa: E731
+    ref_loss = lambda t, _: jnp.sum(jnp.sin(fn(ref_params(dora_jax.combine(frozen, t)), x)))  # noqa: E731
     ref_grads = jax.grad(ref_loss)(trainable, None)
     for jit in (False, True):
         f = jax.jit(forward) if jit else forward
@@ -253,7 +225,7 @@ def test_assumed_layout_contracted_on_the_other_axis_is_an_error():
         explicit = jax.tree.map(lambda v: v + 0.3, explicit)  # away from the identity init
         fn = lambda p, x: x @ p["w"].T  # noqa: E731
         x = rand(1, 3, 5)
-        close(dora_jax.apply(fn, strict=True)(explicit, x), fn(reference_params(explicit), x))
+        close(dora_jax.apply(fn, strict=True)(explicit, x), fn(ref_params(explicit), x))
 
 
 def test_wrong_axes_on_any_layout_are_an_error():
