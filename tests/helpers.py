@@ -13,6 +13,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -141,7 +142,7 @@ def rand(seed, *shape):
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+    chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 def perturb(adapted, seed=0, size=0.05):
