@@ -13,7 +13,6 @@ import importlib.util
 import os
 from pathlib import Path
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -142,7 +141,8 @@ def rand(seed, *shape):
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
-    chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
+    # Not chex.assert_trees_all_close: it cannot name penzai's tree keys.
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
 
 def perturb(adapted, seed=0, size=0.05):
