@@ -1,20 +1,23 @@
-"""Shared test helpers."""
+"""pytest hooks and shared fixtures; the helpers they use are in tests/helpers.py."""
 
-import importlib.util
-import os
-
+import jax
 import pytest
 
+from tests import helpers
 
-def require_package(module: str, install: str) -> None:
-    """Skips when an optional asset package is missing, unless the run requires assets.
 
-    ``scripts/test.sh`` (and so CI) installs the assets and sets
-    ``DORA_JAX_REQUIRE_ASSETS=1``: there a missing package is a failure, never a skip.
-    """
-    if importlib.util.find_spec(module) is not None:
-        return
-    message = f"needs the '{module}' package: {install}"
-    if os.environ.get("DORA_JAX_REQUIRE_ASSETS") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
+def pytest_configure(config):
+    # The references compute in float32: matmuls at full precision in every test.
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    """Trainable params of the sharded trainer after 8 uninterrupted steps."""
+    return helpers.uninterrupted_run()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Losses and trainable params of the sharded trainer on one device."""
+    return helpers.one_device_run()

@@ -1,13 +1,7 @@
-"""Adapter checkpoints: exact resume, resharding, crashes, and clear errors."""
+"""Adapter checkpoints: exact resume, what a checkpoint records, clear errors (the runs in
+subprocesses: killed, resharded, failing saves, are in tests/e2e/test_checkpoint.py)."""
 
-import functools
-import importlib.util
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import chex
 import jax
@@ -17,54 +11,28 @@ import optax
 import pytest
 
 import dora_jax
-from dora_jax import checkpoint, sharding
-from dora_jax.models.llama import Llama, LlamaConfig
+from dora_jax import checkpoint
+from tests.helpers import sharded_trainer, tiny_llama
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "train_sharded.py"
 PROJECTIONS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
-
-
-@functools.cache
-def _train_module():
-    spec = importlib.util.spec_from_file_location("train_sharded", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _trainer(**kwargs):
-    return _train_module().Trainer(LlamaConfig.tiny(), sharding.make_mesh(), **kwargs)
 
 
 def _assert_trees_equal(a, b):
     chex.assert_trees_all_equal(a, b)  # same structure, bit-identical leaves
 
 
-# --- resume -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def uninterrupted():
-    """Trainable params after 8 steps of batch 8x16 in one go (the script's settings)."""
-    trainer = _trainer()
-    for i in range(8):
-        trainer.step(i, 8, 16)
-    return trainer.trainable_numpy()
-
-
 def test_resume_is_bit_identical(tmp_path, uninterrupted):
     # Training state is params + optimiser + key + data position; with all four restored,
     # steps 5-8 redo exactly the arithmetic of the uninterrupted run (XLA on CPU is
     # deterministic for a fixed program), so the results are equal bit for bit.
-    first = _trainer()
+    first = sharded_trainer()
     for i in range(5):
         first.step(i, 8, 16)
     manager = checkpoint.manager(tmp_path)
     first.save(manager, 5)
     manager.wait_until_finished()
 
-    second = _trainer()  # fresh state: nothing carried over but the checkpoint
+    second = sharded_trainer()  # fresh state: nothing carried over but the checkpoint
     position = second.restore(checkpoint.manager(tmp_path))
     assert position == 5
     np.testing.assert_array_equal(
@@ -77,13 +45,8 @@ def test_resume_is_bit_identical(tmp_path, uninterrupted):
         np.testing.assert_array_equal(second.trainable_numpy()[k], v, err_msg=k)
 
 
-def _tiny(seed=0, dtype=jnp.float32):
-    model = Llama(LlamaConfig.tiny(), param_dtype=dtype)
-    return jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
-
-
 def test_saves_trainable_leaves_only_and_vera_matrices_once(tmp_path):
-    params = _tiny()
+    params = tiny_llama()[1]
     adapted = dora_jax.wrap(params, rank=16, method="vera", targets=PROJECTIONS)
     _, trainable = dora_jax.partition(adapted)
     tx = optax.adam(1e-3)
@@ -120,7 +83,7 @@ def test_saves_trainable_leaves_only_and_vera_matrices_once(tmp_path):
 
 
 def test_checkpoint_is_small_next_to_the_base(tmp_path):
-    params = _tiny(dtype=jnp.bfloat16)
+    params = tiny_llama(dtype=jnp.bfloat16)[1]
     adapted = dora_jax.wrap(params, rank=4, targets=PROJECTIONS)
     _, trainable = dora_jax.partition(adapted)
     manager = checkpoint.manager(tmp_path, async_save=False)
@@ -137,7 +100,7 @@ def test_checkpoint_is_small_next_to_the_base(tmp_path):
 
 @pytest.fixture
 def saved(tmp_path):
-    params = _tiny()
+    params = tiny_llama()[1]
     adapted = dora_jax.wrap(params, rank=4, targets=PROJECTIONS)
     tx = optax.adamw(1e-3)
     opt_state = tx.init(dora_jax.partition(adapted)[1])
@@ -157,10 +120,10 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, saved):
 def test_another_model_is_a_clear_error(saved):
     directory, _, _, opt_state = saved
     manager = checkpoint.manager(directory)
-    other = dora_jax.wrap(_tiny(seed=1), rank=4, targets=PROJECTIONS)  # same shapes
+    other = dora_jax.wrap(tiny_llama(seed=1)[1], rank=4, targets=PROJECTIONS)  # same shapes
     with pytest.raises(checkpoint.CheckpointError, match="saved for another base model"):
         checkpoint.restore(manager, other, opt_state)
-    other = dora_jax.wrap(_tiny(dtype=jnp.bfloat16), rank=4, targets=PROJECTIONS)
+    other = dora_jax.wrap(tiny_llama(dtype=jnp.bfloat16)[1], rank=4, targets=PROJECTIONS)
     with pytest.raises(checkpoint.CheckpointError, match="saved for another base model"):
         checkpoint.restore(manager, other, opt_state)
 
@@ -188,131 +151,6 @@ def test_corrupt_checkpoint_is_a_clear_error(saved):
         checkpoint.restore(checkpoint.manager(directory), adapted, opt_state)
     # The earlier step is intact and still restores.
     assert checkpoint.restore(checkpoint.manager(directory), adapted, opt_state, step=1).step == 1
-
-
-# --- resharding (8 simulated devices) --------------------------------------------------------
-
-_RESHARD = """
-import sys
-sys.path.insert(0, {root!r})
-import jax, numpy as np
-from tests.test_checkpoint import _train_module
-from dora_jax import checkpoint, sharding
-from dora_jax.models.llama import LlamaConfig
-train = _train_module()
-saver = train.Trainer(LlamaConfig.tiny(), sharding.mesh_from_string("data=8"))
-manager = checkpoint.manager({path!r})
-saver.save(manager, 2)
-manager.wait_until_finished()
-expected = saver.trainable_numpy()
-for spec in ["fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2"]:
-    mesh = sharding.mesh_from_string(spec)
-    loader = train.Trainer(LlamaConfig.tiny(), mesh)
-    assert loader.restore(checkpoint.manager({path!r})) == 2
-    for k, v in loader.trainable_numpy().items():
-        np.testing.assert_array_equal(v, expected[k], err_msg=k)
-    q = loader.state[0]["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    assert q.b.sharding.mesh.shape == mesh.shape, q.b.sharding
-    assert q.b.sharding.spec == jax.sharding.PartitionSpec(None, "tensor"), q.b.sharding
-    mu = loader.state[1][0].mu["layers_0"]["self_attn"]["q_proj"]["kernel"].a
-    assert mu.sharding.spec == jax.sharding.PartitionSpec("fsdp", None), mu.sharding
-print("RESHARD OK")
-"""
-
-
-@pytest.mark.e2e
-def test_restore_onto_another_mesh(tmp_path):
-    code = _RESHARD.format(root=str(ROOT), path=str(tmp_path / "ckpt"))
-    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert "RESHARD OK" in proc.stdout, proc.stderr[-3000:]
-
-
-# --- crashes (SIGKILL) --------------------------------------------------------------------------
-
-_ARGS = ["--steps", "8", "--seq", "16", "--save-every", "2"]
-
-# Runs the script with orbax's commit (the rename of the finished temporary directory)
-# replaced by a SIGKILL when step {step} commits: the process dies mid-save with every
-# file of that step written but not committed.
-_KILL_IN_COMMIT = """
-import os, runpy, signal, sys
-from orbax.checkpoint._src.path import atomicity
-commit = atomicity.AtomicRenameTemporaryPath.finalize
-async def finalize(self):
-    if self.get_final().name == "{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return await commit(self)
-atomicity.AtomicRenameTemporaryPath.finalize = finalize
-sys.argv = {argv!r}
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def _env():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one device, as the in-process reference
-    # Subprocesses import this checkout's dora_jax, whatever copy is installed.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
-def _finish(ckpt: Path, out: Path) -> str:
-    cmd = [sys.executable, str(SCRIPT), *_ARGS, "--ckpt", str(ckpt), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
-
-def _assert_params(out: Path, expected) -> None:
-    params = dict(np.load(out))
-    assert set(params) == set(expected)
-    for k, v in expected.items():
-        np.testing.assert_array_equal(params[k], v, err_msg=k)
-
-
-@pytest.mark.e2e
-def test_sigkill_during_training_resumes_from_last_checkpoint(tmp_path, uninterrupted):
-    ckpt = tmp_path / "ckpt"
-    cmd = [sys.executable, str(SCRIPT), *_ARGS, "--ckpt", str(ckpt), "--step-sleep", "0.5"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=_env())  # fmt: skip
-    try:
-        for line in proc.stdout:
-            if line.startswith("step 6 "):  # mid-training, step 4 saved two steps ago
-                proc.send_signal(signal.SIGKILL)
-                break
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    # Step 4's save runs in the background; it has had two steps to commit, but had the kill
-    # come first, step 2 would be the last complete one. Either way, resume from it.
-    latest = checkpoint.manager(ckpt).latest_step()
-    assert latest in (2, 4)
-    stdout = _finish(ckpt, tmp_path / "out.npz")
-    assert f"resumed from step {latest}" in stdout and f"step {latest + 1} " in stdout
-    _assert_params(tmp_path / "out.npz", uninterrupted)
-
-
-@pytest.mark.e2e
-def test_sigkill_during_save_resumes_from_last_complete_checkpoint(tmp_path, uninterrupted):
-    ckpt = tmp_path / "ckpt"
-    argv = [str(SCRIPT), *_ARGS, "--ckpt", str(ckpt)]
-    code = _KILL_IN_COMMIT.format(step=4, argv=argv)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env=_env())  # fmt: skip
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    # orbax wrote step 4 into a temporary directory that was never renamed.
-    names = sorted(p.name for p in ckpt.iterdir())
-    assert "2" in names and "4" not in names
-    assert any(n.startswith("4.orbax-checkpoint-tmp") for n in names), names
-    stdout = _finish(ckpt, tmp_path / "out.npz")
-    assert "resumed from step 2" in stdout
-    assert not any("tmp" in p.name for p in ckpt.iterdir())  # cleaned up on reopening
-    _assert_params(tmp_path / "out.npz", uninterrupted)
 
 
 # --- what a checkpoint records and refuses ------------------------------------------------
@@ -515,172 +353,3 @@ def _flat_paths(tree):
     return [
         (dora_jax.tree.path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
     ]
-
-
-_FAILED_SAVE = """
-import os, shutil, sys
-import jax, jax.numpy as jnp, optax
-import dora_jax
-from dora_jax import checkpoint
-folder = sys.argv[1]
-adapted = dora_jax.wrap({{"dense": {{"kernel": jnp.ones((4, 3))}}}}, rank=2)
-opt_state = optax.adam(1e-3).init(dora_jax.partition(adapted)[1])
-manager = checkpoint.manager(folder)
-checkpoint.save(manager, 0, adapted, opt_state)
-manager.wait_until_finished()
-shutil.rmtree(folder)
-{break_folder}
-try:
-    checkpoint.save(manager, 1, adapted, opt_state)
-    checkpoint.save(manager, 2, adapted, opt_state)  # raises here, or else when waiting
-    manager.wait_until_finished()
-    print("NO ERROR")
-except checkpoint.CheckpointError as e:
-    print("CLEAR ERROR", e)
-"""
-
-
-@pytest.mark.parametrize(
-    "break_folder",
-    [
-        "open(folder, 'w').write('not a folder')",  # what a removed mount leaves
-        "os.makedirs(folder); os.chmod(folder, 0o500)",  # read-only (when not root)
-    ],
-)
-@pytest.mark.e2e
-def test_a_failed_async_save_raises_and_the_process_exits(tmp_path, break_folder):
-    folder = tmp_path / "run"
-    code = _FAILED_SAVE.format(break_folder=break_folder)
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(folder)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    if os.geteuid() == 0 and "chmod" in break_folder:
-        assert "NO ERROR" in proc.stdout  # root writes anyway: nothing to check
-    else:
-        assert "CLEAR ERROR" in proc.stdout, proc.stdout + proc.stderr[-2000:]
-        assert "folder exists and is writable" in proc.stdout
-
-
-# --- a trainer killed while an evaluator reads (two processes) -----------------------------
-
-_COMMON = """
-import hashlib, sys, time
-import jax, jax.numpy as jnp, numpy as np, optax
-import dora_jax
-from dora_jax import checkpoint
-
-params = {
-    "up": {"kernel": jax.random.normal(jax.random.key(0), (32, 48))},
-    "down": {"kernel": jax.random.normal(jax.random.key(1), (48, 32))},
-}
-adapted = dora_jax.wrap(params, rank=4)
-frozen, trainable = dora_jax.partition(adapted)
-tx = optax.adam(1e-2)
-opt_state = tx.init(trainable)
-
-def digest(trainable, opt_state):
-    h = hashlib.sha256()
-    for x in jax.tree.leaves((trainable, opt_state)):
-        h.update(np.asarray(x).tobytes())
-    return h.hexdigest()[:16]
-"""
-
-_TRAINER = (
-    _COMMON
-    + """
-def loss(trainable, i):
-    x = jax.random.normal(jax.random.fold_in(jax.random.key(2), i), (8, 32))
-    f = dora_jax.apply(lambda p, x: jnp.tanh(x @ p["up"]["kernel"]) @ p["down"]["kernel"])
-    return jnp.mean((f(dora_jax.combine(frozen, trainable), x) - x) ** 2)
-
-@jax.jit
-def train_step(trainable, opt_state, i):
-    grads = jax.grad(loss)(trainable, i)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state
-
-manager = checkpoint.manager(sys.argv[1], max_to_keep=None)
-for i in range(1, 10**6):
-    trainable, opt_state = train_step(trainable, opt_state, i)
-    print("state", i, digest(trainable, opt_state), flush=True)
-    checkpoint.save(manager, i, dora_jax.combine(frozen, trainable), opt_state, data_position=i)
-    # orbax finishes the previous save before it starts the next one.
-    print("committed", i - 1, flush=True)
-    time.sleep(float(sys.argv[2]))
-"""
-)
-
-_EVALUATOR = (
-    _COMMON
-    + """
-end = time.time() + float(sys.argv[2])
-while time.time() < end:
-    manager = checkpoint.manager(sys.argv[1])  # a new reader each time, default options
-    try:
-        r = checkpoint.restore(manager, adapted, opt_state)
-    except checkpoint.CheckpointError as e:
-        if "No complete checkpoint" not in str(e):
-            raise
-        time.sleep(0.05)
-        continue
-    assert r.data_position == r.step
-    print("restored", r.step, digest(dora_jax.partition(r.adapted)[1], r.opt_state), flush=True)
-"""
-)
-
-
-def _lines(text: str, tag: str) -> dict[int, str]:
-    words = [line.split() for line in text.splitlines() if line.startswith(tag + " ")]
-    return {int(w[1]): (w[2] if len(w) > 2 else "") for w in words}
-
-
-# Seconds the two processes run side by side; DORA_JAX_KILL_TEST_SECONDS=30 for a longer run.
-KILL_TEST_SECONDS = max(10.0, float(os.environ.get("DORA_JAX_KILL_TEST_SECONDS", "12")))
-
-
-@pytest.mark.e2e
-def test_trainer_killed_while_an_evaluator_restores_loses_no_step(tmp_path):
-    folder = str(tmp_path / "run")
-    env = _env()
-    trainer = subprocess.Popen(
-        [sys.executable, "-c", _TRAINER, folder, "0.1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
-    )  # fmt: skip
-    evaluator = subprocess.Popen(
-        [sys.executable, "-c", _EVALUATOR, folder, str(KILL_TEST_SECONDS)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
-    )  # fmt: skip
-    try:
-        eval_out, eval_err = evaluator.communicate(timeout=KILL_TEST_SECONDS + 120)
-    finally:
-        trainer.kill()  # SIGKILL, most likely in the middle of a save
-        train_out, train_err = trainer.communicate(timeout=60)
-    assert evaluator.returncode == 0, eval_err[-3000:]
-    assert trainer.returncode == -signal.SIGKILL, train_err[-3000:]
-
-    states = _lines(train_out, "state")
-    committed = set(_lines(train_out, "committed")) - {0}
-    restored = _lines(eval_out, "restored")
-    assert len(committed) >= 3 and restored, (train_out[-500:], eval_out[-500:])
-    print(f"{len(states)} steps trained, {len(restored)} restored by the evaluator")
-    # What the evaluator read was what the trainer had at that step, bit for bit.
-    for step, digest in restored.items():
-        assert digest == states[step], step
-
-    # Nothing the trainer reported as saved is missing, and every committed step restores
-    # to exactly the trainer's state at that step.
-    ns: dict = {}
-    exec(_COMMON, ns)  # the same templates and digest, in this process
-    reader = checkpoint.manager(folder, read_only=True)
-    on_disk = {}
-    for step in reader.all_steps():
-        r = checkpoint.restore(reader, ns["adapted"], ns["opt_state"], step=step)
-        on_disk[step] = ns["digest"](dora_jax.partition(r.adapted)[1], r.opt_state)
-    assert committed <= set(on_disk), sorted(committed - set(on_disk))
-    for step, digest in on_disk.items():
-        assert digest == states[step], step

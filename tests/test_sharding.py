@@ -1,21 +1,12 @@
-"""Sharding: adapter specs derived from their base, and one training step on any mesh.
+"""Sharding: adapter specs derived from their base, and one training step on one device.
 
-Multi-device runs happen in subprocesses: the device count is fixed when jax starts, and
-this process has one CPU device.
+The runs on several (simulated) devices are in tests/e2e/test_sharding.py.
 """
 
 import functools
-import importlib.util
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from jax.sharding import AbstractMesh
@@ -23,26 +14,14 @@ from jax.sharding import PartitionSpec as P
 
 import dora_jax
 from dora_jax import sharding
-from dora_jax.models.llama import Llama, LlamaConfig, stack_layer_params
+from dora_jax.models.llama import LlamaConfig, stack_layer_params
+from tests.helpers import tiny_llama, train_sharded
 
-ROOT = Path(__file__).resolve().parents[1]
 MESH_222 = AbstractMesh((2, 2, 2), sharding.AXES)
 
 
-def _load_trainer():
-    spec = importlib.util.spec_from_file_location(
-        "train_sharded", ROOT / "experiments" / "train_sharded.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@functools.cache
-def _llama_params(**overrides):
-    cfg = LlamaConfig.tiny(**overrides)
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    return cfg, jax.jit(Llama(cfg).init)(jax.random.key(0), tokens)["params"]
+# The spec tests only read the params: one initialisation serves them all.
+_llama_params = functools.cache(tiny_llama)
 
 
 def _node(specs, path):
@@ -157,116 +136,16 @@ def test_mesh_from_string():
         sharding.mesh_from_string("model=2")
 
 
-# --- training on meshes ---------------------------------------------------------------
-
-STEPS = 4
-
-
-def _single_device_run():
-    train = _load_trainer()
-    trainer = train.Trainer(LlamaConfig.tiny(), sharding.make_mesh())
-    losses = [trainer.step(i, 8, 16) for i in range(STEPS)]
-    return losses, trainer.trainable_numpy()
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return _single_device_run()
-
-
-_MESH_SCRIPT = """
-import json, sys
-sys.path.insert(0, {root!r})
-import jax, numpy as np
-from tests.test_sharding import _load_trainer
-from dora_jax import sharding
-from dora_jax.models.llama import LlamaConfig
-train = _load_trainer()
-out = {{}}
-for spec in {meshes!r}:
-    trainer = train.Trainer(LlamaConfig.tiny(), sharding.mesh_from_string(spec))
-    losses = [trainer.step(i, 8, 16) for i in range({steps})]
-    q = trainer.state[0]["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    params = {{k: v.tolist() for k, v in trainer.trainable_numpy().items()}}
-    out[spec] = {{"losses": losses, "params": params, "a_spec": str(q.a.sharding.spec),
-                 "devices": len(q.a.sharding.device_set)}}
-print("RESULT" + json.dumps(out))
-"""
-
-
-def _result(stdout: str) -> dict:
-    line = next(ln for ln in stdout.splitlines() if ln.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
-
-
-def _assert_matches(reference, losses, params):
-    ref_losses, ref_params = reference
-    np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
-    for k, v in ref_params.items():
-        # Adam normalises each update, so float-rounding differences in tiny gradients
-        # (different reduction orders across shards) show in the parameters at ~lr * 1e-2.
-        np.testing.assert_allclose(np.asarray(params[k]), v, atol=5e-4, err_msg=k)
-
-
 def test_step_on_one_device_matches_plain_jit(reference):
     # The sharded step on one device is the plain computation: loss at step 0 equals an
     # unsharded forward of the same adapted params.
-    train = _load_trainer()
+    train = train_sharded()
     cfg = LlamaConfig.tiny()
     trainer = train.Trainer(cfg, sharding.make_mesh())
     tokens = train.tokens_at(0, 8, 16, cfg.vocab_size)
     forward = jax.jit(dora_jax.apply(trainer.model.apply))
     logits = forward({"params": trainer.adapted()}, tokens)
     assert float(train.cross_entropy(logits, tokens)) == pytest.approx(reference[0][0], rel=1e-6)
-
-
-@pytest.mark.e2e
-def test_meshes_of_8_devices_match_one_device(reference):
-    meshes = ["data=8", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2"]
-    code = _MESH_SCRIPT.format(root=str(ROOT), meshes=meshes, steps=STEPS)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = _result(proc.stdout)
-    for spec in meshes:
-        _assert_matches(reference, out[spec]["losses"], out[spec]["params"])
-        assert out[spec]["devices"] == 8
-    assert out["data=2,fsdp=2,tensor=2"]["a_spec"] == "P('fsdp', None)"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.e2e
-def test_two_processes_of_4_devices_match_one_device(reference, tmp_path):
-    port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    out = tmp_path / "run.npz"
-    procs = []
-    for i in range(2):
-        cmd = [sys.executable, str(ROOT / "experiments" / "train_sharded.py")]
-        cmd += ["--mesh", "data=2,fsdp=2,tensor=2", "--steps", str(STEPS), "--seq", "16"]
-        cmd += ["--distributed", "--coordinator", f"127.0.0.1:{port}"]
-        cmd += ["--num-processes", "2", "--process-id", str(i), "--out", str(out)]
-        pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(subprocess.Popen(cmd, env=env, **pipes))
-    try:
-        results = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, stderr) in zip(procs, results):
-        assert p.returncode == 0, stderr[-3000:]
-    assert "2 processes, 8 devices" in results[0][0]
-    losses = json.loads(Path(str(out) + ".json").read_text())
-    params = dict(np.load(out))
-    _assert_matches(reference, [losses[str(i)] for i in range(STEPS)], params)
 
 
 # --- rules, mesh strings and quantised bases ----------------------------------------------
@@ -316,59 +195,3 @@ def test_flattened_output_axes_shard_only_by_a_leading_prefix():
     assert sharding._flat_entry((None, "tensor")) is None  # not contiguous once flattened
     assert sharding._flat_entry(("fsdp", "tensor", None)) == ("fsdp", "tensor")
     assert sharding._flat_entry((("data", "fsdp"), None, "tensor")) == ("data", "fsdp")
-
-
-_QUANTISED_ON_8 = """
-import json, jax, jax.numpy as jnp, numpy as np
-import dora_jax
-from dora_jax.models.llama import Llama, LlamaConfig
-
-cfg = LlamaConfig.tiny(scan_layers=True)
-model = Llama(cfg)
-tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
-params = model.init(jax.random.key(0), tokens[:, :8])["params"]
-axes = dora_jax.infer_axes(lambda p, t: model.apply({"params": p}, t), params, tokens)
-adapted = dora_jax.quantize_base(dora_jax.wrap(params, rank=4, axes=axes), "nf4", block=16)
-frozen, trainable = dora_jax.partition(adapted)
-trainable = jax.tree.map(lambda x: x + 0.01, trainable)
-
-def loss(trainable, frozen, tokens):
-    logits = dora_jax.apply(model.apply)({"params": dora_jax.combine(frozen, trainable)}, tokens)
-    return jnp.mean(jax.nn.log_softmax(logits) ** 2)
-
-out = {"one": jax.jit(jax.value_and_grad(loss))(trainable, frozen, tokens)}
-mesh = dora_jax.mesh_from_string("fsdp=4,tensor=2")
-sh = dora_jax.sharding.shardings(dora_jax.combine(frozen, trainable), mesh)
-frozen_sh, trainable_sh = dora_jax.partition(sh)
-f = dora_jax.sharding.put(frozen, frozen_sh)
-t = dora_jax.sharding.put(trainable, trainable_sh)
-step = jax.jit(jax.value_and_grad(loss), in_shardings=(trainable_sh, frozen_sh,
-               dora_jax.sharding.batch_sharding(mesh)))
-out["mesh"] = step(t, f, tokens)
-report = {k: [float(v)] + [float(jnp.sum(g * g)) for g in jax.tree.leaves(g)]
-          for k, (v, g) in out.items()}
-codes = {}
-for path, x in jax.tree_util.tree_flatten_with_path(f)[0]:
-    name = dora_jax.tree.path_str(path)
-    if name.endswith(("codes", "scales")):
-        codes[name] = [x.nbytes, x.addressable_shards[0].data.nbytes]
-report["bytes"] = codes
-print("RESULT" + json.dumps(report))
-"""
-
-
-@pytest.mark.e2e
-def test_quantised_base_is_split_over_8_devices_and_trains_like_one():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _QUANTISED_ON_8],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = _result(proc.stdout)
-    np.testing.assert_allclose(out["mesh"], out["one"], rtol=1e-4)
-    q = out["bytes"]["layers/self_attn/q_proj/kernel/base/codes"]  # fsdp on in, tensor on out
-    assert q[1] * 8 == q[0], q
-    down = out["bytes"]["layers/mlp/down_proj/kernel/base/scales"]
-    assert down[1] * 8 == down[0], down
-    assert all(per_device < total for total, per_device in out["bytes"].values())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import dora_jax
-from tests import reference as ref
+from tests import helpers as ref
 
 
 def _setup(dropout=0.0):

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import require_package
+from tests.helpers import require_package
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
 # Scripts import dora_jax as installed; this checkout's copy comes first.
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 

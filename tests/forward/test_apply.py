@@ -10,63 +10,11 @@ import pytest
 from flax import nnx
 
 import dora_jax
-from tests import reference as ref
-
-jax.config.update("jax_default_matmul_precision", "highest")
+from tests.helpers import MLP, assert_trees_close, perturb, ref_params
 
 
 def maybe_jit(f, jit):
     return jax.jit(f) if jit else f
-
-
-def perturb(adapted, seed=0, size=0.05):
-    """Moves every trainable leaf away from its init so B != 0 and m != ||W0||."""
-    frozen, trainable = dora_jax.partition(adapted)
-    leaves, treedef = jax.tree.flatten(trainable)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [x + size * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return dora_jax.combine(frozen, jax.tree.unflatten(treedef, leaves))
-
-
-def ref_kernel(node, exact=False):
-    """W' of one node by the reference formula, in the node's kernel shape (float32)."""
-    w0 = ref.flat2(node.base, node.stack, node.inputs).astype(jnp.float32)
-    stack_shape, (n_in, n_out) = w0.shape[:-2], w0.shape[-2:]
-    if isinstance(node, (dora_jax.VeRA, dora_jax.DVoRA)):
-        b = node.b.reshape(*stack_shape, n_out)
-        v = w0 + ref.vera_delta(node.shared_a, node.shared_b, node.d, b, n_in, n_out)
-    else:
-        a = ref.flat2(node.a, len(node.stack), len(node.inputs))
-        b = node.b.reshape(*stack_shape, -1, n_out)
-        v = w0 + ref.lora_delta(a, b, node.scale)
-    if isinstance(node, (dora_jax.DoRA, dora_jax.DVoRA)):
-        v = ref.decompose(v, node.magnitude.reshape(*stack_shape, n_out), exact=exact)
-    # Back to the kernel's layout: v is (*stack, in, out) over the canonical axis order.
-    canonical = (*node.stack, *node.inputs, *node.outputs)
-    v = v.reshape([node.base.shape[p] for p in canonical])
-    return jnp.transpose(v, np.argsort(canonical))
-
-
-def ref_params(adapted, exact=False):
-    return jax.tree.map(
-        lambda x: ref_kernel(x, exact) if dora_jax.is_adapter(x) else x,
-        adapted,
-        is_leaf=dora_jax.is_adapter,
-    )
-
-
-def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
-
-
-# --- models ------------------------------------------------------------------------------
-
-
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = jnp.tanh(nn.Dense(16, name="fc1")(x))
-        return nn.Dense(5, name="fc2")(h)
 
 
 def mlp_reference(p, x):

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from dora_jax.experiments import commonsense as cs
 from dora_jax.experiments import training
 from dora_jax.models.llama import Llama, LlamaConfig
-from tests.conftest import require_package
+from tests.helpers import require_package
 
 CORPUS = [
     "the cat sat on the mat",

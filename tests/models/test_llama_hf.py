@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from dora_jax.models.llama import Llama, LlamaConfig, from_hf, to_hf
-from tests.hf_helpers import SIZES, tiny_hf_model, token_batch, torch, torch_logits, transformers
+from tests.helpers import SIZES, require_hf, tiny_hf_model, token_batch, torch_logits
+
+require_hf()
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 
 def jax_logits(config, params, tokens):

@@ -24,10 +24,7 @@ import pytest
 from flax import nnx
 
 import dora_jax
-from tests.conftest import require_package
-
-jax.config.update("jax_default_matmul_precision", "highest")
-
+from tests.helpers import assert_trees_close, require_package
 
 # --- a plain-jnp reference of DoRA/LoRA for any layout ------------------------------------
 
@@ -123,10 +120,6 @@ def as_array(y):
     return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(y)])
 
 
-def close(a, b, rtol=1e-5, atol=1e-5):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
-
-
 def check_model(
     fn, params, args, *, targets, axes, inputs, method="dora", rank=2, steps=3, eager=False
 ):
@@ -139,7 +132,7 @@ def check_model(
       inputs: ``{path regex: input axis positions}``: where each kernel's input axes truly
         are, written by hand from the model's code (independent of ``axes``).
       eager: also run the adapted forward outside ``jit`` (op by op, slow on this CPU: the
-        small models do; tests/test_layouts.py runs every layout both ways).
+        small models do; tests/forward/test_layouts.py runs every layout both ways).
     """
     wrap = lambda p: dora_jax.wrap(p, rank=rank, method=method, targets=targets, axes=axes)  # noqa: E731
     adapted = jax.jit(wrap)(params)
@@ -153,7 +146,7 @@ def check_model(
     base_out = run_plain(params, *args)
 
     # Identity at init: B = 0 and m = ||W0||_c.
-    close(run(adapted, *args), base_out)
+    assert_trees_close(run(adapted, *args), base_out)
 
     # The magnitude sits on the output side: one value per output feature, the norm of the
     # merged kernel over the true input axes (at init and after moving every leaf).
@@ -174,10 +167,12 @@ def check_model(
 
     # strict forward == merged forward == the reference (jitted; op by op too with eager).
     expected = run_plain(jax.jit(lambda m: ref_params(m, axes))(moved), *args)
-    close(run_plain(jax.jit(dora_jax.merge)(moved), *args), expected, rtol=1e-4, atol=1e-5)
-    close(run(moved, *args), expected, rtol=1e-4, atol=1e-5)
+    assert_trees_close(
+        run_plain(jax.jit(dora_jax.merge)(moved), *args), expected, rtol=1e-4, atol=1e-5
+    )
+    assert_trees_close(run(moved, *args), expected, rtol=1e-4, atol=1e-5)
     if eager:
-        close(as_array(strict(moved, *args)), expected, rtol=1e-4, atol=1e-5)
+        assert_trees_close(as_array(strict(moved, *args)), expected, rtol=1e-4, atol=1e-5)
 
     # Gradients of the trainable leaves equal the reference's.
     frozen, trainable = dora_jax.partition(moved)
@@ -192,7 +187,7 @@ def check_model(
     got = grad_of(strict)
     want = grad_of(lambda p, *a: fn(ref_params(p, axes), *a))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(got))
-    close(got, want, rtol=1e-4, atol=1e-5)
+    assert_trees_close(got, want, rtol=1e-4, atol=1e-5)
 
     # A few optax steps over the whole adapted tree: the loss falls, the base stays put.
     train_steps(strict, adapted, args, base_out, steps)
@@ -630,7 +625,7 @@ def test_nnx_returned_state_keeps_the_adapters():
         ]:
             for g in (dora_jax.apply(f, strict=True), jax.jit(dora_jax.apply(f, strict=True))):
                 y, returned = g(arg, x)
-                close(y, expected, rtol=1e-5, atol=1e-5)
+                assert_trees_close(y, expected, rtol=1e-5, atol=1e-5)
                 got, want = nodes(returned), nodes(adapted)
                 assert set(got) == {"fc1/kernel", "fc2/kernel"} == set(want)
                 for path in got:
@@ -638,7 +633,9 @@ def test_nnx_returned_state_keeps_the_adapters():
                     jax.tree.map(np.testing.assert_array_equal, got[path], want[path])
     # The returned state merges back into a model that computes the same function.
     _, returned = dora_jax.apply(forward)(adapted, x)
-    close(nnx.merge(graphdef, dora_jax.merge(returned))(x), expected, rtol=1e-5, atol=1e-5)
+    assert_trees_close(
+        nnx.merge(graphdef, dora_jax.merge(returned))(x), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def _nnx_optimizer_run(module, x, y, steps=4):
@@ -706,7 +703,7 @@ def test_nnx_optimizer_trains_an_adapted_model(module_cls):
         if path.endswith("bias"):
             np.testing.assert_array_equal(flat_before[path], flat_after[path])
     functional = _functional_run(module_cls(nnx.Rngs(0)), x, y)
-    close(
+    assert_trees_close(
         jax.tree.leaves(nnx.as_pure(after)),
         jax.tree.leaves(nnx.as_pure(functional)),
         rtol=1e-4,

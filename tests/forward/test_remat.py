@@ -2,7 +2,7 @@
 
 A stack of residual MLP blocks ``x + tanh(x W1) W2`` scanned over stacked kernels, with the
 body under ``jax.checkpoint`` with each policy. Gradients of every trainable leaf must equal
-those of a plain-jnp reference that forms ``W'`` (tests/reference.py); what the backward
+those of a plain-jnp reference that forms ``W'`` (tests/helpers.py); what the backward
 pass keeps must follow the policy (DoRA keeps what LoRA keeps, up to per-feature vectors).
 """
 
@@ -20,7 +20,7 @@ import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
 import dora_jax
-from tests import reference as ref
+from tests import helpers as ref
 
 LAYERS, N, D, F = 3, 32, 16, 24
 POLICIES = {
