@@ -6,6 +6,7 @@ those of a plain-jnp reference that forms ``W'`` (tests/helpers.py); what the ba
 pass keeps must follow the policy (DoRA keeps what LoRA keeps, up to per-feature vectors).
 """
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -160,3 +161,46 @@ def test_scanned_dora_memory_under_remat_is_loras():
     # LoRA's. Deterministic for a given jax/XLA.
     lora, dora = _step_bytes("lora", "nothing_saveable"), _step_bytes("dora", "nothing_saveable")
     assert dora <= 1.05 * lora, (dora, lora)
+
+
+def _swiglu_saved(method):
+    """Activation-sized arrays the backward pass keeps for a scanned SwiGLU stack."""
+    k = jax.random.split(jax.random.key(1), 4)
+    params = {
+        "gate": jax.random.normal(k[0], (LAYERS, D, F)) / D**0.5,
+        "up": jax.random.normal(k[1], (LAYERS, D, F)) / D**0.5,
+        "down": jax.random.normal(k[2], (LAYERS, F, D)) / F**0.5,
+    }
+    axes = {name: dora_jax.Axes(1, 1) for name in params}
+    adapted = dora_jax.wrap(params, rank=4, method=method, targets=".", axes=axes)
+    frozen, trainable = dora_jax.partition(adapted)
+    x = jax.random.normal(k[3], (N, D))
+
+    def block(x, p):
+        return x + (jax.nn.silu(x @ p["gate"]) * (x @ p["up"])) @ p["down"], None
+
+    def stack(params, x):
+        return jax.lax.scan(block, x, params)[0]
+
+    def loss(t):
+        return _loss(dora_jax.apply(stack)(dora_jax.combine(frozen, t), x))
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(loss, trainable)
+    sizes = []
+    for line in out.getvalue().splitlines():
+        match = re.match(r"\w+\[([\d,]*)\]", line)
+        if match and "from the argument" not in line:
+            size = math.prod(int(d) for d in match.group(1).split(",") if d)
+            if size >= LAYERS * N * D:
+                sizes.append(size)
+    return collections.Counter(sizes)
+
+
+def test_scanned_dora_shares_the_outputs_a_swiglu_keeps():
+    # The magnitude's gradient reads each projection's scaled output. A SwiGLU keeps its gate
+    # and up outputs anyway, so inside a scan DoRA stacks one more array per layer than LoRA
+    # (for down, whose output only feeds the residual add), not three.
+    extra = _swiglu_saved("dora") - _swiglu_saved("lora")
+    assert extra == collections.Counter({LAYERS * N * D: 1}), extra
