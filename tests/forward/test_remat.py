@@ -116,6 +116,12 @@ def _saved_bytes(method, policy):
     def loss(t):
         return _loss(dora_jax.apply(fn)(dora_jax.combine(frozen, t), x))
 
+    # Activation-sized: not a per-feature vector.
+    return sorted(_kept_sizes(loss, trainable, LAYERS * F + 1), reverse=True)
+
+
+def _kept_sizes(loss, trainable, min_size: int) -> list[int]:
+    """Sizes of the arrays of at least ``min_size`` values that ``grad(loss)`` keeps."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         print_saved_residuals(loss, trainable)
@@ -125,9 +131,9 @@ def _saved_bytes(method, policy):
         match = re.match(r"\w+\[([\d,]*)\]", line)
         if match and "from the argument" not in line:
             size = math.prod(int(d) for d in match.group(1).split(",") if d)
-            if size > LAYERS * F:  # activation-sized: not a per-feature vector
+            if size >= min_size:
                 sizes.append(size)
-    return sorted(sizes, reverse=True)
+    return sizes
 
 
 @pytest.mark.parametrize("pair", [("lora", "dora"), ("vera", "dvora")])
@@ -185,17 +191,7 @@ def _swiglu_saved(method):
     def loss(t):
         return _loss(dora_jax.apply(stack)(dora_jax.combine(frozen, t), x))
 
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        print_saved_residuals(loss, trainable)
-    sizes = []
-    for line in out.getvalue().splitlines():
-        match = re.match(r"\w+\[([\d,]*)\]", line)
-        if match and "from the argument" not in line:
-            size = math.prod(int(d) for d in match.group(1).split(",") if d)
-            if size >= LAYERS * N * D:
-                sizes.append(size)
-    return collections.Counter(sizes)
+    return collections.Counter(_kept_sizes(loss, trainable, LAYERS * N * D))
 
 
 def test_scanned_dora_shares_the_outputs_a_swiglu_keeps():
