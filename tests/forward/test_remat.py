@@ -200,3 +200,33 @@ def test_scanned_dora_shares_the_outputs_a_swiglu_keeps():
     # (for down, whose output only feeds the residual add), not three.
     extra = _swiglu_saved("dora") - _swiglu_saved("lora")
     assert extra == collections.Counter({LAYERS * N * D: 1}), extra
+
+
+def test_projections_of_one_input_keep_one_copy_of_it():
+    # q, k and v contract the same (batch, tokens, features) input. The factored forward
+    # flattens it to 2-D once for all three, so the scan stacks one copy of it, not three.
+    b, t = 4, N // 4
+    k = jax.random.split(jax.random.key(2), 4)
+    params = {name: jax.random.normal(k[i], (LAYERS, D, D)) / D**0.5
+              for i, name in enumerate(("q", "k", "v"))}  # fmt: skip
+    axes = {name: dora_jax.Axes(1, 1) for name in params}
+    adapted = dora_jax.wrap(params, rank=4, method="lora", targets=".", axes=axes)
+    frozen, trainable = dora_jax.partition(adapted)
+    x = jax.random.normal(k[3], (b, t, D))
+
+    def block(x, p):
+        return x + jnp.tanh(x @ p["q"]) * jnp.sin(x @ p["k"]) * (x @ p["v"]), None
+
+    def stack(params, x):
+        return jax.lax.scan(block, x, params)[0]
+
+    def loss(t_):
+        return _loss(dora_jax.apply(stack)(dora_jax.combine(frozen, t_), x))
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(loss, trainable)
+    # The flattened input, stacked over layers, is (LAYERS, N, D); the block's own
+    # activations keep their (LAYERS, b, t, D) shape.
+    flat = [line for line in out.getvalue().splitlines() if f"[{LAYERS},{N},{D}]" in line]
+    assert len(flat) == 1, flat
