@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -22,6 +24,21 @@ import pytest
 import dora_jax
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_on_devices(code: str, devices: int, *, timeout: int = 600, env=None):
+    """``python -c code`` from the repository root on ``devices`` simulated CPU devices.
+
+    jax reads ``XLA_FLAGS`` when it starts, so a multi-device run needs its own process.
+    ``env`` defaults to this process's environment. Returns the ``CompletedProcess``.
+    """
+    env = {**(os.environ if env is None else env)}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
+        cwd=ROOT,
+    )  # fmt: skip
+
 
 # Never the network: every Hugging Face model here is built locally.
 os.environ["HF_HUB_OFFLINE"] = "1"

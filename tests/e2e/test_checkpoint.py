@@ -12,7 +12,7 @@ import pytest
 
 import dora_jax
 from dora_jax import checkpoint
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_on_devices
 
 pytestmark = pytest.mark.e2e
 
@@ -55,10 +55,7 @@ print("RESHARD OK")
 @pytest.mark.e2e
 def test_restore_onto_another_mesh(tmp_path):
     code = _RESHARD.format(root=str(ROOT), path=str(tmp_path / "ckpt"))
-    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
-    )
+    proc = run_on_devices(code, 8, timeout=300, env=_env())
     assert "RESHARD OK" in proc.stdout, proc.stderr[-3000:]
 
 

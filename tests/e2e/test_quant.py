@@ -1,14 +1,11 @@
 """QDoRA end to end: a quantised base trained on a mesh of 4 simulated devices (subprocess)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import run_on_devices
 
 pytestmark = pytest.mark.e2e
 
@@ -52,12 +49,7 @@ print(json.dumps(out))
 @pytest.mark.e2e
 def test_qdora_trains_on_a_mesh_like_on_one_device():
     """A quantised base under sharding: loss and gradients equal the one-device ones."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHARDED_QDORA],
-        capture_output=True, text=True, timeout=600, env=env,
-        cwd=ROOT,
-    )  # fmt: skip
+    proc = run_on_devices(_SHARDED_QDORA, 4)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(out["mesh"], out["one"], rtol=1e-4)

@@ -6,16 +6,13 @@ reference of the formula (tests/helpers.py) on unsharded arrays.
 """
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
+from tests.helpers import ROOT, run_on_devices
+
 pytestmark = pytest.mark.e2e
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 _SCRIPT = r"""
 import contextlib, dataclasses, json, sys, traceback, warnings
@@ -229,11 +226,7 @@ print("RESULT" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def results():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT.format(root=str(ROOT))],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+    proc = run_on_devices(_SCRIPT.format(root=str(ROOT)), 8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
     return json.loads(line[len("RESULT") :])

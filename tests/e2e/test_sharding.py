@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import MESH_STEPS as STEPS
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_on_devices
 
 pytestmark = pytest.mark.e2e
 
@@ -58,10 +58,7 @@ def _assert_matches(reference, losses, params):
 def test_meshes_of_8_devices_match_one_device(reference):
     meshes = ["data=8", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2"]
     code = _MESH_SCRIPT.format(root=str(ROOT), meshes=meshes, steps=STEPS)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
-    )
+    proc = run_on_devices(code, 8, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = _result(proc.stdout)
     for spec in meshes:
@@ -144,11 +141,7 @@ print("RESULT" + json.dumps(report))
 
 @pytest.mark.e2e
 def test_quantised_base_is_split_over_8_devices_and_trains_like_one():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _QUANTISED_ON_8],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
-    )  # fmt: skip
+    proc = run_on_devices(_QUANTISED_ON_8, 8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = _result(proc.stdout)
     np.testing.assert_allclose(out["mesh"], out["one"], rtol=1e-4)
