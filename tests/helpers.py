@@ -8,9 +8,13 @@ column norm directly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import io
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -304,3 +308,21 @@ def adapted_logits(config, tree, tokens) -> np.ndarray:
 
     fn = dora_jax.apply(Llama(config).apply)
     return np.asarray(jax.jit(fn)({"params": tree}, jnp.asarray(tokens)))
+
+
+def kept_sizes(loss, trainable, min_size: int) -> list[int]:
+    """Sizes of the arrays of at least ``min_size`` values that ``grad(loss)`` keeps for
+    its backward pass (from ``print_saved_residuals``; the arguments themselves excluded)."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(loss, trainable)
+    sizes = []
+    for line in out.getvalue().splitlines():
+        match = re.match(r"\w+\[([\d,]*)\]", line)
+        if match and "from the argument" not in line:
+            size = math.prod(int(d) for d in match.group(1).split(",") if d)
+            if size >= min_size:
+                sizes.append(size)
+    return sizes

@@ -9,12 +9,14 @@ by name: ``self_attn/{q,k,v,o}_proj`` and ``mlp/{gate,up,down}_proj`` inside
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
@@ -146,20 +148,51 @@ def _flat(x, dtype: Dtype):
     return x.reshape(-1, x.shape[-1]).astype(dtype)
 
 
+def _rms_norm(x, scale, eps: float, dtype: Dtype):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    # HF casts back to the input dtype before multiplying by the weight.
+    return x32.astype(dtype) * scale.astype(dtype)
+
+
+def _add_rms_norm(x, y, scale, eps: float, dtype: Dtype):
+    """``(x + y, rms_norm(x + y))`` for ``y`` a sublayer's flat ``(tokens, features)`` output."""
+    s = x + y.reshape(x.shape).astype(x.dtype)
+    return s, _rms_norm(s, scale, eps, dtype)
+
+
+# In a scanned stack the backward pass keeps, for every layer, what each layer's backward
+# reads. Rematerialising the residual add and norm makes it keep ``x`` and ``y`` (the
+# residual stream before the sublayer and the projection's output) instead of the sum: as
+# much memory, but ``y`` is the very array a DoRA projection keeps for its magnitude's
+# gradient, so scanned DoRA keeps one array fewer per layer. (``prevent_cse=False``: the
+# recomputation sits in the backward scan's body, where XLA cannot merge it with the
+# forward pass anyway.) Unscanned, XLA's buffer assignment already shares those arrays
+# and rematerialising would only add live buffers, so the plain function is used.
+_add_rms_norm_remat = jax.checkpoint(_add_rms_norm, static_argnums=(3, 4), prevent_cse=False)
+
+
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm; statistics are computed in float32."""
+    """Root-mean-square layer norm; statistics are computed in float32.
+
+    Called as ``norm(x)`` it returns the normalised ``x``; as ``norm(x, add=y)`` it
+    returns the residual sum and its norm, ``(x + y, norm(x + y))``, with ``y`` flat
+    ``(tokens, features)``; ``remat=True`` rematerialises that (for scanned stacks, see
+    ``_add_rms_norm_remat``).
+    """
 
     eps: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, add=None):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        # HF casts back to the input dtype before multiplying by the weight.
-        return x32.astype(self.dtype) * scale.astype(self.dtype)
+        if add is None:
+            return _rms_norm(x, scale, self.eps, self.dtype)
+        add_norm = _add_rms_norm_remat if self.remat else _add_rms_norm
+        return add_norm(x, add, scale, self.eps, self.dtype)
 
 
 def rotary_cos_sin(positions, head_dim: int, theta: float):
@@ -229,33 +262,61 @@ def _causal_attention(q, k, v, mask, dtype):
     scores = jnp.matmul(q, k, preferred_element_type=jnp.float32)
     rows = jnp.tile(mask, (1, g, 1)) if g > 1 else mask
     scores = jnp.where(rows[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = _softmax(scores).astype(dtype)
+    probs = checkpoint_name(_softmax(scores).astype(dtype), "attention_probs")
     out = jnp.matmul(probs, v)  # (b, nkv, g * t, hd)
     out = out.reshape(b, nkv, g, t, hd).transpose(0, 3, 1, 2, 4)
     return out.reshape(b, t, nh * hd)
 
 
+def _rotary_attention(q, k, v, cos, sin, mask, num_heads: int, num_kv_heads: int, dtype):
+    """Attention from the flat ``(tokens, features)`` outputs of q, k and v; flat output."""
+    b, t = mask.shape[:2]
+    q = apply_rotary(q.reshape(b, t, num_heads, -1), cos, sin)
+    k = apply_rotary(k.reshape(b, t, num_kv_heads, -1), cos, sin)
+    v = v.reshape(b, t, num_kv_heads, -1)
+    return _causal_attention(q, k, v, mask, dtype).reshape(b * t, -1)
+
+
+# For scanned stacks: rematerialised except for the attention probabilities, so that the
+# backward pass keeps the projections' outputs and recomputes the head split, rotary
+# embedding and transposes from them (elementwise work and copies) instead of keeping the
+# rotated, transposed copies: as much memory, but those outputs are the arrays DoRA
+# projections keep for their magnitudes' gradients, so scanned DoRA keeps three arrays
+# fewer per layer. Unscanned it would add live buffers (as ``_add_rms_norm_remat``).
+_rotary_attention_remat = jax.checkpoint(
+    _rotary_attention,
+    policy=jax.checkpoint_policies.save_only_these_names("attention_probs"),
+    static_argnums=(6, 7, 8),
+    prevent_cse=False,
+)
+
+
 class LlamaAttention(nn.Module):
-    """Grouped-query causal self-attention with rotary embeddings."""
+    """Grouped-query causal self-attention with rotary embeddings.
+
+    Takes ``x`` (batch, seq, hidden) and returns the output projection flat,
+    ``(batch * seq, hidden)``: the decoder layer adds it to the residual stream in its
+    add-and-norm. ``remat=True`` (scanned stacks) rematerialises the attention between
+    the projections, keeping only the probabilities (see ``_rotary_attention_remat``).
+    """
 
     config: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, mask):
         cfg = self.config
-        b, t, _ = x.shape
         hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         x2 = _flat(x, self.dtype)
-        q = _dense(x2, nh * hd, "q_proj", **kw).reshape(b, t, nh, hd)
-        k = _dense(x2, nkv * hd, "k_proj", **kw).reshape(b, t, nkv, hd)
-        v = _dense(x2, nkv * hd, "v_proj", **kw).reshape(b, t, nkv, hd)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        out = _causal_attention(q, k, v, mask, self.dtype)
-        return _dense(_flat(out, self.dtype), cfg.hidden_size, "o_proj", **kw).reshape(b, t, -1)
+        q = _dense(x2, nh * hd, "q_proj", **kw)
+        k = _dense(x2, nkv * hd, "k_proj", **kw)
+        v = _dense(x2, nkv * hd, "v_proj", **kw)
+        attention = _rotary_attention_remat if self.remat else _rotary_attention
+        out = attention(q, k, v, cos, sin, mask, nh, nkv, self.dtype)
+        return _dense(out, cfg.hidden_size, "o_proj", **kw)
 
 
 class LlamaMLP(nn.Module):
@@ -290,8 +351,10 @@ class LlamaDecoderLayer(nn.Module):
         cfg = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-        x = x + LlamaAttention(cfg, name="self_attn", **kw)(h, cos, sin, mask)
-        h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
+        remat = self.scanned
+        y = LlamaAttention(cfg, name="self_attn", remat=remat, **kw)(h, cos, sin, mask)
+        norm = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", remat=remat, **kw)
+        x, h = norm(x, add=y)
         x = x + LlamaMLP(cfg, name="mlp", **kw)(h)
         return (x, None) if self.scanned else x
 

@@ -11,8 +11,6 @@ import contextlib
 import dataclasses
 import functools
 import io
-import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -117,23 +115,7 @@ def _saved_bytes(method, policy):
         return _loss(dora_jax.apply(fn)(dora_jax.combine(frozen, t), x))
 
     # Activation-sized: not a per-feature vector.
-    return sorted(_kept_sizes(loss, trainable, LAYERS * F + 1), reverse=True)
-
-
-def _kept_sizes(loss, trainable, min_size: int) -> list[int]:
-    """Sizes of the arrays of at least ``min_size`` values that ``grad(loss)`` keeps."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        print_saved_residuals(loss, trainable)
-    sizes = []
-    for line in out.getvalue().splitlines():
-        # Arguments (the params themselves) are not kept by the backward pass's choice.
-        match = re.match(r"\w+\[([\d,]*)\]", line)
-        if match and "from the argument" not in line:
-            size = math.prod(int(d) for d in match.group(1).split(",") if d)
-            if size >= min_size:
-                sizes.append(size)
-    return sizes
+    return sorted(ref.kept_sizes(loss, trainable, LAYERS * F + 1), reverse=True)
 
 
 @pytest.mark.parametrize("pair", [("lora", "dora"), ("vera", "dvora")])
@@ -191,7 +173,7 @@ def _swiglu_saved(method):
     def loss(t):
         return _loss(dora_jax.apply(stack)(dora_jax.combine(frozen, t), x))
 
-    return collections.Counter(_kept_sizes(loss, trainable, LAYERS * N * D))
+    return collections.Counter(ref.kept_sizes(loss, trainable, LAYERS * N * D))
 
 
 def test_scanned_dora_shares_the_outputs_a_swiglu_keeps():

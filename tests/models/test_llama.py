@@ -151,3 +151,39 @@ def test_next_token_loss_matches_shifted_log_softmax(weighted):
     loss = lambda x: next_token_loss(x, tokens, weights if weighted else None)  # noqa: E731
     np.testing.assert_allclose(loss(logits), reference(logits), rtol=1e-6)
     np.testing.assert_allclose(jax.grad(loss)(logits), jax.grad(reference)(logits), atol=1e-7)
+
+
+def _scanned_kept(method):
+    """Activation-sized arrays ``grad`` keeps for a scanned tiny Llama, all 7 projections."""
+    import collections
+
+    import dora_jax
+    from dora_jax.models.llama import projection_regex
+    from tests import helpers
+
+    cfg = LlamaConfig.tiny(scan_layers=True)
+    model, variables, ids = _init(cfg, seq=16, batch=2)
+    apply = lambda p, t: model.apply({"params": p}, t)  # noqa: E731
+    axes = dora_jax.infer_axes(apply, variables["params"], ids)
+    adapted = dora_jax.wrap(
+        variables["params"], rank=4, method=method, targets=projection_regex(), axes=axes
+    )
+    frozen, trainable = dora_jax.partition(adapted)
+
+    def loss(t):
+        return next_token_loss(dora_jax.apply(apply)(dora_jax.combine(frozen, t), ids), ids)
+
+    tokens = ids.size
+    return collections.Counter(helpers.kept_sizes(loss, trainable, cfg.num_layers * tokens * 32))
+
+
+def test_scanned_dora_keeps_one_array_per_layer_more_than_lora():
+    # DoRA's magnitude gradient reads each projection's output. The scanned layer keeps the
+    # outputs of q, k, v (attention recomputes its rotated, transposed copies from them),
+    # gate and up (the SwiGLU) and o (the add-and-norm recomputes the residual sum from it)
+    # anyway, so DoRA stacks one array more than LoRA per layer, down's output; without the
+    # rematerialised attention and add-and-norm it would be five.
+    cfg = LlamaConfig.tiny()
+    extra = _scanned_kept("dora") - _scanned_kept("lora")
+    assert extra == {cfg.num_layers * 2 * 16 * cfg.hidden_size: 1}, extra
+    assert not (_scanned_kept("lora") - _scanned_kept("dora"))
