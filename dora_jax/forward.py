@@ -707,7 +707,23 @@ def _rescaled_jvp(primals, tangents):
     y = _rescaled(pre, scale)
     nonzero = scale != 0
     ratio = jnp.where(nonzero, d_scale / jnp.where(nonzero, scale, 1), 0)
-    return y, (d_pre * scale + y * ratio).astype(y.dtype)
+    return y, (d_pre * scale + _times(y, ratio)).astype(y.dtype)
+
+
+def _times(y: jax.Array, ratio: jax.Array) -> jax.Array:
+    """``y * ratio`` (``ratio`` broadcasting over ``y``) in ``ratio``'s dtype, written as a
+    ``dot_general`` without contraction so that ``y`` keeps its own dtype: the backward
+    pass then keeps ``y`` itself (in a bfloat16 model, the bfloat16 array downstream layers
+    keep too) rather than a float32 copy, and its transpose, the magnitude's gradient
+    ``sum(g * y)``, still accumulates in ``ratio``'s dtype."""
+    ratio = ratio.reshape((1,) * (y.ndim - ratio.ndim) + ratio.shape)
+    batch = [i for i in range(y.ndim) if ratio.shape[i] != 1]
+    free = [i for i in range(y.ndim) if ratio.shape[i] == 1]
+    r = ratio.reshape([ratio.shape[i] for i in batch])
+    dims = (((), ()), (batch, list(range(len(batch)))))
+    out = lax.dot_general(y, r, dims, preferred_element_type=ratio.dtype)  # (*batch, *free)
+    order = batch + free
+    return out.transpose([order.index(i) for i in range(y.ndim)])
 
 
 def _stacked(leaf, node: Adapter, unstacked_ndim: int) -> bool:

@@ -310,9 +310,13 @@ def adapted_logits(config, tree, tokens) -> np.ndarray:
     return np.asarray(jax.jit(fn)({"params": tree}, jnp.asarray(tokens)))
 
 
-def kept_sizes(loss, trainable, min_size: int) -> list[int]:
+_ITEMSIZE = {"bool": 1, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "i32": 4, "s32": 4, "u32": 4}
+
+
+def kept_sizes(loss, trainable, min_size: int, nbytes: bool = False) -> list[int]:
     """Sizes of the arrays of at least ``min_size`` values that ``grad(loss)`` keeps for
-    its backward pass (from ``print_saved_residuals``; the arguments themselves excluded)."""
+    its backward pass (from ``print_saved_residuals``; the arguments themselves excluded),
+    in values or, with ``nbytes``, in bytes."""
     from jax.ad_checkpoint import print_saved_residuals
 
     out = io.StringIO()
@@ -320,9 +324,9 @@ def kept_sizes(loss, trainable, min_size: int) -> list[int]:
         print_saved_residuals(loss, trainable)
     sizes = []
     for line in out.getvalue().splitlines():
-        match = re.match(r"\w+\[([\d,]*)\]", line)
+        match = re.match(r"(\w+)\[([\d,]*)\]", line)
         if match and "from the argument" not in line:
-            size = math.prod(int(d) for d in match.group(1).split(",") if d)
+            size = math.prod(int(d) for d in match.group(2).split(",") if d)
             if size >= min_size:
-                sizes.append(size)
+                sizes.append(size * _ITEMSIZE[match.group(1)] if nbytes else size)
     return sizes
