@@ -115,7 +115,8 @@ def make_step(
 
 def setup(args, scanned: bool = False):
     """(config, model, params, tokens, axes); ``axes`` learnt from the model when scanned."""
-    cfg = LlamaConfig.bench(scan_layers=scanned)
+    config = {"bench": LlamaConfig.bench, "smollm2": LlamaConfig.smollm2_135m}
+    cfg = config[getattr(args, "model", "bench")](scan_layers=scanned)
     model = Llama(cfg)
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, cfg.vocab_size)
     params = jax.jit(model.init)(jax.random.key(0), tokens[:, :8])["params"]
@@ -171,6 +172,10 @@ def main():
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
     parser.add_argument("--layouts", default="unscanned", help="unscanned,scanned")
     parser.add_argument("--vera-rank", type=int, default=256)
+    parser.add_argument(
+        "--model", default="bench", choices=("bench", "smollm2"),
+        help="the bench Llama, or SmolLM2-135M's shape (random weights)",
+    )  # fmt: skip
     parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -233,6 +238,7 @@ def main():
                 cmd += ["--rank", str(args.rank), "--dropout", str(args.dropout)]
                 cmd += ["--batch", str(args.batch), "--seq", str(args.seq)]
                 cmd += ["--layouts", layout, "--vera-rank", str(args.vera_rank)]
+                cmd += ["--model", args.model]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 results[f"{layout}/{m}"].update(json.loads(out.strip().splitlines()[-1]))
 
