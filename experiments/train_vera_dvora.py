@@ -8,7 +8,7 @@ train on the mixture of the training halves and are scored on the held-out halve
 log-likelihood of each answer (letter-format prompting is at chance for a 135M model).
 
     python experiments/train_vera_dvora.py                    # default budget, ~20 min CPU
-    python experiments/train_vera_dvora.py --preset long      # 3 seeds, 5 tasks, <2 h CPU
+    python experiments/train_vera_dvora.py --preset long      # 3 seeds, 5 tasks, ~2 h CPU
     python experiments/train_vera_dvora.py --preset paper     # NVlabs settings, long
     python experiments/train_vera_dvora.py --preset paper_short  # ~8 min on one H200
     python experiments/train_vera_dvora.py --tiny             # random tiny model (CI)
@@ -78,8 +78,8 @@ DEFAULTS = dict(
     seeds="0",
 )
 PRESETS = {
-    # Three seeds, 2.5x the steps, five tasks: about 1 h 50 min on a quiet 2-core CPU
-    # (4.6 s per step of 8x128 tokens, 7.5 examples scored per second; not yet run).
+    # Three seeds, 2.5x the steps, five tasks: 1 h 56 min on the 2-core CPU (2026-11-26,
+    # README; 4.5-6.1 s per step of 8x128 tokens, 8.8 examples scored per second).
     "long": dict(
         tasks="winogrande,obqa,arc_e,arc_c,piqa",
         steps=60,
