@@ -8,6 +8,8 @@ own buffer accounting of the compiled step. Not a test: the numbers are for read
     python benchmarks/step_time.py --json out.json --rounds 7
     python benchmarks/step_time.py --layouts unscanned,scanned --methods lora,dora,vera,dvora \
         --no-memory                               # both layouts; XLA's accounting only
+    python benchmarks/step_time.py --model smollm2 --batch 8 --seq 64 --layouts scanned \
+        --methods lora,dora --no-memory --rounds 1 --steps 1   # SmolLM2-135M's shape
 
 Methods: ``full`` (all weights), ``lora``, ``dora`` (dora_jax.apply, factored forward),
 ``dora_merge`` (W' formed inside the loss with dora_jax.merge: what a naive port does),
@@ -116,7 +118,7 @@ def make_step(
 def setup(args, scanned: bool = False):
     """(config, model, params, tokens, axes); ``axes`` learnt from the model when scanned."""
     config = {"bench": LlamaConfig.bench, "smollm2": LlamaConfig.smollm2_135m}
-    cfg = config[getattr(args, "model", "bench")](scan_layers=scanned)
+    cfg = config[args.model](scan_layers=scanned)
     model = Llama(cfg)
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, cfg.vocab_size)
     params = jax.jit(model.init)(jax.random.key(0), tokens[:, :8])["params"]

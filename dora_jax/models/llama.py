@@ -9,7 +9,6 @@ by name: ``self_attn/{q,k,v,o}_proj`` and ``mlp/{gate,up,down}_proj`` inside
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
