@@ -212,3 +212,34 @@ def test_projections_of_one_input_keep_one_copy_of_it():
     # activations keep their (LAYERS, b, t, D) shape.
     flat = [line for line in out.getvalue().splitlines() if f"[{LAYERS},{N},{D}]" in line]
     assert len(flat) == 1, flat
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_scan_body_output_scaling_has_the_plain_products_gradients(dtype):
+    # forward._rescaled: y = pre * scale with its own VJP, which reads y instead of pre.
+    # Against autodiff of the plain product, on (stack, rows, out) with one output column
+    # whose scale is exactly 0 (its scale gradient is then 0: pre is not recoverable).
+    from dora_jax.forward import _rescaled
+
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    pre = jax.random.normal(k1, (2, 8, 5), jnp.float32).astype(dtype)
+    scale = jax.random.uniform(k2, (2, 1, 5), jnp.float32, 0.5, 2.0).at[1, 0, 3].set(0.0)
+    probe = jax.random.normal(k3, (2, 8, 5), jnp.float32)
+
+    def loss(f, pre, scale):
+        return jnp.sum(f(pre, scale).astype(jnp.float32) * probe)
+
+    def plain(p, s):
+        return (p * s).astype(p.dtype)
+
+    got = jax.grad(functools.partial(loss, _rescaled), argnums=(0, 1))(pre, scale)
+    want = jax.grad(functools.partial(loss, plain), argnums=(0, 1))(pre, scale)
+    assert got[0].dtype == pre.dtype and got[1].dtype == scale.dtype
+    np.testing.assert_array_equal(_rescaled(pre, scale), plain(pre, scale))
+    np.testing.assert_allclose(np.float32(got[0]), np.float32(want[0]), rtol=1e-6, atol=1e-6)
+    # The scale gradient is sum(g * y) / scale: y rounded to dtype, so bf16 agrees to ~1%.
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    mask = np.ones(scale.shape, bool)
+    mask[1, 0, 3] = False
+    np.testing.assert_allclose(np.asarray(got[1])[mask], np.asarray(want[1])[mask], rtol=tol)
+    assert got[1][1, 0, 3] == 0.0
