@@ -243,3 +243,39 @@ def test_scan_body_output_scaling_has_the_plain_products_gradients(dtype):
     mask[1, 0, 3] = False
     np.testing.assert_allclose(np.asarray(got[1])[mask], np.asarray(want[1])[mask], rtol=tol)
     assert got[1][1, 0, 3] == 0.0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_scan_body_dvora_output_has_the_plain_products_gradients(dtype):
+    # forward._rescaled_sum: y = (base + z * post) * scale with its own VJP (reads y and z).
+    from dora_jax.forward import _rescaled_sum
+
+    k = jax.random.split(jax.random.key(1), 5)
+    base = jax.random.normal(k[0], (2, 8, 5), jnp.float32).astype(dtype)
+    z = jax.random.normal(k[1], (2, 8, 5), jnp.float32).astype(dtype)
+    post = jax.random.normal(k[2], (2, 1, 5), jnp.float32).astype(dtype)
+    scale = jax.random.uniform(k[3], (2, 1, 5), jnp.float32, 0.5, 2.0).at[0, 0, 1].set(0.0)
+    probe = jax.random.normal(k[4], (2, 8, 5), jnp.float32)
+
+    def loss(f, *args):
+        return jnp.sum(f(*args).astype(jnp.float32) * probe)
+
+    def plain(b, z, p, s):
+        return ((b + z * p) * s).astype(b.dtype)
+
+    args = (base, z, post, scale)
+    got = jax.grad(functools.partial(loss, _rescaled_sum), argnums=(0, 1, 2, 3))(*args)
+    want = jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2, 3))(*args)
+    np.testing.assert_array_equal(_rescaled_sum(*args), plain(*args))
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for g, w, a in zip(got[:3], want[:3], args[:3]):
+        assert g.dtype == a.dtype
+        np.testing.assert_allclose(np.float32(g), np.float32(w), rtol=tol, atol=tol)
+    mask = np.ones(scale.shape, bool)
+    mask[0, 0, 1] = False
+    # sum(g * y) with y rounded to bf16: errors relative to the largest entry, not each.
+    want_s = np.asarray(want[3])[mask]
+    np.testing.assert_allclose(
+        np.asarray(got[3])[mask], want_s, rtol=tol, atol=tol * np.abs(want_s).max()
+    )
+    assert got[3][0, 0, 1] == 0.0
