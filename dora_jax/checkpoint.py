@@ -5,8 +5,10 @@ data), the step, the data position and VeRA's shared matrices (once, not once pe
 plus a small JSON record: every adapter node's whole configuration (kind, rank, scale,
 dropout, norm gradient, axes, the shapes and dtypes of its fields) and a fingerprint of the
 frozen base model that covers every value of every leaf. The base itself is never saved:
-restoring needs it anyway, and it is usually 100-1000x larger. Non-parameter NNX state
-(BatchNorm statistics, RNG streams) is saved and restored with the adapters.
+restoring needs it anyway, and it is usually 100-1000x larger. The model's non-parameter
+state (BatchNorm statistics, RNG streams: NNX variables other than ``nnx.Param``, or the
+collections beside ``"params"`` of a Linen variables dict passed whole) is saved and
+restored with the adapters.
 
 Restoring takes templates (a freshly wrapped tree and a fresh optimiser state, placed as
 you want them): their structure checks the checkpoint, their shardings say where restored
@@ -145,11 +147,20 @@ def _is_variable(x: Any) -> bool:
 
 
 def _state_paths(tree: PyTree) -> set[str]:
-    """Paths of non-parameter NNX variables (BatchNorm statistics, RNG keys and counts)."""
+    """Paths of the model's non-parameter state: NNX variables other than ``nnx.Param``
+    (BatchNorm statistics, RNG keys and counts) and, in a Linen variables dict (one with a
+    ``"params"`` collection), every leaf of the other collections (``batch_stats``...)."""
     flat = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda x: is_adapter(x) or _is_variable(x)
     )[0]
-    return {path_str(p) for p, x in flat if _is_variable(x) and not isinstance(x, nnx.Param)}
+    linen = isinstance(tree, Mapping) and "params" in tree
+
+    def state(path, x) -> bool:
+        if _is_variable(x):
+            return not isinstance(x, nnx.Param)
+        return linen and not is_adapter(x) and getattr(path[0], "key", None) != "params"
+
+    return {path_str(p) for p, x in flat if state(p, x)}
 
 
 def _base_model(adapted: PyTree) -> PyTree:
@@ -742,10 +753,12 @@ def _check(meta: dict, adapted, opt_state, manager, step) -> None:
             mutable[k] = jax.random.key_data(x)
     if meta["model_state"] != _json(_describe(mutable)):
         raise CheckpointError(
-            f"{where}: the model's non-parameter state (NNX BatchNorm statistics, RNG "
-            f"streams) differs from the template's: saved {meta['model_state'][:4]}, "
-            f"template {_json(_describe(mutable))[:4]}. Build the template from the same "
-            f"model with nnx.split(model) as when saving."
+            f"{where}: the model's non-parameter state (BatchNorm statistics, RNG streams: "
+            f"NNX variables, or Linen collections beside 'params') differs from the "
+            f"template's: saved {meta['model_state'][:4]}, template "
+            f"{_json(_describe(mutable))[:4]}. Build the template from the same model as "
+            f"when saving (nnx.split(model), or Linen's whole variables dict with the "
+            f"adapted params under 'params')."
         )
 
 

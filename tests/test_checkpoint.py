@@ -353,3 +353,53 @@ def _flat_paths(tree):
     return [
         (dora_jax.tree.path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
     ]
+
+
+def test_linen_batch_statistics_are_saved(tmp_path):
+    # A Linen model's variables: {"params": ..., "batch_stats": ...}. Pass the whole dict,
+    # with the adapted params under "params": collections other than "params" are the
+    # model's non-parameter state, saved and restored like NNX's.
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=True):
+            x = nn.Dense(6)(x)
+            return nn.BatchNorm(use_running_average=not train)(x)
+
+    net = Net()
+    x = jax.random.normal(jax.random.key(1), (16, 4))
+    variables = net.init(jax.random.key(0), x)
+
+    def fresh():
+        return {**variables, "params": dora_jax.wrap(variables["params"], rank=2)}
+
+    adapted = fresh()
+    frozen, trainable = dora_jax.partition(adapted["params"])
+    forward = dora_jax.apply(net.apply)
+
+    def loss(t, batch_stats):
+        y, updates = forward(
+            {"params": dora_jax.combine(frozen, t), "batch_stats": batch_stats}, x,
+            mutable=["batch_stats"],
+        )  # fmt: skip
+        return jnp.sum(y**2), updates["batch_stats"]
+
+    tx = optax.adam(0.1)
+    opt_state = tx.init(trainable)
+    batch_stats = adapted["batch_stats"]
+    for _ in range(2):
+        (_, batch_stats), g = jax.value_and_grad(loss, has_aux=True)(trainable, batch_stats)
+        updates, opt_state = tx.update(g, opt_state)
+        trainable = optax.apply_updates(trainable, updates)
+    trained = {"params": dora_jax.combine(frozen, trainable), "batch_stats": batch_stats}
+    initial_mean = adapted["batch_stats"]["BatchNorm_0"]["mean"]
+    assert not np.allclose(batch_stats["BatchNorm_0"]["mean"], initial_mean)
+
+    manager = checkpoint.manager(tmp_path, async_save=False)
+    assert checkpoint.save(manager, 2, trained, opt_state)
+    template = fresh()
+    restored = checkpoint.restore(manager, template, tx.init(dora_jax.partition(template["params"])[1]))
+    _assert_trees_equal(restored.adapted["batch_stats"], batch_stats)
+    _assert_trees_equal(dora_jax.partition(restored.adapted)[1], dora_jax.partition(trained)[1])
+    _assert_trees_equal(restored.opt_state, opt_state)
