@@ -113,17 +113,19 @@ class _Context:
         in_scan = self.in_scan if in_scan is None else in_scan
         return _Context(key, self.strict, self.warned, found=self.found, in_scan=in_scan)
 
-    def rescale(self, pre: jax.Array, scale: jax.Array) -> jax.Array:
-        """``pre * scale`` in ``pre``'s dtype (``scale`` broadcasts): the DoRA output."""
+    def output(self, base: jax.Array, z: jax.Array, post, scale) -> jax.Array:
+        """An adapted contraction's output ``(base + z * post) * scale`` in ``base``'s dtype,
+        ``post`` (VeRA's ``b``) and ``scale`` (DoRA's ``m / ||W0 + dW||_c``) per output
+        feature, broadcasting alike, either None. Inside a scan body the scaling has its
+        own VJP (:func:`_rescaled`, :func:`_rescaled_sum`)."""
+        if scale is None:
+            return base + (z if post is None else z * post)
         if self.in_scan:
-            return _rescaled(pre, scale)
-        return (pre * scale).astype(pre.dtype)
-
-    def rescale_sum(self, base: jax.Array, z: jax.Array, post: jax.Array, scale: jax.Array):
-        """``(base + z * post) * scale`` in ``base``'s dtype: the DVoRA output."""
-        if self.in_scan:
+            if post is None:
+                return _rescaled(base + z, scale)
             return _rescaled_sum(base, z, post, scale)
-        return self.rescale(base + z * post, scale)
+        pre = base + (z if post is None else z * post)
+        return (pre * scale).astype(pre.dtype)
 
     def arrange(self, x: jax.Array, perm: list[int], shape: tuple[int, ...]) -> jax.Array:
         """``x`` transposed by ``perm`` and reshaped to ``shape``, once per input: projections
@@ -900,12 +902,7 @@ def _contract_batched(node: Adapter, x, dtype, kw, ctx):
     z = matmul(h, right, rank, n_o, 1 + len(out_shape))
     post = None if post is None else post.reshape(*stack_shape, 1, n_o).astype(dtype)
     scale = None if scale is None else scale.reshape(*stack_shape, 1, n_o)
-    if post is not None and scale is not None:
-        y = ctx.rescale_sum(y, z, post, scale)
-    else:
-        y = y + (z if post is None else z * post)
-        if scale is not None:
-            y = ctx.rescale(y, scale)
+    y = ctx.output(y, z, post, scale)
     y = y.reshape(*stack_shape, n, *out_shape)
     labels = [*(("s", a) for a in node.stack), "F", *(("k", o) for o in node.outputs)]
     return y, labels
@@ -940,10 +937,10 @@ def _contract_inputs(node: Adapter, x, sb, dtype, kw, ctx):
     r_lab = [*stack, R, *outputs] if _stacked(right, node, len(outputs) + 1) else [R, *outputs]
     z = jnp.einsum(h, h_lab, right.astype(dtype), r_lab, out_lab, **kw)
     if post is not None:
-        z = z * _align(post.astype(dtype), [*stack, *outputs], out_lab)
-    y = y + z
+        post = _align(post.astype(dtype), [*stack, *outputs], out_lab)
     if scale is not None:
-        y = ctx.rescale(y, _align(scale, [*stack, *outputs], out_lab))
+        scale = _align(scale, [*stack, *outputs], out_lab)
+    y = ctx.output(y, z, post, scale)
     labels = [*(("s", s) for s in sb), "F", *(("k", a) for a in [*sf, *outputs])]
     return y, labels
 
@@ -984,28 +981,25 @@ def _contract_outputs(node: Adapter, x, dtype, kw, ctx):
     return y + z, labels
 
 
-def _feature_ops(h, axis: int, node: Adapter, right, mid, post, dtype):
-    """``((h * d) R) * e`` over ``h``'s rank axis ``axis`` (conv channels, gather offsets)."""
+def _feature_output(y, h, axis: int, node: Adapter, low_rank, scale, dtype, ctx: _Context):
+    """``(y + ((h * d) R) * e) * scale`` over the feature axis ``axis`` of ``y`` and ``h``
+    (conv channels, gather offsets; ``h`` carries the rank there); ``low_rank`` is
+    ``node.low_rank()``."""
+    _, mid, right, post = low_rank
     rank = right.shape[0]
-    bshape = [1] * h.ndim
-    if mid is not None:
-        bshape[axis] = rank
-        h = h * mid.astype(dtype).reshape(bshape)
     n_out = math.prod(node.out_shape)
+
+    def on_axis(v, n):
+        shape = [1] * h.ndim
+        shape[axis] = n
+        return None if v is None else v.reshape(shape)
+
+    if mid is not None:
+        h = h * on_axis(mid.astype(dtype), rank)
     z = lax.dot_general(h, right.reshape(rank, n_out).astype(dtype), (((axis,), (0,)), ((), ())))
     z = jnp.moveaxis(z, -1, axis)
-    if post is not None:
-        bshape[axis] = n_out
-        z = z * post.astype(dtype).reshape(bshape)
-    return z
-
-
-def _scale_axis(y, scale, axis: int, ctx: _Context):
-    if scale is None:
-        return y
-    bshape = [1] * y.ndim
-    bshape[axis] = scale.size
-    return ctx.rescale(y, scale.reshape(bshape))
+    post = None if post is None else on_axis(post.astype(dtype), n_out)
+    return ctx.output(y, z, post, on_axis(scale, n_out))
 
 
 @_rule("conv_general_dilated")
@@ -1034,12 +1028,13 @@ def _conv_rule(eqn, invals, ctx):
         return _bind(eqn, [x, base.astype(dtype)], params)[0]
 
     y, scale = _base_terms(node, compute, x)
-    left, mid, right, post = node.low_rank()
+    low_rank = node.low_rank()
+    left = low_rank[0]
     # A as a conv kernel in the base's layout, r output channels where the base has out.
     a = to_kernel_layout(left.astype(dtype), node.base.ndim, (), node.inputs)
     h = _bind(eqn, [_dropped(node, x, ctx), a], params)[0]
-    y = y + _feature_ops(h, feature, node, right, mid, post, dtype)
-    return [_scale_axis(y, scale, feature, ctx).astype(eqn.outvars[0].aval.dtype)]
+    y = _feature_output(y, h, feature, node, low_rank, scale, dtype, ctx)
+    return [y.astype(eqn.outvars[0].aval.dtype)]
 
 
 @_rule("gather")
@@ -1074,14 +1069,15 @@ def _gather_rule(eqn, invals, ctx):
         return _bind(eqn, [base.astype(dtype), ids])[0]
 
     y, scale = _base_terms(node, compute, ids)
-    left, mid, right, post = node.low_rank()
+    low_rank = node.low_rank()
+    left = low_rank[0]
     rank = left.shape[-1]
     a = to_kernel_layout(left.astype(dtype), node.base.ndim, (), node.inputs)
     sizes = list(p["slice_sizes"])
     sizes[node.outputs[0]] = rank
     h = _bind(eqn, [a, ids], dict(p, slice_sizes=tuple(sizes)))[0]
-    y = y + _feature_ops(h, feature, node, right, mid, post, dtype)
-    return [_scale_axis(y, scale, feature, ctx).astype(eqn.outvars[0].aval.dtype)]
+    y = _feature_output(y, h, feature, node, low_rank, scale, dtype, ctx)
+    return [y.astype(eqn.outvars[0].aval.dtype)]
 
 
 def _fmix32(h):
