@@ -723,17 +723,42 @@ def _rescaled_fwd(pre: jax.Array, scale: jax.Array):
 
 def _row_sum(g: jax.Array, v: jax.Array, scale: jax.Array) -> jax.Array:
     """``sum(g * v)`` over the rows ``scale`` broadcasts along, in float32 or wider, shaped
-    like ``scale``; 0 where ``scale`` is 0."""
+    like ``scale``; 0 where ``scale`` is 0.
+
+    Written for XLA:CPU, which does not fuse a reduction with the product it sums: the
+    product is formed by one elementwise pass and summed by a library reduction. Adding
+    the first row axis's :data:`_ROW_BLOCKS` contiguous blocks inside that pass makes its
+    output 8x smaller (scanned bench DoRA step ~1% faster, 2 MB less), and the mask inside
+    the sum keeps the pass reading the saved ``v`` in place from a scan's stack (a bare
+    multiply-and-sum first copies it out: +5.5 MB on the scanned bench step). Other
+    backends fuse either form."""
     acc = jnp.promote_types(scale.dtype, jnp.float32)
     lead = v.ndim - scale.ndim
     rows = tuple(range(lead)) + tuple(
         lead + i for i, d in enumerate(scale.shape) if d == 1 and v.shape[lead + i] != 1
     )
-    # The mask inside the sum, not after it: XLA:CPU then fuses this reduction with its
-    # read of the saved v (a bare multiply-and-sum goes to a library reduction that first
-    # copies v out of the scan's stack: +5.5 MB on the scanned bench step).
-    gv = jnp.where(scale != 0, g.astype(acc) * v.astype(acc), 0)
-    return jnp.sum(gv, axis=rows).reshape(scale.shape)
+    keep = scale != 0
+
+    def product(start: int, stop: int) -> jax.Array:
+        gb, vb = (lax.slice_in_dim(a, start, stop, axis=axis) for a in (g, v))
+        return jnp.where(keep, gb.astype(acc) * vb.astype(acc), 0)
+
+    if not rows:
+        return jnp.where(keep, g.astype(acc) * v.astype(acc), 0).reshape(scale.shape)
+    axis, n = rows[0], v.shape[rows[0]]
+    blocks = _ROW_BLOCKS if n >= 2 * _ROW_BLOCKS else 1
+    size = n // blocks
+    partial = product(0, size)
+    for b in range(1, blocks):
+        partial = partial + product(b * size, (b + 1) * size)
+    total = jnp.sum(partial, axis=rows)
+    if blocks * size < n:
+        total = total + jnp.sum(product(blocks * size, n), axis=rows)
+    return total.reshape(scale.shape)
+
+
+# Blocks of rows _row_sum adds elementwise before its reduction.
+_ROW_BLOCKS = 8
 
 
 def _rescaled_bwd(residuals, g: jax.Array):
