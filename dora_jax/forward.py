@@ -703,7 +703,7 @@ def _rescaled(pre: jax.Array, scale: jax.Array) -> jax.Array:
     A custom VJP rather than a custom JVP: written as a JVP, the magnitude term ``y *
     ratio`` either keeps a float32 copy of a low-precision ``y`` or, as a ``dot_general``
     without contraction, runs as a transposed reduction (scanned bench step 1.29x LoRA's
-    on the CPU, against 1.05-1.07x here). So scan bodies with DoRA or DVoRA adapters
+    on the CPU, against 1.04-1.07x here). So scan bodies with DoRA or DVoRA adapters
     support reverse-mode differentiation (``grad``, ``vjp``) but not forward mode (``jvp``,
     ``jacfwd``, Hessian-vector products through ``jvp``); unscanned models support both.
 
