@@ -704,8 +704,9 @@ def _rescaled(pre: jax.Array, scale: jax.Array) -> jax.Array:
     ratio`` either keeps a float32 copy of a low-precision ``y`` or, as a ``dot_general``
     without contraction, runs as a transposed reduction (scanned bench step 1.29x LoRA's
     on the CPU, against 1.04-1.07x here). So scan bodies with DoRA or DVoRA adapters
-    support reverse-mode differentiation (``grad``, ``vjp``) but not forward mode (``jvp``,
-    ``jacfwd``, Hessian-vector products through ``jvp``); unscanned models support both.
+    support reverse-mode differentiation (``grad``, ``vjp``, Hessian-vector products
+    reverse-over-reverse) but not forward mode (``jvp``, ``jacfwd``, Hessian-vector products
+    through ``jvp``); unscanned models support both.
 
     Exact wherever the scale is nonzero. A column whose magnitude is exactly 0 gets a zero
     magnitude gradient (``y`` is 0 there, so ``pre`` cannot be recovered). That is the
@@ -1146,8 +1147,8 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
     ``jit``, ``grad``, ``remat``, ``vmap``, inside ``nn.scan`` / ``nnx.scan`` stacks and
     inside ``shard_map``. Inside a scan body DoRA's output scaling has its own VJP (the
     backward pass keeps the output instead of a second copy per layer), so a scanned model
-    with decomposed adapters (DoRA, DVoRA) supports reverse-mode differentiation only, not
-    ``jvp`` / ``jacfwd``.
+    with decomposed adapters (DoRA, DVoRA) supports reverse-mode differentiation only
+    (Hessian-vector products reverse-over-reverse), not ``jvp`` / ``jacfwd``.
     Adapter nodes may sit anywhere in the arguments; one that the function returns
     unchanged is returned as the node. The base kernels get no gradient (they are frozen).
 

@@ -258,6 +258,31 @@ def test_scan_body_output_scaling_has_the_plain_products_gradients(dtype, shapes
     assert got[1][zero] == 0.0
 
 
+def test_scan_body_output_scaling_has_hessian_vector_products_by_reverse_over_reverse():
+    # The custom VJP has no forward mode (jvp, and so jvp-of-grad, raise), but its backward
+    # rule is differentiable: reverse-over-reverse Hessian-vector products equal the plain
+    # product's; forward mode raises JAX's error rather than returning something wrong.
+    from dora_jax.forward import _rescaled
+
+    k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+    pre = jax.random.normal(k1, (2, 37, 5), jnp.float32)
+    scale = jax.random.uniform(k2, (2, 1, 5), jnp.float32, 0.5, 2.0)
+    v = (jax.random.normal(k3, pre.shape), jnp.ones_like(scale))
+
+    def hvp(f):
+        def grad_dot_v(p, s):
+            g = jax.grad(lambda p, s: jnp.sum(jnp.sin(f(p, s))), argnums=(0, 1))(p, s)
+            return sum(jnp.vdot(a, b) for a, b in zip(g, v))
+
+        return jax.grad(grad_dot_v, argnums=(0, 1))(pre, scale)
+
+    got, want = hvp(_rescaled), hvp(lambda p, s: p * s)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(_rescaled, (pre, scale), v)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_scan_body_dvora_output_has_the_plain_products_gradients(dtype):
     # forward._rescaled_sum: y = (base + z * post) * scale with its own VJP (reads y and z).
