@@ -18,6 +18,13 @@ Methods: ``full`` (all weights), ``lora``, ``dora`` (dora_jax.apply, factored fo
 (``scan_layers=True``: one ``nn.scan`` stack, as large models are trained). Each row
 reports the step's memory by XLA's accounting of the compiled step (temporaries +
 arguments + outputs - aliased) and its ratio to LoRA (DVoRA: to VeRA).
+
+Step time: ``step s`` is the median of every timed step. Its ``ratio`` is paired by round:
+each round times ``--steps`` steps of every configuration in turn, and the ratio is the
+median over rounds of (the configuration's median step in that round) / (the reference's),
+with a 95% percentile-bootstrap interval over rounds (``scipy.stats.bootstrap``; from 5
+rounds on). On a shared CPU single rounds scatter by several percent, so a ratio near a
+bound needs many rounds (``--rounds 30``).
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from scipy import stats
 
 import dora_jax
 from dora_jax.memory import PeakRSS
@@ -161,6 +170,28 @@ def memory_of(method: str, args) -> dict:
     }
 
 
+def reference(method: str) -> str:
+    """The method a row's ratios are to: VeRA for DVoRA, LoRA for the rest."""
+    return "vera" if method == "dvora" else "lora"
+
+
+def step_ratio_stats(rounds: list[float], reference_rounds: list[float]) -> dict:
+    """Median over rounds of the paired per-round step-time ratio, with a 95% bootstrap
+    interval over rounds when there are at least 5 (``None`` otherwise)."""
+    ratios = np.asarray(rounds) / np.asarray(reference_rounds)
+    ci = None
+    if len(ratios) >= 5 and np.ptp(ratios) > 0:
+        boot = stats.bootstrap(
+            (ratios,), np.median, confidence_level=0.95, method="percentile", random_state=0
+        )
+        ci = [float(boot.confidence_interval.low), float(boot.confidence_interval.high)]
+    return {
+        "step_ratio": float(np.median(ratios)),
+        "step_ratio_ci95": ci,
+        "round_ratios": [float(x) for x in ratios],
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -205,7 +236,7 @@ def main():
             runs[layout, m].update(compile_s=time.perf_counter() - t0, xla_step_mb=xla_mb)
             state, loss = compiled(state, frozen, tokens, jax.random.key(1))  # warm-up
             runs[layout, m]["state"] = state
-            runs[layout, m]["times"] = []
+            runs[layout, m]["times"], runs[layout, m]["rounds"] = [], []
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform}: hidden {cfg.hidden_size}, "
         f"FFN {cfg.intermediate_size}, {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
@@ -214,15 +245,17 @@ def main():
     )
     for r in range(args.rounds):
         for run in runs.values():  # interleaved: machine noise hits every configuration alike
-            state = run["state"]
+            state, times = run["state"], []
             for i in range(args.steps):
                 t0 = time.perf_counter()
                 state, loss = run["step"](
                     state, run["frozen"], run["tokens"], jax.random.key(100 * r + i)
                 )
                 loss.block_until_ready()
-                run["times"].append(time.perf_counter() - t0)
+                times.append(time.perf_counter() - t0)
             run["state"] = state
+            run["times"] += times
+            run["rounds"].append(statistics.median(times))
 
     results = {}
     for (layout, m), run in runs.items():
@@ -232,6 +265,9 @@ def main():
             "compile_s": run["compile_s"],
             "xla_step_mb": run["xla_step_mb"],
         }
+        ref = runs.get((layout, reference(m)))
+        if ref is not None:
+            results[f"{layout}/{m}"].update(step_ratio_stats(run["rounds"], ref["rounds"]))
     del runs
     if not args.no_memory:
         for layout in layouts:
@@ -244,16 +280,18 @@ def main():
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 results[f"{layout}/{m}"].update(json.loads(out.strip().splitlines()[-1]))
 
-    header = f"{'layout/method':<20}{'trainable':>12}{'step s':>9}{'ratio':>7}"
+    header = f"{'layout/method':<20}{'trainable':>12}{'step s':>9}{'ratio':>7}{'95% CI':>14}"
     header += f"{'XLA step MB':>13}{'ratio':>7}"
     if not args.no_memory:
         header += f"{'RSS MB':>9}{'ratio':>7}"
     print(header + "   (ratio: to LoRA; DVoRA to VeRA)")
     for name, r in results.items():
         layout, m = name.split("/")
-        base = results.get(f"{layout}/{'vera' if m == 'dvora' else 'lora'}")
+        base = results.get(f"{layout}/{reference(m)}")
         line = f"{name:<20}{r['trainable_params']:>12,}{r['step_s']:>9.3f}"
-        line += f"{r['step_s'] / base['step_s']:>7.2f}" if base else f"{'':>7}"
+        line += f"{r['step_ratio']:>7.3f}" if base else f"{'':>7}"
+        ci = r.get("step_ratio_ci95")
+        line += f"{f'{ci[0]:.3f}-{ci[1]:.3f}':>14}" if ci else f"{'':>14}"
         line += f"{r['xla_step_mb']:>13.1f}"
         line += f"{r['xla_step_mb'] / base['xla_step_mb']:>7.3f}" if base else f"{'':>7}"
         if not args.no_memory:
