@@ -399,7 +399,9 @@ def test_linen_batch_statistics_are_saved(tmp_path):
     manager = checkpoint.manager(tmp_path, async_save=False)
     assert checkpoint.save(manager, 2, trained, opt_state)
     template = fresh()
-    restored = checkpoint.restore(manager, template, tx.init(dora_jax.partition(template["params"])[1]))
+    restored = checkpoint.restore(
+        manager, template, tx.init(dora_jax.partition(template["params"])[1])
+    )
     _assert_trees_equal(restored.adapted["batch_stats"], batch_stats)
     _assert_trees_equal(dora_jax.partition(restored.adapted)[1], dora_jax.partition(trained)[1])
     _assert_trees_equal(restored.opt_state, opt_state)
