@@ -71,6 +71,43 @@ def _target_predicate(targets) -> Callable[[str, Any], bool]:
     )
 
 
+def _no_target_error(targets, leaves_with_path) -> ValueError:
+    """What ``wrap`` says when ``targets`` picks nothing: the names the tree's matrices do
+    have (Haiku's and Gemma's ``w``, Equinox's ``weight``, ...), and a regex for the
+    commonest."""
+    which = (
+        "the default (leaves named 'kernel', as Flax's and Keras's layers name them)"
+        if targets is None
+        else f"targets={targets!r}"
+    )
+    names: dict[str, int] = {}
+    for path, leaf in leaves_with_path:
+        if _is_float_array(leaf) and leaf.ndim >= 2:
+            name = path_str(path).rsplit("/", 1)[-1]
+            names[name] = names.get(name, 0) + 1
+    if not names:
+        return ValueError(
+            f"No kernel matches {which}: params has no floating leaf with two or more axes. "
+            f"Pass the model's parameter tree (e.g. variables['params'])."
+        )
+    common = sorted(names.items(), key=lambda kv: -kv[1])
+    listed = ", ".join(f"'{n}' ({k})" for n, k in common[:6])
+    top = common[0][0]
+    example = (
+        f"targets=r'(^|/){re.escape(top)}$'"
+        if not top.isdigit()
+        else "targets=lambda path, leaf: leaf.ndim >= 2"
+    )
+    return ValueError(
+        f"No kernel matches {which}. The floating leaves with two or more axes here are "
+        f"named {listed}. Pass targets= a regex searched in the '/'-joined path (e.g. "
+        f"{example}; Haiku and Gemma name their weights 'w', Equinox 'weight'), a list of "
+        f"them, or a predicate (path, leaf) -> bool. A kernel not stored inputs-first, (in, "
+        f"out), also needs axes=: dora_jax.infer_axes(fn, params, *args) reads them from the "
+        f"model."
+    )
+
+
 def _as_axes(value) -> Axes:
     return value if isinstance(value, Axes) else Axes(*value)
 
@@ -220,12 +257,7 @@ def wrap(
             ax, assumed = _resolve_axes(p, leaf, axes)
             chosen.append((i, p, ax, assumed, _check_axes(p, leaf, ax)))
     if not chosen:
-        paths = [path_str(p) for p, _ in leaves_with_path][:8]
-        raise ValueError(
-            f"No kernel matches targets={targets!r}. Some paths in params: {paths}. Pass a "
-            f"regex that matches some of them (searched in the '/'-joined path), e.g. "
-            f"targets=r'(query|value)/kernel$'."
-        )
+        raise _no_target_error(targets, leaves_with_path)
     settings = _resolve_rules(rules, [p for _, p, *_ in chosen], defaults)
 
     too_small = [

@@ -1,6 +1,7 @@
 """wrap, partition, combine, merge; per-kernel rules, the magnitude-only adapter; bad input."""
 
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -96,9 +97,37 @@ def test_combine_rejects_mismatched_trees(setup):
 # --- bad input ----------------------------------------------------------------------------
 
 
+def test_no_target_names_the_matrices_the_tree_has():
+    """Haiku and Gemma name their weights 'w', Equinox 'weight': wrap's default finds no
+    'kernel' there and says which names the matrices do have, with a regex that picks them."""
+    haiku_like = {
+        "linear": {"w": jnp.ones((4, 8)), "b": jnp.zeros(8)},
+        "linear_1": {"w": jnp.ones((8, 2)), "b": jnp.zeros(2)},
+        "embed": {"embeddings": jnp.ones((10, 4))},
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"default.*named 'w' \(2\), 'embeddings' \(1\).*"
+        r"targets=r'\(\^\|/\)w\$'",
+    ) as e:
+        dora_jax.wrap(haiku_like, rank=2)
+    suggested = re.search(r"targets=r'([^']+)'", str(e.value)).group(1)
+    adapted = dora_jax.wrap(haiku_like, rank=2, targets=suggested)
+    assert sorted(p for p, _ in _adapted_paths(adapted)) == ["linear/w", "linear_1/w"]
+    with pytest.raises(ValueError, match=r"named '0' \(1\).*lambda path, leaf"):
+        dora_jax.wrap([jnp.ones((4, 8)), jnp.zeros(8)], rank=2)
+    with pytest.raises(ValueError, match="no floating leaf with two or more axes"):
+        dora_jax.wrap({"b": jnp.zeros(8)}, rank=2)
+
+
+def _adapted_paths(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=dora_jax.is_adapter)[0]
+    return [(dora_jax.tree.path_str(p), x) for p, x in flat if dora_jax.is_adapter(x)]
+
+
 def test_errors(setup):
     _, params, _ = setup
-    with pytest.raises(ValueError, match="No kernel matches"):
+    with pytest.raises(ValueError, match=r"No kernel matches targets='attention'.*'kernel' \(2\)"):
         dora_jax.wrap(params, targets="attention")
     with pytest.raises(ValueError, match=r"rank=13 is larger.*'fc1/kernel' \(max 12\).*rank <= 5"):
         dora_jax.wrap(params, rank=13)

@@ -1,10 +1,14 @@
 """The README's Python examples run as written."""
 
+import os
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers import require_package
 
 pytestmark = pytest.mark.e2e
 
@@ -13,13 +17,14 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 def test_readme_quickstarts_run():
     text = README.read_text()
+    # Blocks inside list items are indented with the item.
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(blocks) >= 3
     namespace: dict = {}
     for block in blocks:
         if "tokens)" in block and "model.apply" in block and "import" not in block:
             continue  # the two-line teaser at the top uses names defined nowhere
-        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+        exec(compile(textwrap.dedent(block), str(README), "exec"), namespace)  # noqa: S102
     # The Linen quickstart trained: its merged params beat the base params on its batch.
     ns = namespace
     linen = ns["MLP"]()
@@ -43,3 +48,18 @@ def test_readme_quickstarts_run():
         return float(ns["optax"].softmax_cross_entropy_with_integer_labels(logits, ns["y"]).mean())
 
     assert nnx_loss(plain) < nnx_loss(untrained) - 0.1
+
+    # The Keras 3 recipe adapts every kernel of a Keras model and starts at the model itself.
+    require_package("keras", "pip install keras (in the 'test' extra)")
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+
+    jax, dora_jax = ns["jax"], ns["dora_jax"]
+    inp = keras.Input((6, 3))
+    out = keras.layers.Dense(4)(keras.layers.MultiHeadAttention(2, 4)(inp, inp))
+    model = keras.Model(inp, out)
+    xk = jax.random.normal(jax.random.key(0), (2, 6, 3))
+    adapted, forward = ns["adapt_keras"](model, xk, rank=2)
+    kinds = [type(adapted[v.path]) for v in model.trainable_variables if v.path.endswith("kernel")]
+    assert kinds == [dora_jax.DoRA] * 5, kinds
+    np.testing.assert_allclose(forward(adapted, xk), model(xk), rtol=1e-5, atol=1e-5)

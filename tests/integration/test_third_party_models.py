@@ -1,7 +1,8 @@
 """Models nobody here wrote, in tiny configurations: every kernel layout and common layer.
 
 Gemma-style einsum projections, an Equinox MLP (``(out, in)`` weights), penzai's llamalike
-transformer, Linen and NNX convolutions, an embedding tied to the output (``attend``), an
+transformer, a Haiku transformer (looped and ``hk.layer_stack``), a Keras 3 model through
+``stateless_call``, Linen and NNX convolutions, an embedding tied to the output (``attend``), an
 ``nn.vmap`` ensemble over a shared input and NNX models trained with ``nnx.Optimizer``.
 Each model is checked the same way (:func:`check_model`): identity at init, ``strict=True``
 forward equal to the merged model and to a plain-jnp reference of DoRA written here for
@@ -12,6 +13,7 @@ equal to the reference's, and a few optax steps that leave the base bit-identica
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 
@@ -441,6 +443,78 @@ def test_penzai_llamalike(layer_stack):
             s, _, _ = positions(ax, kernels_[path].ndim)
             assert s == stack, (path, ax)
     check_model(fn, model, (tokens,), targets=targets, axes=axes, inputs=inputs, eager=False)
+
+
+# --- Haiku and Keras 3 -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer_stack", [False, True])
+def test_haiku_transformer(layer_stack):
+    """Haiku's Conv1D, MultiHeadAttention and Linear (weights named ``w``, ``(in, out)`` and
+    ``(width, in, out)``), its blocks as a Python loop or as ``hk.layer_stack`` (a
+    ``lax.scan`` over weights stacked on a leading axis)."""
+    require_package("haiku", "pip install dm-haiku (in the 'test' extra)")
+    import haiku as hk
+
+    width, layers = 8, 2
+
+    def block(h):
+        init = hk.initializers.VarianceScaling(1.0)
+        h = h + hk.MultiHeadAttention(num_heads=2, key_size=4, w_init=init)(h, h, h)
+        u = hk.Linear(2 * width)(hk.LayerNorm(-1, True, True)(h))
+        return h + hk.Linear(width)(jax.nn.gelu(u))
+
+    def forward(x):
+        h = hk.Conv1D(width, 3)(x)
+        if layer_stack:
+            return hk.Linear(5)(hk.layer_stack(layers)(block)(h))
+        for _ in range(layers):
+            h = block(h)
+        return hk.Linear(5)(h)
+
+    model = hk.without_apply_rng(hk.transform(forward))
+    x = jax.random.normal(jax.random.key(1), (2, 6, 3))
+    params = model.init(jax.random.key(0), x)
+    axes = dora_jax.infer_axes(model.apply, params, x)
+    weights = [p for p in kernels(params) if p.endswith("/w")]
+    assert sorted(axes) == sorted(weights)
+    stack = (0,) if layer_stack else ()
+    for path, ax in axes.items():
+        in_stack = "layer_stack" in path
+        assert positions(ax, kernels(params)[path].ndim)[0] == (stack if in_stack else ()), path
+    inputs = {"conv1_d": (0, 1), "layer_stack": (1,), "w$": (0,)}
+    check_model(model.apply, params, (x,), targets=r"/w$", axes=axes, inputs=inputs)
+
+
+def test_keras_functional_model():
+    """A Keras 3 model on the JAX backend through ``stateless_call``, its trainable variables
+    as a dict by path: Conv1D, MultiHeadAttention (EinsumDense kernels ``(in, heads, dim)``
+    and ``(heads, dim, out)``), Dense. The default targets (leaves named ``kernel``) find
+    every kernel and nothing else."""
+    require_package("keras", "pip install keras (in the 'test' extra)")
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+
+    if keras.backend.backend() != "jax":
+        pytest.fail(f"keras was imported with the {keras.backend.backend()} backend first")
+    inp = keras.Input((6, 3))
+    h = keras.layers.Conv1D(8, 3, padding="same")(inp)
+    h = keras.layers.LayerNormalization()(h + keras.layers.MultiHeadAttention(2, 4)(h, h))
+    h = h + keras.layers.Dense(8)(keras.activations.gelu(keras.layers.Dense(16)(h)))
+    model = keras.Model(inp, keras.layers.Dense(5)(h))
+    names = [v.path for v in model.trainable_variables]
+    params = {v.path: v.value for v in model.trainable_variables}
+    fixed = [v.value for v in model.non_trainable_variables]
+
+    def fn(params, x):
+        return model.stateless_call([params[n] for n in names], fixed, x)[0]
+
+    x = jax.random.normal(jax.random.key(1), (2, 6, 3))
+    axes = dora_jax.infer_axes(fn, params, x)
+    assert sorted(axes) == sorted(p for p in params if p.endswith("/kernel"))
+    assert sorted(nodes(dora_jax.wrap(params, rank=2, axes=axes))) == sorted(axes)
+    inputs = {"conv1d": (0, 1), "attention_output": (0, 1), "(query|key|value|dense)": (0,)}
+    check_model(fn, params, (x,), targets=r"kernel$", axes=axes, inputs=inputs)
 
 
 # --- convolutions -----------------------------------------------------------------------------
