@@ -1,9 +1,10 @@
 """Models nobody here wrote, in tiny configurations: every kernel layout and common layer.
 
-Gemma-style einsum projections, an Equinox MLP (``(out, in)`` weights), penzai's llamalike
-transformer, a Haiku transformer (looped and ``hk.layer_stack``), a Keras 3 model through
-``stateless_call``, Linen and NNX convolutions, an embedding tied to the output (``attend``), an
-``nn.vmap`` ensemble over a shared input and NNX models trained with ``nnx.Optimizer``.
+Gemma-style einsum projections, Equinox models (``(out, in)`` weights: an MLP, a conv and
+attention), penzai's llamalike transformer, a Haiku transformer (looped and
+``hk.layer_stack``), a Keras 3 model through ``stateless_call``, Linen and NNX convolutions,
+an embedding tied to the output (``attend``), an ``nn.vmap`` ensemble over a shared input
+and NNX models trained with ``nnx.Optimizer``.
 Each model is checked the same way (:func:`check_model`): identity at init, ``strict=True``
 forward equal to the merged model and to a plain-jnp reference of DoRA written here for
 any layout, the magnitude equal to the merged kernel's norm over the input axes, gradients
@@ -387,6 +388,37 @@ def test_equinox_mlp():
     check_model(
         fn, params, (x,), targets=r"weight$", axes=axes, inputs={"weight": (1,)}, eager=True
     )
+
+
+def test_equinox_conv_and_attention():
+    """Equinox's Conv1d (weight ``(out, in, width)``) and MultiheadAttention (its four
+    ``(out, in)`` projections) in one module, run per example under ``vmap``."""
+    require_package("equinox", "pip install equinox (in the 'test' extra)")
+    import equinox as eqx
+
+    class Net(eqx.Module):
+        conv: eqx.nn.Conv1d
+        attn: eqx.nn.MultiheadAttention
+        head: eqx.nn.Linear
+
+        def __init__(self, key):
+            k = jax.random.split(key, 3)
+            self.conv = eqx.nn.Conv1d(3, 8, 3, padding=1, key=k[0])
+            self.attn = eqx.nn.MultiheadAttention(2, 8, key=k[1])
+            self.head = eqx.nn.Linear(8, 5, key=k[2])
+
+        def __call__(self, x):  # (channels, length)
+            h = self.conv(x).T
+            return jax.vmap(self.head)(h + self.attn(h, h, h))
+
+    params, static = eqx.partition(Net(jax.random.key(0)), eqx.is_inexact_array)
+    fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)  # noqa: E731
+    x = jax.random.normal(jax.random.key(1), (2, 3, 6))
+    axes = dora_jax.infer_axes(fn, params, x)
+    assert axes["conv/weight"] == dora_jax.Axes(stack=(), inputs=(1, 2)), axes
+    assert len(axes) == 6, axes
+    inputs = {"conv/weight": (1, 2), "(proj|head)/weight": (1,)}
+    check_model(fn, params, (x,), targets=r"weight$", axes=axes, inputs=inputs)
 
 
 def test_equinox_without_axes_is_an_error():
