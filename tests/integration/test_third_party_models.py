@@ -529,6 +529,7 @@ def test_keras_functional_model():
 
     if keras.backend.backend() != "jax":
         pytest.fail(f"keras was imported with the {keras.backend.backend()} backend first")
+    keras.utils.set_random_seed(0)
     inp = keras.Input((6, 3))
     h = keras.layers.Conv1D(8, 3, padding="same")(inp)
     h = keras.layers.LayerNormalization()(h + keras.layers.MultiHeadAttention(2, 4)(h, h))
