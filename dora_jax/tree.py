@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -80,18 +81,18 @@ def _no_target_error(targets, leaves_with_path) -> ValueError:
         if targets is None
         else f"targets={targets!r}"
     )
-    names: dict[str, int] = {}
-    for path, leaf in leaves_with_path:
-        if _is_float_array(leaf) and leaf.ndim >= 2:
-            name = path_str(path).rsplit("/", 1)[-1]
-            names[name] = names.get(name, 0) + 1
+    names = collections.Counter(
+        path_str(path).rsplit("/", 1)[-1]
+        for path, leaf in leaves_with_path
+        if _is_float_array(leaf) and leaf.ndim >= 2
+    )
     if not names:
         return ValueError(
             f"No kernel matches {which}: params has no floating leaf with two or more axes. "
             f"Pass the model's parameter tree (e.g. variables['params'])."
         )
-    common = sorted(names.items(), key=lambda kv: -kv[1])
-    listed = ", ".join(f"'{n}' ({k})" for n, k in common[:6])
+    common = names.most_common(6)
+    listed = ", ".join(f"'{n}' ({k})" for n, k in common)
     top = common[0][0]
     example = (
         f"targets=r'(^|/){re.escape(top)}$'"

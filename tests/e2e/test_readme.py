@@ -17,13 +17,13 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 def test_readme_quickstarts_run():
     text = README.read_text()
-    # Blocks inside list items are indented with the item.
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(blocks) >= 3
     namespace: dict = {}
     for block in blocks:
         if "tokens)" in block and "model.apply" in block and "import" not in block:
             continue  # the two-line teaser at the top uses names defined nowhere
+        # A block inside a list item is indented with the item.
         exec(compile(textwrap.dedent(block), str(README), "exec"), namespace)  # noqa: S102
     # The Linen quickstart trained: its merged params beat the base params on its batch.
     ns = namespace
