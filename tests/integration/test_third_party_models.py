@@ -2,9 +2,10 @@
 
 Gemma-style einsum projections, Equinox models (``(out, in)`` weights: an MLP, a conv and
 attention), penzai's llamalike transformer, a Haiku transformer (looped and
-``hk.layer_stack``), a Keras 3 model through ``stateless_call``, Linen and NNX convolutions,
-an embedding tied to the output (``attend``), an ``nn.vmap`` ensemble over a shared input
-and NNX models trained with ``nnx.Optimizer``.
+``hk.layer_stack``), a Keras 3 model through ``stateless_call``, Flax's own multi-head
+attention (Linen and NNX), Linen and NNX convolutions, an embedding tied to the output
+(``attend``), an ``nn.vmap`` ensemble over a shared input and NNX models trained with
+``nnx.Optimizer``.
 Each model is checked the same way (:func:`check_model`): identity at init, ``strict=True``
 forward equal to the merged model and to a plain-jnp reference of DoRA written here for
 any layout, the magnitude equal to the merged kernel's norm over the input axes, gradients
@@ -548,6 +549,52 @@ def test_keras_functional_model():
     assert sorted(nodes(dora_jax.wrap(params, rank=2, axes=axes))) == sorted(axes)
     inputs = {"conv1d": (0, 1), "attention_output": (0, 1), "(query|key|value|dense)": (0,)}
     check_model(fn, params, (x,), targets=r"kernel$", axes=axes, inputs=inputs)
+
+
+# --- Flax's own attention ----------------------------------------------------------------
+
+
+class _LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, name="attn")(h, h)
+        return x + nn.Dense(8)(nn.gelu(nn.Dense(16)(nn.LayerNorm()(x))))
+
+
+class _NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=rngs
+        )
+        self.fc = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc(x + self.attn(x))
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_flax_multi_head_attention(api):
+    """Linen's MultiHeadDotProductAttention and NNX's MultiHeadAttention: q, k, v kernels
+    ``(in, heads, head_dim)``, the output kernel ``(heads, head_dim, out)``. ``wrap``'s
+    default cannot tell a 3-D kernel's axes and says so; ``infer_axes`` reads them."""
+    x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    if api == "linen":
+        block = _LinenBlock()
+        params = block.init(jax.random.key(0), x)["params"]
+        fn = lambda p, x: block.apply({"params": p}, x)  # noqa: E731
+        others = {"Dense": (0,)}
+    else:
+        graphdef, params = nnx.split(_NnxBlock(nnx.Rngs(0)))
+        fn = lambda p, x: nnx.merge(graphdef, p)(x)  # noqa: E731
+        others = {"fc": (0,)}
+    with pytest.raises(ValueError, match=r"Cannot tell the input axes of kernel 'attn/"):
+        dora_jax.wrap(params, rank=2)
+    axes = dora_jax.infer_axes(fn, params, x)
+    assert axes["attn/out/kernel"] == dora_jax.Axes(stack=(), inputs=(0, 1)), axes
+    assert all(axes[f"attn/{p}/kernel"].inputs == (0,) for p in ("query", "key", "value"))
+    inputs = {"attn/(query|key|value)": (0,), "attn/out": (0, 1), **others}
+    check_model(fn, params, (x,), targets=r"kernel", axes=axes, inputs=inputs)
 
 
 # --- convolutions -----------------------------------------------------------------------------
