@@ -157,6 +157,12 @@ def ref_params(adapted, exact=False):
 # --- adapted trees and tiny models ---------------------------------------------------------
 
 
+def adapter_nodes(adapted) -> dict:
+    """``{'/'-joined path: node}`` for every adapter node of a tree."""
+    flat = jax.tree_util.tree_flatten_with_path(adapted, is_leaf=dora_jax.is_adapter)[0]
+    return {dora_jax.tree.path_str(p): x for p, x in flat if dora_jax.is_adapter(x)}
+
+
 def rand(seed, *shape):
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 

@@ -28,6 +28,7 @@ import pytest
 from flax import nnx
 
 import dora_jax
+from tests.helpers import adapter_nodes as nodes
 from tests.helpers import assert_trees_close, require_package
 
 # --- a plain-jnp reference of DoRA/LoRA for any layout ------------------------------------
@@ -97,11 +98,6 @@ def ref_params(adapted, axes):
         return ref_kernel(x, resolve(axes, p, x.base.ndim))
 
     return jax.tree_util.tree_map_with_path(one, adapted, is_leaf=dora_jax.is_adapter)
-
-
-def nodes(adapted) -> dict:
-    flat = jax.tree_util.tree_flatten_with_path(adapted, is_leaf=dora_jax.is_adapter)[0]
-    return {dora_jax.tree.path_str(p): x for p, x in flat if dora_jax.is_adapter(x)}
 
 
 def kernels(params) -> dict:
