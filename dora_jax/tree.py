@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from dora_jax.adapters import KINDS, is_adapter
 from dora_jax.axes import Axes, example_hint
@@ -113,19 +114,74 @@ def _as_axes(value) -> Axes:
     return value if isinstance(value, Axes) else Axes(*value)
 
 
-def _resolve_axes(path: str, leaf, axes) -> tuple[Axes, bool]:
-    """The kernel's axes and whether they were assumed (2-D default) rather than given."""
-    if axes is not None:
-        if callable(axes) and not isinstance(axes, Mapping):
-            found = axes(path, leaf)
-            if found is not None:
-                return _as_axes(found), False
+def _given_axes(path: str, leaf, axes) -> Axes | None:
+    """The axes ``wrap(axes=...)`` gives ``path``, or None."""
+    if axes is None:
+        return None
+    if callable(axes) and not isinstance(axes, Mapping):
+        found = axes(path, leaf)
+        return None if found is None else _as_axes(found)
+    if path in axes:
+        return _as_axes(axes[path])
+    for pattern, value in axes.items():
+        if re.search(pattern, path):
+            return _as_axes(value)
+    return None
+
+
+def _layer_axes(model: nnx.Module) -> dict[str, Axes]:
+    """``{state path: Axes}`` for the kernels of an NNX model's layers that say their own
+    layout: ``LinearGeneral`` (``(*batch, *in, *out)``), ``Einsum`` (its equation), ``Conv``
+    (``(*window, in, out)``), ``Linear`` and ``Embed``. Leading axes beyond the layer's own
+    kernel shape (a layer stack made with ``nnx.vmap``/``nnx.scan``, an ensemble) are stack
+    axes; a kernel whose shape does not end in the layer's own is left out."""
+    found = {}
+    for where, layer in nnx.iter_modules(model):
+        if isinstance(layer, nnx.Linear):
+            own, name = (layer.in_features, layer.out_features), "kernel"
+            axes = Axes((), (0,))
+        elif isinstance(layer, nnx.LinearGeneral):
+            batch = tuple(layer.batch_axis.values())
+            own, name = (*batch, *layer.in_features, *layer.out_features), "kernel"
+            nb, ni = len(batch), len(layer.in_features)
+            axes = Axes(tuple(range(nb)), tuple(range(nb, nb + ni)))
+        elif isinstance(layer, nnx.Einsum) and layer.einsum_str is not None:
+            own, name = tuple(layer.kernel_shape), "kernel"
+            try:
+                axes = Axes.from_einsum(layer.einsum_str)
+            except ValueError:  # '...' in the kernel's subscripts: not a layout
+                continue
+        elif isinstance(layer, nnx.Conv):
+            own, name = tuple(layer.kernel_shape), "kernel"
+            axes = Axes((), tuple(range(len(own) - 1)))
+        elif isinstance(layer, nnx.Embed):
+            own, name = (layer.num_embeddings, layer.features), "embedding"
+            axes = Axes((), (0,))
         else:
-            if path in axes:
-                return _as_axes(axes[path]), False
-            for pattern, value in axes.items():
-                if re.search(pattern, path):
-                    return _as_axes(value), False
+            continue
+        kernel = getattr(layer, name, None)
+        shape = tuple(getattr(kernel, "shape", ()))
+        extra = len(shape) - len(own)
+        if extra < 0 or shape[extra:] != tuple(own):
+            continue
+        stack, inputs = (tuple(p + extra for p in ps) for ps in (axes.stack, axes.inputs))
+        axes = Axes(tuple(range(extra)) + stack, inputs)
+        if len(shape) == 2 and axes.split(2) == Axes(0, 1).split(2):
+            continue  # what wrap takes a 2-D kernel for anyway
+        found["/".join(map(str, (*where, name)))] = axes
+    return found
+
+
+def _resolve_axes(
+    path: str, leaf, axes, layers: Mapping[str, Axes] | None = None
+) -> tuple[Axes, bool]:
+    """The kernel's axes and whether they were assumed (2-D default) rather than given
+    (by ``axes``, else by the NNX layer that holds the kernel)."""
+    given = _given_axes(path, leaf, axes)
+    if given is not None:
+        return given, False
+    if layers and path in layers:
+        return layers[path], False
     if leaf.ndim == 2:
         # Flax's (in, out). A Flax Embed table (vocab, features) is looked up by vocab: its
         # input axis is also axis 0, and a tied `attend` is a deliberate transposed use.
@@ -138,7 +194,8 @@ def _resolve_axes(path: str, leaf, axes) -> tuple[Axes, bool]:
         f"Axes(0, 2) for (heads, head_dim, embed), Axes(1, 1) for an nn.scan stack (layers, "
         f"in, out), Axes((), (1,)) = Axes.from_einsum('BTD,NDH->BTNH') for Gemma's q_einsum "
         f"(N, D, H), Axes((), (0, 1, 2)) for a conv kernel (kh, kw, in, out)), or learn them "
-        f"from the model with axes=dora_jax.infer_axes(fn, params, *args)."
+        f"from the model with axes=dora_jax.infer_axes(fn, params, *args). An NNX model: "
+        f"pass the module itself, wrap(model, rank=...), and its layers say their axes."
     )
 
 
@@ -177,7 +234,12 @@ def wrap(
 
     Args:
       params: a parameter tree: Linen ``variables["params"]``, an NNX ``nnx.State`` from
-        ``nnx.split``, or any dict of arrays.
+        ``nnx.split``, or any dict of arrays; or an NNX model (``nnx.Module``), whose
+        adapted copy is returned (the model itself is left as it is) and whose layers say
+        their kernels' axes: ``LinearGeneral`` (multi-head attention's projections) its
+        batch, input and output features, ``Einsum`` its equation, ``Conv`` its window;
+        leading axes beyond a layer's own kernel shape (layers stacked with ``nnx.vmap``
+        or ``nnx.scan``) are stack axes.
       rank: the rank ``r`` of the update.
       method: ``"dora"`` (default), ``"lora"``, ``"vera"``, ``"dvora"`` (DoRA over VeRA) or
         ``"magnitude"`` (only DoRA's magnitude trains, ``W' = m W0 / ||W0||_c``: the DoRA
@@ -196,10 +258,11 @@ def wrap(
       axes: how each kernel's axes split into stack/input/output axes when the shape
         cannot tell: ``{path_or_regex: Axes(stack, inputs)}`` (positions, or legacy counts;
         see :class:`dora_jax.Axes` and ``Axes.from_einsum``), a callable
-        ``(path, leaf) -> Axes | None``, or the result of :func:`infer_axes`. Without it a
-        2-D kernel is taken as Flax's ``(in, out)`` (a Flax Embed ``embedding`` table
-        ``(vocab, features)`` likewise: input the vocabulary), and any other kernel is an
-        error that says how to give its axes. The adapter leaves always have the layout
+        ``(path, leaf) -> Axes | None``, or the result of :func:`infer_axes`; it takes
+        precedence over what an NNX model's layers say. Without either, a 2-D kernel is
+        taken as Flax's ``(in, out)`` (a Flax Embed ``embedding`` table ``(vocab,
+        features)`` likewise: input the vocabulary), and any other kernel is an error that
+        says how to give its axes. The adapter leaves always have the layout
         ``A (*stack, *in, r)``, ``B (*stack, r, *out)``, ``magnitude (*stack, *out)``.
       key: PRNG key for the initialisation of ``A`` (default ``jax.random.key(0)``).
       dropout: dropout rate on the input of the low-rank branch (active when
@@ -231,6 +294,19 @@ def wrap(
           (r"mlp/", dict(method="dora", rank=16)),
           (r"(q|v)_proj", dict(method="lora", rank=4, alpha=8))])
     """
+    settings = dict(
+        method=method, alpha=alpha, targets=targets, key=key, dropout=dropout, rslora=rslora,
+        exact_norm_grad=exact_norm_grad, dtype=dtype, rules=rules,
+    )  # fmt: skip
+    if isinstance(params, nnx.Module):
+        graphdef, state = nnx.split(params)
+        adapted = _wrap(state, rank, axes, _layer_axes(params), **settings)
+        return nnx.merge(graphdef, adapted)
+    return _wrap(params, rank, axes, {}, **settings)
+
+
+def _wrap(params, rank, axes, layers, *, method, alpha, targets, key, dropout, rslora,
+          exact_norm_grad, dtype, rules):  # fmt: skip
     _check_settings(dict(method=method, rank=rank, alpha=alpha, dropout=dropout))
     if any(is_adapter(x) for x in jax.tree.leaves(params, is_leaf=is_adapter)):
         raise ValueError(
@@ -255,7 +331,7 @@ def wrap(
                     f"floating kernels can be adapted (for a quantised base use the "
                     f"quantised wrappers). Exclude it with targets=."
                 )
-            ax, assumed = _resolve_axes(p, leaf, axes)
+            ax, assumed = _resolve_axes(p, leaf, axes, layers)
             chosen.append((i, p, ax, assumed, _check_axes(p, leaf, ax)))
     if not chosen:
         raise _no_target_error(targets, leaves_with_path)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import adapter_nodes as nodes
 from tests.helpers import require_package
 
 pytestmark = pytest.mark.e2e
@@ -48,6 +49,17 @@ def test_readme_quickstarts_run():
         return float(ns["optax"].softmax_cross_entropy_with_integer_labels(logits, ns["y"]).mean())
 
     assert nnx_loss(plain) < nnx_loss(untrained) - 0.1
+
+    # The NNX Block wrapped whole: every kernel adapted, axes read from its layers, and the
+    # adapted block starts at the block itself.
+    block, adapted_block = ns["block"], ns["adapted_block"]
+    found = nodes(nnx.state(adapted_block))
+    assert sorted(found) == [f"attn/{p}/kernel" for p in ("key", "out", "query", "value")] + [
+        "conv/kernel"
+    ]
+    assert (found["attn/out/kernel"].inputs, found["conv/kernel"].inputs) == ((0, 1), (0, 1))
+    np.testing.assert_allclose(ns["out"], block(ns["h"]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ns["plain_block"](ns["h"]), block(ns["h"]), rtol=1e-5, atol=1e-5)
 
     # The Keras 3 recipe adapts every kernel of a Keras model and starts at the model itself.
     require_package("keras", "pip install keras (in the 'test' extra)")

@@ -3,9 +3,10 @@
 Gemma-style einsum projections, Equinox models (``(out, in)`` weights: an MLP, a conv and
 attention), penzai's llamalike transformer, a Haiku transformer (looped and
 ``hk.layer_stack``), a Keras 3 model through ``stateless_call``, Flax's own multi-head
-attention (Linen and NNX), Linen and NNX convolutions, an embedding tied to the output
-(``attend``), an ``nn.vmap`` ensemble over a shared input and NNX models trained with
-``nnx.Optimizer``.
+attention (Linen and NNX), an NNX model wrapped whole (its layers say their axes, stacked
+with ``nnx.vmap`` and run with ``nnx.scan`` too), Linen and NNX convolutions, an embedding
+tied to the output (``attend``), an ``nn.vmap`` ensemble over a shared input and NNX
+models trained with ``nnx.Optimizer``.
 Each model is checked the same way (:func:`check_model`): identity at init, ``strict=True``
 forward equal to the merged model and to a plain-jnp reference of DoRA written here for
 any layout, the magnitude equal to the merged kernel's norm over the input axes, gradients
@@ -591,6 +592,100 @@ def test_flax_multi_head_attention(api):
     assert all(axes[f"attn/{p}/kernel"].inputs == (0,) for p in ("query", "key", "value"))
     inputs = {"attn/(query|key|value)": (0,), "attn/out": (0, 1), **others}
     check_model(fn, params, (x,), targets=r"kernel", axes=axes, inputs=inputs)
+
+
+# --- an NNX model, wrapped whole: its layers say their axes ---------------------------------
+
+
+class _NnxLayer(nnx.Module):
+    """Multi-head attention, a conv, a heads-first Einsum and a Linear: every layout of
+    Flax's NNX layers."""
+
+    def __init__(self, rngs):
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=rngs
+        )
+        self.conv = nnx.Conv(8, 8, kernel_size=(3,), rngs=rngs)
+        self.heads = nnx.Einsum("btd,ndh->btnh", (2, 8, 4), rngs=rngs)
+        self.fc = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.conv(x + self.attn(x))
+        return x + jnp.tanh(self.fc(h) + self.heads(h).reshape(h.shape))
+
+
+class _NnxStack(nnx.Module):
+    """Three :class:`_NnxLayer` made with ``nnx.vmap`` and run with ``nnx.scan``."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make(rngs):
+            return _NnxLayer(rngs)
+
+        self.layers = make(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def body(layer, x):
+            return layer(x)
+
+        return body(self.layers, x)
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["layers", "scanned"])
+def test_nnx_model_wrapped_whole_reads_its_layers(stacked):
+    """``wrap(model)`` on an NNX module: multi-head attention, conv and Einsum kernels need
+    no ``axes=`` (``wrap(state)`` refuses them); the axes equal those ``infer_axes`` reads
+    from the traced program and the true ones written here; ``nnx.vmap``-stacked layers get
+    one adapter per layer; the model itself is left as it is."""
+    model = (_NnxStack if stacked else _NnxLayer)(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    graphdef, state = nnx.split(model)
+    fn = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
+    floats = lambda m: [np.asarray(v) for v in jax.tree.leaves(nnx.state(m, nnx.Param))]  # noqa: E731
+    before = floats(model)
+    with pytest.raises(ValueError, match=r"pass the module itself, wrap\(model"):
+        dora_jax.wrap(state, rank=2)
+
+    adapted = dora_jax.wrap(model, rank=2)
+    assert type(adapted) is type(model) and adapted is not model
+    for old, now in zip(before, floats(model), strict=True):
+        np.testing.assert_array_equal(old, now)  # the model is left as it is
+    found = nodes(nnx.state(adapted))
+    learned = {p: dora_jax.Axes(n.stack, n.inputs) for p, n in found.items()}
+    inferred = dora_jax.infer_axes(fn, state, x)
+    prefix = "layers/" if stacked else ""
+    lead = 1 if stacked else 0
+    true_inputs = {"attn/(query|key|value)": (0,), "attn/out": (0, 1), "conv": (0, 1),
+                   "heads": (1,), "fc": (0,)}  # fmt: skip
+    assert sorted(learned) == sorted(f"{prefix}{n}/kernel" for n in
+                                     ("attn/query", "attn/key", "attn/value", "attn/out",
+                                      "conv", "heads", "fc"))  # fmt: skip
+    for path, ax in learned.items():
+        ndim = found[path].base.ndim
+        assert positions(ax, ndim) == positions(inferred[path], ndim), path
+        want = next(v for k, v in true_inputs.items() if re.search(k, path))
+        assert positions(ax, ndim)[:2] == (tuple(range(lead)), tuple(d + lead for d in want))
+
+    # The same adapter wrap(state) makes with those axes, leaf for leaf.
+    by_hand = dora_jax.wrap(state, rank=2, axes=learned)
+    assert_trees_close(jax.tree.leaves(nnx.state(adapted)), jax.tree.leaves(by_hand))
+    inputs = {k: tuple(d + lead for d in v) for k, v in true_inputs.items()}
+    check_model(fn, state, (x,), targets=r"kernel$", axes=learned, inputs=inputs)
+
+    # The adapted module runs as it is, and merges back to a plain module.
+    moved = nnx.merge(graphdef, perturb(nnx.state(adapted)))
+    run = jax.jit(dora_jax.apply(lambda m, x: m(x), strict=True))
+    assert_trees_close(run(moved, x), fn(ref_params(nnx.state(moved), learned), x),
+                       rtol=1e-4, atol=1e-5)  # fmt: skip
+    assert_trees_close(dora_jax.merge(moved)(x), run(moved, x), rtol=1e-4, atol=1e-5)
+
+    # axes= still wins over what the layers say.
+    per_head = dora_jax.Axes(tuple(range(lead + 1)), (lead + 1,))  # one adapter per head
+    given = dora_jax.wrap(model, rank=2, axes={"heads/kernel$": per_head})
+    node = nodes(nnx.state(given))[f"{prefix}heads/kernel"]
+    assert (node.stack, node.inputs) == per_head.split(node.base.ndim)[:2]
 
 
 # --- convolutions -----------------------------------------------------------------------------
