@@ -315,11 +315,20 @@ class Adapter:
     def __jax_array__(self):
         # jax calls this when a node reaches an operation as if it were an array: the model
         # was called with adapted params directly.
-        raise TypeError(
+        raise self._not_an_array()
+
+    def __getitem__(self, index):
+        # An NNX layer reads its kernel as `self.kernel[...]`: an adapted NNX model called
+        # directly.
+        raise self._not_an_array()
+
+    def _not_an_array(self) -> TypeError:
+        return TypeError(
             f"An adapter node ({type(self).__name__}, base {tuple(self.base.shape)}) was used "
             f"as an array: call the model through dora_jax.apply, e.g. "
-            f"dora_jax.apply(model.apply)({{'params': adapted}}, x), or merge first with "
-            f"dora_jax.merge(adapted)."
+            f"dora_jax.apply(model.apply)({{'params': adapted}}, x) (Linen) or "
+            f"dora_jax.apply(lambda model, x: model(x))(adapted_model, x) (NNX), or merge "
+            f"first with dora_jax.merge(adapted)."
         )
 
     # --- what every kind answers -------------------------------------------------------

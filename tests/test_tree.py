@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import dora_jax
 from tests import helpers as ref
@@ -183,6 +184,21 @@ def test_merge_of_plain_params_returns_them_unchanged():
     params, _ = small_dense()
     merged = dora_jax.merge(params)
     assert merged["dense"]["kernel"] is params["dense"]["kernel"]
+
+
+def test_calling_an_adapted_model_without_apply_says_how():
+    """A Linen model applied to adapted params, or an adapted NNX model called directly,
+    reaches an adapter node as if it were its kernel: the error names apply and merge."""
+    x = jnp.ones((2, 4))
+    model = nn.Dense(3)
+    params = model.init(jax.random.key(0), x)["params"]
+    with pytest.raises(TypeError, match=r"call the model through dora_jax.apply.*merge"):
+        model.apply({"params": dora_jax.wrap(params, rank=2)}, x)
+    layer = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    adapted = dora_jax.wrap(layer, rank=2)
+    with pytest.raises(TypeError, match=r"dora_jax.apply\(lambda model, x: model\(x\)\)"):
+        adapted(x)
+    np.testing.assert_allclose(dora_jax.apply(lambda m, x: m(x))(adapted, x), layer(x), rtol=1e-6)
 
 
 def test_merge_of_one_half_is_a_clear_error():
