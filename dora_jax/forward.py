@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax import lax
 from jax.extend import core as jcore
 from jax.sharding import PartitionSpec as P
@@ -1168,6 +1169,10 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
       ``jax.jit`` once per signature (tree structure, static arguments, shapes and dtypes)
       and reuses it: a new signature (or a static argument that cannot be hashed) traces
       again. As with ``jax.jit``, state that ``fn`` closes over is read when it is traced.
+      NNX modules (and ``nnx.Rngs``) among the arguments are left as ``fn`` called
+      directly would leave them: what the call updates in place (BatchNorm statistics,
+      dropout RNG counters, a decoding cache, sown values) is written back; ``Param``s are
+      not (a forward does not assign its parameters).
 
     Raises:
       ValueError: when the model contracts an adapted kernel on other axes than its node
@@ -1193,26 +1198,58 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
         # The traced program closes over the static leaves only, never over the arrays.
         static = [None if i in dynamic else leaf for i, leaf in enumerate(leaves)]
         paths = {i: path_str(flat[i][0][2:]) for i in dynamic}  # paths inside the argument
-        run = functools.partial(_run, fn, treedef, static, dynamic, paths, strict, warned)
+        objects = _nnx_objects((args, kwargs))
+        traced = _with_nnx_state(fn) if objects else fn
+        run = functools.partial(_run, traced, treedef, static, dynamic, paths, strict, warned)
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((values, key))):
-            return run(values, key)
+            return _updated(objects, run(values, key))
         signature = _signature(treedef, static, values)
         if signature is None:  # an unhashable static argument: no cache, trace every call
-            return run(values, key)
+            return _updated(objects, run(values, key))
         if signature not in compiled:
             passed: dict = {}  # filled when traced: output leaf -> input node passed through
             compiled[signature] = (jax.jit(functools.partial(run, passed=passed)), passed)
         call, passed = compiled[signature]
         out = call(values, key)
-        if not passed:
-            return out
-        # A node returned unchanged comes back as the caller's node, not a copy from jit.
-        out_leaves, out_def = jax.tree.flatten(out, is_leaf=is_adapter)
-        for j, k in passed.items():
-            out_leaves[j] = values[k]
-        return jax.tree.unflatten(out_def, out_leaves)
+        if passed:
+            # A node returned unchanged comes back as the caller's node, not a copy from jit.
+            out_leaves, out_def = jax.tree.flatten(out, is_leaf=is_adapter)
+            for j, k in passed.items():
+                out_leaves[j] = values[k]
+            out = jax.tree.unflatten(out_def, out_leaves)
+        return _updated(objects, out)
 
     return wrapped
+
+
+def _nnx_objects(tree) -> list:
+    """The NNX objects (modules, ``nnx.Rngs``) in ``tree``, outermost only, in tree order."""
+    is_object = lambda x: isinstance(x, nnx.Pytree)  # noqa: E731
+    return [x for x in jax.tree.leaves(tree, is_leaf=is_object) if is_object(x)]
+
+
+def _with_nnx_state(fn: Callable) -> Callable:
+    """``fn`` that also returns the state its NNX arguments hold after the call, all but
+    their ``Param``s: batch statistics, RNG counters, caches, sown values. The arguments
+    ``fn`` sees inside :func:`apply` are copies (the traced program's), so what a model
+    updates in place would otherwise be lost."""
+
+    def call(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        return out, [nnx.state(o, nnx.Not(nnx.Param)) for o in _nnx_objects((args, kwargs))]
+
+    return call
+
+
+def _updated(objects: list, result):
+    """Writes the state returned by :func:`_with_nnx_state` into the caller's NNX objects,
+    as ``fn`` called directly would have left them; returns ``fn``'s own output."""
+    if not objects:
+        return result
+    out, states = result
+    for obj, state in zip(objects, states, strict=True):
+        nnx.update(obj, state)
+    return out
 
 
 def _signature(treedef, static: list, values: list):

@@ -954,3 +954,87 @@ def test_nnx_optimizer_trains_an_adapted_model(module_cls):
         rtol=1e-4,
         atol=1e-6,
     )
+
+
+class _NnxTrainNet(nnx.Module):
+    """A conv, BatchNorm, dropout, attention and a head: state that a call updates in place."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 8, kernel_size=(3, 3), rngs=rngs)
+        self.norm = nnx.BatchNorm(8, rngs=rngs)
+        self.drop = nnx.Dropout(0.3, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.drop(nnx.relu(self.norm(self.conv(x))))
+        h = self.attn(h.reshape(h.shape[0], -1, h.shape[-1]))
+        return self.head(h.mean(axis=1))
+
+
+def test_nnx_apply_updates_the_model_as_a_direct_call_does():
+    """Through ``apply``, an NNX model's BatchNorm statistics and dropout RNG counters move
+    exactly as when the plain model is called directly (eager, under ``nnx.jit`` and under
+    ``nnx.value_and_grad``): at init the adapted model is the plain one, so outputs and
+    state must agree call for call. Before, they stayed at their initial values (the same
+    dropout mask every step, statistics never updated)."""
+    x = jax.random.normal(jax.random.key(1), (4, 6, 6, 3))
+    plain = _NnxTrainNet(nnx.Rngs(0))
+    adapted = dora_jax.wrap(_NnxTrainNet(nnx.Rngs(0)), rank=2)
+    forward = dora_jax.apply(lambda model, x: model(x), strict=True)
+
+    def state(model):  # all but the Params, PRNG keys as their data
+        as_numpy = lambda v: np.asarray(  # noqa: E731
+            jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v
+        )
+        return jax.tree.map(as_numpy, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
+
+    initial = state(plain)
+
+    def agree(y_plain, y_adapted):
+        assert_trees_close(y_adapted, y_plain, rtol=1e-5, atol=1e-5)
+        assert_trees_close(state(adapted), state(plain), rtol=1e-5, atol=1e-6)
+
+    agree(plain(x), forward(adapted, x))  # eager
+    agree(plain(x), forward(adapted, x))  # eager again: the compiled program is reused
+    jitted = nnx.jit(lambda m, x: m(x))
+    agree(jitted(plain, x), nnx.jit(forward)(adapted, x))
+
+    def loss(call):
+        return nnx.jit(nnx.value_and_grad(lambda m, x: jnp.sum(jnp.sin(call(m, x)))))
+
+    (value_plain, _), (value_adapted, _) = (
+        loss(lambda m, x: m(x))(plain, x),
+        loss(forward)(adapted, x),
+    )
+    agree(value_plain, value_adapted)
+    moved = state(adapted)  # four calls in training mode
+    assert not np.allclose(moved["norm"]["mean"], initial["norm"]["mean"])
+    assert moved["drop"]["rngs"]["count"] == initial["drop"]["rngs"]["count"] + 4
+    adapted.eval()
+    plain.eval()
+    agree(plain(x), forward(adapted, x))  # evaluation mode: the running statistics, no dropout
+
+
+def test_nnx_apply_decodes_with_the_attention_cache():
+    """Token-by-token decoding through ``apply``: NNX attention's cache fills as it does for
+    the plain model (before, it stayed empty and every step attended to nothing before it)."""
+    make = lambda: nnx.MultiHeadAttention(  # noqa: E731
+        num_heads=2, in_features=8, decode=True, rngs=nnx.Rngs(0)
+    )
+    plain, adapted = make(), perturb(dora_jax.wrap(make(), rank=2))
+    merged = dora_jax.merge(adapted)
+    x = jax.random.normal(jax.random.key(1), (1, 5, 8))
+    for model in (plain, adapted, merged):
+        model.init_cache(x.shape)
+    forward = dora_jax.apply(lambda model, x: model(x), strict=True)
+    steps = []
+    for t in range(x.shape[1]):
+        steps.append(forward(adapted, x[:, t : t + 1]))
+        assert_trees_close(steps[-1], merged(x[:, t : t + 1]), rtol=1e-5, atol=1e-5)
+        assert int(adapted.cache_index[...]) == int(merged.cache_index[...]) == t + 1
+    # Decoded step by step = the merged weights over the whole sequence with a causal mask.
+    whole = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=nnx.Rngs(0))
+    nnx.update(whole, nnx.state(merged, nnx.Param))
+    causal = nnx.make_causal_mask(jnp.ones(x.shape[:2]))
+    assert_trees_close(jnp.concatenate(steps, axis=1), whole(x, mask=causal), rtol=1e-5, atol=1e-5)
