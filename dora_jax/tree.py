@@ -176,11 +176,12 @@ def _resolve_axes(
     path: str, leaf, axes, layers: Mapping[str, Axes] | None = None
 ) -> tuple[Axes, bool]:
     """The kernel's axes and whether they were assumed (2-D default) rather than given
-    (by ``axes``, else by the NNX layer that holds the kernel)."""
+    (by ``axes``, else by the NNX layer that holds the kernel: ``layers``, None when
+    ``params`` is not an NNX model)."""
     given = _given_axes(path, leaf, axes)
     if given is not None:
         return given, False
-    if layers and path in layers:
+    if layers is not None and path in layers:
         return layers[path], False
     if leaf.ndim == 2:
         # Flax's (in, out). A Flax Embed table (vocab, features) is looked up by vocab: its
@@ -194,8 +195,14 @@ def _resolve_axes(
         f"Axes(0, 2) for (heads, head_dim, embed), Axes(1, 1) for an nn.scan stack (layers, "
         f"in, out), Axes((), (1,)) = Axes.from_einsum('BTD,NDH->BTNH') for Gemma's q_einsum "
         f"(N, D, H), Axes((), (0, 1, 2)) for a conv kernel (kh, kw, in, out)), or learn them "
-        f"from the model with axes=dora_jax.infer_axes(fn, params, *args). An NNX model: "
-        f"pass the module itself, wrap(model, rank=...), and its layers say their axes."
+        f"from the model with axes=dora_jax.infer_axes(fn, params, *args)."
+        + (
+            " An NNX model: pass the module itself, wrap(model, rank=...), and its layers "
+            "say their axes."
+            if layers is None
+            else " Its NNX layer does not say its layout (a LinearGeneral, Einsum with its "
+            "equation, Conv or Linear would), so give this kernel's axes."
+        )
     )
 
 
@@ -302,7 +309,7 @@ def wrap(
         graphdef, state = nnx.split(params)
         adapted = _wrap(state, rank, axes, _layer_axes(params), **settings)
         return nnx.merge(graphdef, adapted)
-    return _wrap(params, rank, axes, {}, **settings)
+    return _wrap(params, rank, axes, None, **settings)
 
 
 def _wrap(params, rank, axes, layers, *, method, alpha, targets, key, dropout, rslora,

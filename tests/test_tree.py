@@ -201,6 +201,20 @@ def test_calling_an_adapted_model_without_apply_says_how():
     np.testing.assert_allclose(dora_jax.apply(lambda m, x: m(x))(adapted, x), layer(x), rtol=1e-6)
 
 
+def test_wrap_of_an_nnx_model_names_a_layer_that_does_not_say_its_layout():
+    """An Einsum whose equation comes at call time cannot say its kernel's axes: wrap(model)
+    asks for them (and does not tell the user to pass the module, which they did)."""
+    einsum = nnx.Einsum("btd,ndh->btnh", (2, 8, 4), rngs=nnx.Rngs(0))
+    einsum.einsum_str = None  # given to __call__ instead
+    with pytest.raises(ValueError, match="Its NNX layer does not say its layout") as info:
+        dora_jax.wrap(einsum, rank=2)
+    assert "pass the module itself" not in str(info.value)
+    with pytest.raises(ValueError, match=r"pass the module itself, wrap\(model"):
+        dora_jax.wrap(nnx.state(einsum), rank=2)
+    adapted = dora_jax.wrap(einsum, rank=2, axes={"kernel": dora_jax.Axes((), (1,))})
+    assert adapted.kernel.get_value().inputs == (1,)
+
+
 def test_merge_of_one_half_is_a_clear_error():
     _, adapted = small_dense()
     frozen, trainable = dora_jax.partition(adapted)
