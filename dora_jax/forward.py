@@ -35,9 +35,16 @@ from jax import lax
 from jax.extend import core as jcore
 from jax.sharding import PartitionSpec as P
 
-from dora_jax.adapters import Adapter, _pytree_dataclass, is_adapter, static, to_kernel_layout
+from dora_jax.adapters import (
+    Adapter,
+    _Decomposed,
+    _pytree_dataclass,
+    is_adapter,
+    static,
+    to_kernel_layout,
+)
 from dora_jax.axes import Axes
-from dora_jax.tree import path_str
+from dora_jax.tree import _check_whole, path_str
 
 PyTree = Any
 
@@ -1193,6 +1200,7 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
         leaves = [leaf for _, leaf in flat]
         if not any(is_adapter(leaf) for leaf in leaves):
             return fn(*args, **kwargs)
+        _check_nodes(flat)
         dynamic = [i for i, leaf in enumerate(leaves) if is_adapter(leaf) or _is_array(leaf)]
         values = [leaves[i] for i in dynamic]
         # The traced program closes over the static leaves only, never over the arrays.
@@ -1220,6 +1228,33 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
         return _updated(objects, out)
 
     return wrapped
+
+
+def _check_nodes(flat) -> None:
+    """Clear errors for adapter nodes :func:`apply` cannot use: one half of a partition, or
+    (inside a ``shard_map`` body) a node split across devices whose forward needs the whole
+    kernel."""
+    nodes = {path_str(p[2:]): x for p, x in flat if is_adapter(x)}  # paths inside the argument
+    _check_whole(nodes, "dora_jax.apply", plain_ok=True)
+    for path, node in nodes.items():
+        split = sorted(set().union(*(_varying_axes(jax.typeof(x)) for x in jax.tree.leaves(node))))
+        if not split:
+            continue
+        if isinstance(node, _Decomposed):
+            needs = "its column norm ||W0 + s A B||_c needs the whole kernel"
+        elif node.shared:
+            needs = "its shared random matrices are cut to the whole kernel's shape"
+        elif hasattr(node.base, "dequantize"):
+            needs = "its quantised base is dequantised block by block over the whole kernel"
+        else:
+            continue  # LoRA: each device's shard of x W0 + s (x A) B is all it needs
+        raise ValueError(
+            f"dora_jax.apply was called inside a shard_map body with adapter '{path}' "
+            f"({type(node).__name__}) split over mesh axes {split}, but {needs}; the body "
+            f"sees only this device's shard. Call dora_jax.apply outside and jax.shard_map "
+            f"inside the function you give it (apply then uses the whole kernel and hands "
+            f"each device its shard), or pass the adapted params replicated (in_specs P())."
+        )
 
 
 def _nnx_objects(tree) -> list:

@@ -120,6 +120,60 @@ def dropout_in_shard_map():
 case("shard_map-dropout", dropout_in_shard_map)
 
 
+# --- dora_jax.apply called inside a shard_map body -----------------------------------------
+def inside(method, split):
+    # Data parallel: the adapted params enter the body replicated (or split on the kernel's
+    # input or output axis), the batch split over "data"; loss and gradients against the
+    # unsharded reference.
+    a = adapted(method)
+    specs = {{"replicated": P(), "row": P("model", None), "col": P(None, "model")}}
+    spec = dora_jax.sharding.param_specs(a, mesh, rules=((r"^w$", specs[split]),))
+
+    def body(a, x):
+        h = dora_jax.apply(lambda p, x: x @ p["w"], strict=True)(a, x)
+        if split == "row":
+            h = jax.lax.psum(h, "model")
+        y = jnp.tanh(h) @ a["w2"]
+        return jax.lax.psum(loss_of(y), "data")
+
+    x_spec = P("data", "model") if split == "row" else P("data")
+    out_spec = P()
+    loss = jax.shard_map(body, mesh=mesh, in_specs=(spec, x_spec), out_specs=out_spec,
+                         check_vma=split != "col")
+    if split == "col":  # each device's output columns; gather them for the loss
+        def loss(a, x):
+            def cols(a, x):
+                return dora_jax.apply(lambda p, x: x @ p["w"], strict=True)(a, x)
+            h = jax.shard_map(cols, mesh=mesh, in_specs=(spec, P("data")),
+                              out_specs=P("data", "model"))(a, x)
+            return loss_of(jnp.tanh(h) @ a["w2"])
+    rl, rg = reference(jax.tree.map(np.asarray, a))
+    l, g = jax.jit(jax.value_and_grad(loss))(a, X)
+    np.testing.assert_allclose(l, rl, rtol=1e-5)
+    for name in type(a["w"]).trainable:
+        np.testing.assert_allclose(
+            getattr(g["w"], name), getattr(rg, name), rtol=1e-4, atol=1e-5, err_msg=name
+        )
+
+
+def inside_split_is_an_error(method, split):
+    try:
+        inside(method, split)
+    except ValueError as e:
+        assert "inside a shard_map body" in str(e) and "outside" in str(e), e
+    else:
+        raise AssertionError("no error")
+
+
+for method in ("lora", "dora", "vera", "dvora"):
+    case(f"inside-{{method}}-replicated", lambda: inside(method, "replicated"))
+    for split in ("row", "col"):
+        if method == "lora":  # each device's shard of x W0 + s (x A) B is all it needs
+            case(f"inside-{{method}}-{{split}}", lambda: inside(method, split))
+        else:
+            case(f"inside-{{method}}-{{split}}", lambda: inside_split_is_an_error(method, split))
+
+
 # --- a torch-layout (out, in) kernel used as x @ w.T inside shard_map ---------------------
 WT = {{"w": W["w"].T, "w2": W["w2"]}}  # (8, 16): output axis first
 
@@ -255,6 +309,18 @@ def _cases(prefix):
 )
 def test_shard_map_factored_equals_unsharded_reference(results, name):
     # strict=True inside: a kernel formed as W' (the old behaviour) would raise.
+    assert results[name] == "ok", results[name]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [f"inside-{m}-{s}" for m in ("lora", "dora", "vera", "dvora")
+     for s in ("replicated", "row", "col")],
+)
+def test_apply_inside_a_shard_map_body(results, name):
+    # Replicated params: the factored forward on each device's batch. Split LoRA kernels:
+    # each device's shard. Split DoRA, VeRA and DVoRA kernels: a clear error (the norm, the
+    # shared matrices cut to the kernel's shape need the whole kernel), never a wrong shard.
     assert results[name] == "ok", results[name]
 
 
