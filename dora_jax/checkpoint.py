@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import copy
 import dataclasses
 import hashlib
@@ -122,6 +123,43 @@ class _Manager(ocp.CheckpointManager):
 
 # Managers whose folder has been cleared of a killed run's temporary directories.
 _CLEANED: weakref.WeakSet = weakref.WeakSet()
+
+
+@dataclasses.dataclass
+class _Run:
+    """What this process has saved to or restored from one manager's folder."""
+
+    steps: set = dataclasses.field(default_factory=set)
+    base: tuple[int, str] | None = None  # (step, the base's fingerprint) at the last save
+
+
+_RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _run(manager: ocp.CheckpointManager) -> _Run:
+    return _RUNS.setdefault(manager, _Run())
+
+
+# Managers that may have an asynchronous save in flight: waited for when the process exits.
+_PENDING: weakref.WeakSet = weakref.WeakSet()
+
+
+def _finish_pending_saves() -> None:
+    """Waits for the asynchronous saves still being written when the interpreter exits.
+
+    Runs before ``concurrent.futures`` shuts its thread pools down at exit (registered with
+    ``threading``'s exit hooks, which run in reverse order of registration): after that
+    shutdown orbax can no longer commit, and a script that ends right after its last save
+    would lose it."""
+    for manager in list(_PENDING):
+        try:
+            manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - report, let the others finish
+            print(f"dora_jax.checkpoint: a save to {manager.directory} failed at exit: {e}")
+
+
+_register_exit_hook = getattr(threading, "_register_atexit", None)
+_EXIT_HOOK: list = []  # registered once, at the first asynchronous save
 
 
 def _remove_leftovers(manager: ocp.CheckpointManager) -> None:
@@ -441,13 +479,22 @@ def save(
         them, numpy scalars included (checked now, so a bad value fails here).
       force: save even if the manager's save interval says otherwise.
 
+    A folder holds one run. A step the folder holds from another run, or one before its
+    latest step, is refused (orbax would skip it without a word, and a resume would load the
+    other run's step): after a rollback (:func:`restore` of an earlier step), delete the
+    later steps with :func:`delete_after` first. An asynchronous save still in flight when
+    the interpreter exits is waited for.
+
     Returns:
-      True if the checkpoint was started; False, writing nothing, if ``step`` is saved
-      already (or the manager's save interval skips it).
+      True if the checkpoint was started; False, writing nothing, if this process saved or
+      restored ``step`` already (or the manager's save interval skips it).
 
     Raises:
-      CheckpointError: the manager is read-only, or writing failed (the folder was
-        removed or is not writable); earlier steps are unharmed.
+      CheckpointError: the manager is read-only; the folder holds ``step`` or later steps
+        from another run; ``opt_state`` holds state for frozen leaves (the optimiser was
+        initialised on the whole adapted tree, so it moves the base); the base changed since
+        this process last saved or restored; or writing failed (the folder was removed or
+        is not writable). Earlier steps are unharmed.
 
     Example::
 
@@ -461,8 +508,11 @@ def save(
             f"dora_jax.checkpoint.manager(directory) in the one process that trains."
         )
     data_position = _json_position(data_position)
-    if int(step) in manager.all_steps():
-        return False
+    run = _run(manager)
+    if int(step) in run.steps:
+        return False  # saved (or restored) by this process already
+    _check_new_step(manager, int(step))
+    _check_optimises_adapters_only(opt_state)
     _, trainable = partition(adapted)
     state_paths = _state_paths(adapted)
     state = {"trainable": _nest(_flat(trainable))}
@@ -487,16 +537,27 @@ def save(
             key = jax.random.key_data(key)
         state["rng"] = key
     adapters = _adapters(adapted)
+    base = fingerprint(adapted)
+    if run.base is not None and run.base[1] != base["sha256"]:
+        raise CheckpointError(
+            f"Cannot save {where}: the frozen base model changed since step {run.base[0]} "
+            f"was saved or restored (fingerprint {run.base[1][:12]}, now "
+            f"{base['sha256'][:12]}). Training must leave the base bit-identical: differentiate "
+            f"and optimise only the trainable half of dora_jax.partition, or wrap the "
+            f"optimiser in dora_jax.only_trainable(...); an optimiser given the whole adapted "
+            f"tree moves base kernels (weight decay) and biases."
+        )
     meta = {
         "format": FORMAT,
         "step": int(step),
         "data_position": data_position,
         "method": _one_or_list(c["kind"].lower() for c in adapters.values()),
         "rank": _one_or_list(c["rank"] for c in adapters.values()),
-        "base": fingerprint(adapted),
+        "base": base,
         "adapters": adapters,
         "trainable": _shape_digest(_describe(_flat(trainable))),
         "opt_state": _shape_digest(_describe(opt_flat)),
+        "opt_state_types": _shape_digest(_node_types(opt_state)),
         "model_state": _describe(mutable),
         "model_state_keys": mutable_keys,
         "key_impl": key_impl,
@@ -505,7 +566,7 @@ def save(
     _remove_leftovers(manager)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     try:
-        return manager.save(int(step), args=args, force=force)
+        started = manager.save(int(step), args=args, force=force)
     except ocp.checkpoint_manager.StepAlreadyExistsError:
         return False  # an asynchronous save of this step committed meanwhile
     except CheckpointError:
@@ -517,6 +578,111 @@ def save(
             f"this step (or for one still being written, if the error is from it); earlier "
             f"steps are intact. Check that the folder exists and is writable."
         ) from e
+    if started:
+        run.steps.add(int(step))
+        run.base = (int(step), base["sha256"])
+        if manager._options.enable_async_checkpointing:
+            _PENDING.add(manager)
+            if not _EXIT_HOOK:
+                _EXIT_HOOK.append(_finish_pending_saves)
+                (_register_exit_hook or atexit.register)(_finish_pending_saves)
+    return started
+
+
+def _check_new_step(manager: ocp.CheckpointManager, step: int) -> None:
+    """Refuses a step that the folder holds already, or one before its latest step, unless
+    this process wrote or restored it: orbax would skip such a save without a word, and a
+    run resumed later would load the other run's step."""
+    steps = sorted(manager.all_steps())
+    if not steps or (step not in steps and step > steps[-1]):
+        return
+    restored = sorted(_run(manager).steps)
+    if restored:
+        how = (
+            f"This process restored step {restored[-1]}, so it is continuing from a rollback: "
+            f"delete the steps after it first, dora_jax.checkpoint.delete_after(manager, "
+            f"{restored[-1]}), then save."
+        )
+    else:
+        how = (
+            "To continue that run, restore its latest step first. To start a new run, use "
+            "another folder. To replace the later steps (a rollback), call "
+            "dora_jax.checkpoint.delete_after(manager, last_step_to_keep) first."
+        )
+    what = "holds step" if step in steps else "already holds later steps than step"
+    raise CheckpointError(
+        f"Cannot save step {step} in {manager.directory}: the folder {what} {step} from "
+        f"another run (complete steps: {steps}); saving would mix two runs, and a resume would "
+        f"load the other run's latest step. {how}"
+    )
+
+
+def _check_optimises_adapters_only(opt_state: PyTree) -> None:
+    """Refuses an optimiser state that holds moments of the frozen base: the optimiser was
+    given the whole adapted tree, and its updates move the base (weight decay)."""
+    for p, node in jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_adapter)[0]:
+        if not is_adapter(node):
+            continue
+        frozen = [
+            f.name
+            for f in dataclasses.fields(node)
+            if f.metadata.get("static") is not True
+            and f.name not in node.trainable
+            and jax.tree.leaves(getattr(node, f.name))
+        ]
+        if frozen:
+            raise CheckpointError(
+                f"The optimiser state holds state for the frozen {frozen} of adapter "
+                f"'{path_str(p)}': the optimiser was initialised on the whole adapted tree, "
+                f"so its updates change the base model (weight decay moves frozen kernels) and "
+                f"the checkpoint could never be restored onto it. Use tx.init(trainable) with "
+                f"frozen, trainable = dora_jax.partition(adapted), or wrap the optimiser in "
+                f"dora_jax.only_trainable(tx)."
+            )
+
+
+def _node_types(tree: PyTree) -> list[str]:
+    """The type names of ``tree``'s inner nodes, in order: tells optimisers whose states
+    have the same fields (adam's and adabelief's ``mu``, ``nu``) apart."""
+
+    def names(treedef) -> list[str]:
+        data = treedef.node_data()
+        if data is None:
+            return []
+        return [data[0].__qualname__, *(n for c in treedef.children() for n in names(c))]
+
+    return names(jax.tree.structure(tree))
+
+
+def _optimiser_types(tree: PyTree) -> list[str]:
+    plain = {"dict", "list", "tuple", "NoneType"}
+    return sorted({n for n in _node_types(tree) if n not in plain})
+
+
+def delete_after(manager: ocp.CheckpointManager, step: int) -> list[int]:
+    """Deletes the complete checkpoints after ``step``; returns the deleted steps.
+
+    For a rollback: restore ``step`` (e.g. before a loss spike), change what needs changing,
+    delete the later steps, and continue saving from ``step + 1``. :func:`save` refuses to
+    write a step that the folder holds from another run, or one before its latest step.
+
+    Example::
+
+      r = dora_jax.checkpoint.restore(manager, adapted, opt_state, step=2000)
+      dora_jax.checkpoint.delete_after(manager, 2000)
+    """
+    if manager._options.read_only:
+        raise CheckpointError(
+            f"Cannot delete steps in {manager.directory}: the manager is read-only."
+        )
+    manager.wait_until_finished()
+    later = [s for s in sorted(manager.all_steps()) if s > step]
+    for s in later:
+        manager.delete(s)
+    run = _run(manager)
+    run.steps -= set(later)
+    manager.reload()
+    return later
 
 
 def _abstract(x):
@@ -644,10 +810,12 @@ def restore(
         ) from e
 
     values = _unnest(state["trainable"])
-    trainable = jax.tree.unflatten(jax.tree.structure(trainable), [values[k] for k in flat_t])
+    trainable = jax.tree.unflatten(
+        jax.tree.structure(trainable), [_like(values[k], flat_t[k]) for k in flat_t]
+    )
     adapted = _combine_trainable(adapted, trainable)
     if shared:
-        restored_shared = state["vera_shared"]
+        restored_shared = {k: _like(x, shared[k]) for k, x in state["vera_shared"].items()}
         adapted = jax.tree.map(
             lambda x: (
                 dataclasses.replace(x, **restored_shared)
@@ -658,7 +826,7 @@ def restore(
             is_leaf=is_adapter,
         )
     if mutable:
-        values = _unnest(state["model_state"])
+        values = {k: _like(x, mutable[k]) for k, x in _unnest(state["model_state"]).items()}
         for k, impl in meta["model_state_keys"].items():
             values[k] = jax.random.wrap_key_data(values[k], impl=impl)
         paths, treedef = jax.tree_util.tree_flatten_with_path(adapted)
@@ -666,13 +834,27 @@ def restore(
         adapted = jax.tree.unflatten(treedef, leaves)
     if flat_o:
         values = _unnest(state["opt_state"])
-        opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), [values[k] for k in flat_o])
+        opt_state = jax.tree.unflatten(
+            jax.tree.structure(opt_state), [_like(values[k], flat_o[k]) for k in flat_o]
+        )
     key = None
     if meta["has_key"]:
-        key = state["rng"]
+        key = _like(state["rng"], next(iter(flat_t.values())))
         if meta["key_impl"] is not None:
             key = jax.random.wrap_key_data(key, impl=meta["key_impl"])
+    run = _run(manager)
+    run.steps.add(int(step))
+    run.base = (int(step), meta["base"]["sha256"])
     return Restored(adapted, opt_state, int(step), key, meta["data_position"])
+
+
+def _like(value: jax.Array, template: Any) -> jax.Array:
+    """``value`` placed like ``template``: restored arrays are committed to their devices,
+    but a template made eagerly (``tx.init(trainable)``'s step counter) is not, and ``jit``
+    refuses to mix a committed single-device array with arrays on a mesh."""
+    if isinstance(template, jax.Array) and not template.committed:
+        return jnp.asarray(np.asarray(value))
+    return value
 
 
 def _combine_trainable(adapted: PyTree, trainable: PyTree) -> PyTree:
@@ -715,7 +897,9 @@ def _check(meta: dict, adapted, opt_state, manager, step) -> None:
             f"{saved_base.get('bytes')} bytes), this model's is {base['sha256'][:12]} "
             f"({base['leaves']} leaves, {base['bytes']} bytes); first difference (shape, "
             f"dtype, checksum) {first}. Wrap the same base model (same weights, shapes and "
-            f"dtypes) that the adapter was trained on."
+            f"dtypes) that the adapter was trained on. (A run whose optimiser was given the "
+            f"whole adapted tree rather than its trainable half changed its own base while "
+            f"training; its checkpoints match no unchanged base.)"
         )
     saved, here = meta["adapters"], _adapters(adapted)
     if saved != here:
@@ -745,6 +929,14 @@ def _check(meta: dict, adapted, opt_state, manager, step) -> None:
         raise CheckpointError(
             f"{where}: the optimiser state's structure differs from the template's. Pass "
             f"tx.init(trainable) of the same optimiser (same chain, masks and dtypes)."
+        )
+    # Checkpoints written before the field existed are checked by structure only.
+    saved_types = meta.get("opt_state_types")
+    if saved_types is not None and saved_types != _shape_digest(_node_types(opt_state)):
+        raise CheckpointError(
+            f"{where}: the optimiser state has the same arrays but another optimiser's state "
+            f"types ({_optimiser_types(opt_state)} in the template). Pass "
+            f"tx.init(trainable) of the optimiser the run was saved with."
         )
     state_paths = _state_paths(adapted)
     mutable = {k: x for k, x in _flat(adapted).items() if k in state_paths}

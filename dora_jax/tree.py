@@ -436,8 +436,9 @@ def _check_settings(cfg: dict, path: str | None = None) -> None:
     if cfg["method"] not in METHODS:
         raise ValueError(f"method={cfg['method']!r} is not one of {METHODS}{where}.")
     rank = cfg["rank"]
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+    if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}{where}.")
+    cfg["rank"] = int(rank)  # numpy integers too (a rank read from a config array)
     real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)  # noqa: E731
     alpha = cfg.get("alpha")
     if alpha is not None and not (real(alpha) and math.isfinite(alpha) and alpha > 0):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import textwrap
 import time
@@ -598,9 +599,10 @@ def main(argv=None):
             # matrices once), with a fingerprint of the base it belongs to.
             adapter_bytes = None
             try:
-                ckpt = dora_jax.checkpoint.manager(
-                    (out / "adapters" / f"{method}-seed{seed}").absolute()
-                )
+                # This run's adapter replaces one a run before left in the output folder.
+                folder = (out / "adapters" / f"{method}-seed{seed}").absolute()
+                shutil.rmtree(folder, ignore_errors=True)
+                ckpt = dora_jax.checkpoint.manager(folder)
                 dora_jax.checkpoint.save(
                     ckpt, args.steps, adapted, r["opt_state"], key=r["key"],
                     data_position=args.steps,

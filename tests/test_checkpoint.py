@@ -1,6 +1,7 @@
 """Adapter checkpoints: exact resume, what a checkpoint records, clear errors (the runs in
 subprocesses: killed, resharded, failing saves, are in tests/e2e/test_checkpoint.py)."""
 
+import dataclasses
 import json
 
 import chex
@@ -405,3 +406,98 @@ def test_linen_batch_statistics_are_saved(tmp_path):
     _assert_trees_equal(restored.adapted["batch_stats"], batch_stats)
     _assert_trees_equal(dora_jax.partition(restored.adapted)[1], dora_jax.partition(trained)[1])
     _assert_trees_equal(restored.opt_state, opt_state)
+
+
+# --- runs: rollbacks, a folder of another run, a base that training moved -----------------
+
+
+def _adam_run(directory, steps, position="first run"):
+    """A manager that has saved ``steps`` of one run (synchronously), and its state."""
+    adapted = _wrap(_dense())
+    manager = checkpoint.manager(directory, async_save=False)
+    opt_state = optax.adam(1e-3).init(dora_jax.partition(adapted)[1])
+    for step in steps:
+        assert checkpoint.save(manager, step, adapted, opt_state, data_position=position)
+    return manager, adapted, opt_state
+
+
+def test_a_rollback_must_delete_the_later_steps_before_saving(tmp_path):
+    _, adapted, opt_state = _adam_run(tmp_path, [1, 2, 3, 4])
+    # Another process resumes from step 2 (e.g. before a loss spike) and saves step 3 again.
+    manager = checkpoint.manager(tmp_path, async_save=False)
+    assert checkpoint.restore(manager, adapted, opt_state, step=2).step == 2
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"holds step 3 .*delete_after\(manager, 2\)"
+    ):
+        checkpoint.save(manager, 3, adapted, opt_state, data_position="rolled back")
+    assert checkpoint.delete_after(manager, 2) == [3, 4]
+    assert checkpoint.save(manager, 3, adapted, opt_state, data_position="rolled back")
+    assert checkpoint.save(manager, 3, adapted, opt_state) is False  # this run's step 3
+    restored = checkpoint.restore(checkpoint.manager(tmp_path), adapted, opt_state)
+    assert (restored.step, restored.data_position) == (3, "rolled back")
+
+
+def test_a_new_run_in_an_old_runs_folder_is_refused(tmp_path):
+    _adam_run(tmp_path, [4, 5])
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"later steps than step 1 .*another folder"
+    ):
+        _adam_run(tmp_path, [1], position="second run")
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds step 5"):
+        _adam_run(tmp_path, [5], position="second run")
+    # Continuing after the folder's latest step is a resume: allowed.
+    _adam_run(tmp_path, [6], position="second run")
+    assert checkpoint.manager(tmp_path).all_steps() == [4, 5, 6]
+
+
+def test_an_optimiser_of_the_whole_adapted_tree_is_refused_at_save(tmp_path):
+    adapted = _wrap(_dense())
+    manager = checkpoint.manager(tmp_path, async_save=False)
+    tx = optax.adamw(1e-2)  # its weight decay would move the frozen kernels
+    with pytest.raises(checkpoint.CheckpointError, match="initialised on the whole adapted tree"):
+        checkpoint.save(manager, 1, adapted, tx.init(adapted))
+    assert manager.all_steps() == []
+    # The ways the README gives: the trainable half, only_trainable, a mask.
+    for step, state in enumerate(
+        [
+            tx.init(dora_jax.partition(adapted)[1]),
+            dora_jax.only_trainable(tx).init(adapted),
+            optax.masked(tx, dora_jax.trainable_mask(adapted)).init(adapted),
+        ],
+        start=1,
+    ):
+        assert checkpoint.save(manager, step, adapted, state)
+
+
+def test_a_base_changed_between_saves_is_refused(tmp_path):
+    manager, adapted, opt_state = _adam_run(tmp_path, [1])
+    moved = jax.tree.map(
+        lambda x: dataclasses.replace(x, base=x.base * 0.999) if dora_jax.is_adapter(x) else x,
+        adapted,
+        is_leaf=dora_jax.is_adapter,
+    )
+    with pytest.raises(checkpoint.CheckpointError, match="frozen base model changed since step 1"):
+        checkpoint.save(manager, 2, moved, opt_state)
+    assert checkpoint.save(manager, 2, adapted, opt_state)
+
+
+def test_an_optimiser_with_the_same_fields_is_refused(tmp_path):
+    manager, adapted, _ = _adam_run(tmp_path, [1])  # adam: ScaleByAdamState(count, mu, nu)
+    trainable = dora_jax.partition(adapted)[1]
+    other = optax.adabelief(1e-3).init(trainable)  # ScaleByBeliefState(count, mu, nu)
+    with pytest.raises(checkpoint.CheckpointError, match="another optimiser's state types"):
+        checkpoint.restore(manager, adapted, other)
+
+
+def test_restored_arrays_are_placed_like_their_templates(tmp_path):
+    # An optimiser state made eagerly is not committed to a device; restored, it must not be
+    # either, or a jitted step on a mesh refuses to mix it with the sharded leaves
+    # (tests/e2e/test_checkpoint.py takes that step on 8 devices).
+    manager, adapted, opt_state = _adam_run(tmp_path, [1])
+    assert not opt_state[0].count.committed
+    restored = checkpoint.restore(manager, adapted, opt_state)
+    for template, value in zip(jax.tree.leaves(opt_state), jax.tree.leaves(restored.opt_state)):
+        assert value.committed == template.committed
+    placed = jax.device_put(opt_state, jax.devices()[0])  # committed templates stay committed
+    restored = checkpoint.restore(manager, adapted, placed)
+    assert all(x.committed for x in jax.tree.leaves(restored.opt_state))

@@ -173,6 +173,14 @@ def test_wrap_refuses_nonsense_numbers(kwargs, message):
         dora_jax.wrap(params, **{"rank": 2, **kwargs})
 
 
+def test_wrap_takes_numpy_integers_and_floats():
+    params = {"dense": {"kernel": jnp.ones((4, 3))}}
+    node = dora_jax.wrap(params, rank=np.int64(2), alpha=np.float32(4))["dense"]["kernel"]
+    plain = dora_jax.wrap(params, rank=2, alpha=4.0)["dense"]["kernel"]
+    assert type(node.rank) is int and node.rank == 2 and node.scale == plain.scale == 2.0
+    assert jax.tree.structure(node) == jax.tree.structure(plain)  # same static metadata
+
+
 def test_partition_of_a_tree_without_adapters_is_a_clear_error():
     params, _ = small_dense()
     with pytest.raises(ValueError, match="partition got a tree without adapter nodes"):

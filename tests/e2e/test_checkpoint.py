@@ -59,6 +59,74 @@ def test_restore_onto_another_mesh(tmp_path):
     assert "RESHARD OK" in proc.stdout, proc.stderr[-3000:]
 
 
+# The README's recipe (an optimiser state made eagerly on the mesh's leaves), then the step a
+# resumed run takes first: restored arrays must be placed like the templates.
+_README_RESUME = """
+import sys, tempfile
+sys.path.insert(0, {root!r})
+import jax, jax.numpy as jnp, numpy as np, optax
+import dora_jax
+from dora_jax import sharding
+
+mesh = dora_jax.mesh_from_string("fsdp=-1")
+lm = {{"q_proj": {{"kernel": jnp.ones((64, 64))}}, "down_proj": {{"kernel": jnp.ones((128, 64))}}}}
+lm_adapted = dora_jax.wrap(lm, rank=4)
+lm_adapted = sharding.put(lm_adapted, sharding.shardings(lm_adapted, mesh))
+lm_frozen, lm_trainable = dora_jax.partition(lm_adapted)
+lm_tx = optax.adamw(1e-4)
+lm_opt = lm_tx.init(lm_trainable)
+fn = lambda p, x: (x @ p["q_proj"]["kernel"]) @ p["q_proj"]["kernel"]
+x = jax.device_put(jnp.ones((8, 64)), sharding.batch_sharding(mesh))
+
+@jax.jit
+def step(t, o):
+    loss = lambda t: jnp.mean(dora_jax.apply(fn)(dora_jax.combine(lm_frozen, t), x) ** 2)
+    u, o = lm_tx.update(jax.grad(loss)(t), o, t)
+    return optax.apply_updates(t, u), o
+
+t, o = step(lm_trainable, lm_opt)
+manager = dora_jax.checkpoint.manager(tempfile.mkdtemp())
+dora_jax.checkpoint.save(manager, 100, lm_adapted, lm_opt, data_position=100)
+manager.wait_until_finished()
+restored = dora_jax.checkpoint.restore(manager, lm_adapted, lm_opt)
+t2, o2 = step(dora_jax.partition(restored.adapted)[1], restored.opt_state)
+for a, b in zip(jax.tree.leaves(t), jax.tree.leaves(t2)):
+    np.testing.assert_array_equal(a, b)
+print("RESUMED OK")
+"""
+
+
+def test_readme_sharded_recipe_takes_a_step_after_restore():
+    proc = run_on_devices(_README_RESUME.format(root=str(ROOT)), 8, timeout=300, env=_env())
+    assert "RESUMED OK" in proc.stdout, proc.stderr[-3000:]
+
+
+_SAVE_AND_EXIT = """
+import sys
+sys.path.insert(0, {root!r})
+import jax.numpy as jnp, optax
+import dora_jax
+adapted = dora_jax.wrap({{"w": {{"kernel": jnp.ones((16, 8))}}}}, rank=2)
+opt_state = optax.adam(1e-3).init(dora_jax.partition(adapted)[1])
+manager = dora_jax.checkpoint.manager({path!r})  # asynchronous saves
+assert dora_jax.checkpoint.save(manager, 7, adapted, opt_state, data_position="last")
+# The script ends here: no wait_until_finished(), no close().
+"""
+
+
+def test_a_script_that_ends_right_after_its_last_save_keeps_it(tmp_path):
+    code = _SAVE_AND_EXIT.format(root=str(ROOT), path=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=_env())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapted = dora_jax.wrap({"w": {"kernel": np.ones((16, 8), np.float32)}}, rank=2)
+    import optax
+
+    opt_state = optax.adam(1e-3).init(dora_jax.partition(adapted)[1])
+    restored = checkpoint.restore(checkpoint.manager(tmp_path, read_only=True), adapted, opt_state)
+    assert (restored.step, restored.data_position) == (7, "last")
+
+
 # --- crashes (SIGKILL) --------------------------------------------------------------------------
 
 _ARGS = ["--steps", "8", "--seq", "16", "--save-every", "2"]

@@ -314,8 +314,11 @@ def test_shard_map_factored_equals_unsharded_reference(results, name):
 
 @pytest.mark.parametrize(
     "name",
-    [f"inside-{m}-{s}" for m in ("lora", "dora", "vera", "dvora")
-     for s in ("replicated", "row", "col")],
+    [
+        f"inside-{m}-{s}"
+        for m in ("lora", "dora", "vera", "dvora")
+        for s in ("replicated", "row", "col")
+    ],
 )
 def test_apply_inside_a_shard_map_body(results, name):
     # Replicated params: the factored forward on each device's batch. Split LoRA kernels:
