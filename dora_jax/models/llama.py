@@ -585,19 +585,20 @@ def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
 
 
 def _safetensors_files(directory) -> list:
-    """The weight files of a checkpoint directory: from the index json if there is one."""
+    """The weight files of a checkpoint directory, in transformers' order of preference:
+    ``model.safetensors``, else the files the index json names."""
     import pathlib
 
     directory = pathlib.Path(directory)
+    single = directory / "model.safetensors"
+    if single.exists():
+        return [single]
     index = directory / "model.safetensors.index.json"
     if index.exists():
         import json
 
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [directory / n for n in names]
-    single = directory / "model.safetensors"
-    if single.exists():
-        return [single]
     found = sorted(directory.glob("*.safetensors"))
     if not found:
         raise FileNotFoundError(
@@ -703,7 +704,8 @@ def to_hf(
     """Writes :class:`Llama` params as a Hugging Face checkpoint directory.
 
     Writes ``config.json`` and ``model.safetensors`` (or ``model-0000k-of-0000n.safetensors``
-    shards with ``model.safetensors.index.json`` above ``max_shard_bytes``) that
+    shards with ``model.safetensors.index.json`` above ``max_shard_bytes``; weight files of
+    an earlier export into the same directory are removed, as ``save_pretrained`` does) that
     ``transformers.LlamaForCausalLM.from_pretrained(directory)`` loads. ``params`` are plain
     params, scanned or not (for adapted ones, write ``dora_jax.merge(adapted)``). Kernels are
     transposed to torch's ``(out, in)``; each shard is built and written on its own.
@@ -766,6 +768,13 @@ def to_hf(
         total += nbytes
     out_dtype = str(np.dtype(dtype or _get(params, ("embed_tokens", "embedding")).dtype))
     n = len(shards)
+    # Weight files of an earlier export here would be read instead of (or beside) these.
+    names = {"model.safetensors"} if n == 1 else {
+        f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)
+    }
+    for old in [*directory.glob("model*.safetensors"), directory / "model.safetensors.index.json"]:
+        if old.name not in names and old.exists():
+            old.unlink()
     weight_map = {}
     for k, shard in enumerate(shards, 1):
         file = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"

@@ -118,6 +118,33 @@ def test_to_hf_loads_in_transformers_with_the_same_logits(tmp_path, scan):
     np.testing.assert_allclose(torch_logits(model, tokens), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_to_hf_again_into_the_same_directory_leaves_no_stale_weights(tmp_path):
+    # Re-exporting after more training, or sharded then in one file (fp32, then bf16): the
+    # earlier export's files must not be read, by transformers or by from_hf.
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+        num_kv_heads=2, tie_embeddings=False, max_seq_len=64,
+    )  # fmt: skip
+    tokens = token_batch(2)
+    first = Llama(config).init(jax.random.key(3), jnp.asarray(tokens))["params"]
+    second = jax.tree.map(lambda x: x * 3.0, first)
+    for a, b, shard_a, shard_b in [
+        (first, second, 30_000, 1 << 30),  # shards, then one file
+        (second, first, 1 << 30, 30_000),  # one file, then shards
+    ]:
+        to_hf(tmp_path, config, a, max_shard_bytes=shard_a)
+        to_hf(tmp_path, config, b, max_shard_bytes=shard_b)
+        sharded = shard_b < (1 << 30)
+        assert (tmp_path / "model.safetensors.index.json").exists() == sharded
+        assert (tmp_path / "model.safetensors").exists() == (not sharded)
+        expected = jax_logits(config, b, tokens)
+        model = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+        np.testing.assert_allclose(torch_logits(model, tokens), expected, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(
+            jax_logits(config, from_hf(tmp_path)[1], tokens), expected, atol=1e-5, rtol=1e-5
+        )
+
+
 def test_to_hf_after_from_hf_round_trips_bit_exactly(tmp_path):
     model = tiny_hf_model(tied=False).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "in")
