@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dora_jax.adapters import DoRA, DVoRA, LoRA, VeRA, is_adapter, to_kernel_layout
-from dora_jax.tree import Axes, _resolve_axes, path_str, wrap
+from dora_jax.tree import Axes, _resolve_axes, _wrap, path_str
 
 PyTree = Any
 NameMap = Callable[[str, tuple], "str | None"]
@@ -334,8 +334,10 @@ def load(
     are those with weights in the file. In a scanned stack, layers the file has no weights
     for get an identity adapter (``B = 0``, VeRA's ``b = 0``, DoRA's magnitude
     ``||W0||_c``), which is what PEFT's initialisation gives those layers. A base weight
-    PEFT saved beside the adapter (``lm_head.base_layer.weight``, ``save_embedding_layers``)
-    replaces that kernel in the returned tree, as PEFT loads it over the base.
+    PEFT saved beside the adapter (``lm_head.base_layer.weight``, or ``lm_head.weight``
+    written by ``save_embedding_layers``) replaces that kernel in the returned tree, as PEFT
+    loads it over the base; a saved embedding table must equal the base's (a resized
+    vocabulary is refused: load onto the resized base model instead).
 
     Refused, naming the option: anything PEFT would compute differently from these
     formulas (``lora_bias``, ``bias`` other than ``"none"``, ``fan_in_fan_out`` for the
@@ -363,7 +365,7 @@ def load(
     from safetensors import safe_open
 
     directory = pathlib.Path(directory)
-    config = json.loads((directory / CONFIG_NAME).read_text())
+    config = _read_config(directory)
     peft_type = config.get("peft_type")
     if peft_type == "DVORA" or "dora_jax_extension" in config:
         raise PeftFormatError(
@@ -375,10 +377,22 @@ def load(
         raise PeftFormatError(
             f"peft_type={peft_type!r} is not read by dora_jax (LORA, incl. DoRA, and VERA are)."
         )
-    _check_options(config, peft_type, llama=name_map is None)
+    llama = name_map is None  # the project's Llama
+    _check_options(config, peft_type, llama=llama)
     name_map = name_map or _llama_name_map()
     axes = axes if axes is not None else _llama_axes
 
+    if not (directory / WEIGHTS_NAME).exists():
+        raise PeftFormatError(
+            f"{directory} has no {WEIGHTS_NAME}"
+            + (
+                " (only the pickled adapter_model.bin, which dora_jax does not read: save "
+                "with PEFT's default safe_serialization=True)"
+                if (directory / "adapter_model.bin").exists()
+                else ""
+            )
+            + "."
+        )
     with safe_open(str(directory / WEIGHTS_NAME), framework="numpy") as f:
         raw = {k: f.get_tensor(k) for k in f.keys()}
     shared = {k: raw.pop(k) for k in ("base_model.vera_A", "base_model.vera_B") if k in raw}
@@ -391,11 +405,18 @@ def load(
     # PEFT also saves the base weight of an adapted embedding or lm_head
     # (save_embedding_layers) and loads it over the base: do the same.
     base_weights: dict[str, np.ndarray] = {}
+    # Whole weights of modules without an adapter (lm_head, embed_tokens): what
+    # save_embedding_layers writes, by default after resize_token_embeddings.
+    whole_weights: dict[str, np.ndarray] = {}
     for key, value in raw.items():
         if key.startswith(PREFIX) and key.endswith(".base_layer.weight"):
             base_weights[key[len(PREFIX) : -len(".base_layer.weight")]] = value
             continue
         suffix = next((s for s in suffixes if key.endswith(s)), None)
+        if suffix is None and key.startswith(PREFIX) and key.endswith(".weight"):
+            if not any(part in key for part in ("lora_", "vera_")):
+                whole_weights[key[len(PREFIX) : -len(".weight")]] = value
+                continue
         if key.endswith(".lora_magnitude_vector.weight"):  # older PEFT wrote the suffix
             suffix, key = ".lora_magnitude_vector", key[: -len(".weight")]
         if suffix is None or not key.startswith(PREFIX):
@@ -433,12 +454,33 @@ def load(
             name = name_map(path, tuple(int(i) for i in index))
             if name is not None:
                 where[name] = (path, tuple(int(i) for i in index), ax)
+    for module, value in whole_weights.items():
+        if module in where:  # a kernel: loaded over the base, as PEFT does
+            base_weights[module] = value
+        elif not _equals_base_embedding(module, value, leaves, llama):
+            raise PeftFormatError(
+                f"{WEIGHTS_NAME} holds the whole weight of '{module}' {value.shape}, which PEFT "
+                f"writes with save_embedding_layers=True, and by default after "
+                f"resize_token_embeddings, and loads over the base. dora_jax loads such "
+                f"weights for kernels, not for embeddings that differ from the base's: save "
+                f"the resized base model (save_pretrained), read it with from_hf and load the "
+                f"adapter onto it, or save the adapter with save_embedding_layers=False."
+            )
     unplaced = sorted((set(weights) | set(base_weights)) - set(where))
     if unplaced:
         raise PeftFormatError(
             f"the adapter has weights for modules {unplaced[:4]} that name_map places on no "
             f"kernel of params (a different model, or a target dora_jax cannot map: pass "
             f"name_map= and axes=)."
+            + (
+                " These params tie lm_head to embed_tokens, so there is no lm_head kernel; "
+                "PEFT trained an lm_head of an untied model."
+                if llama
+                and "lm_head" in unplaced
+                and "embed_tokens/embedding" in leaves
+                and "lm_head/kernel" not in leaves
+                else ""
+            )
         )
 
     if base_weights:
@@ -465,14 +507,13 @@ def load(
         rules.append((f"^{re.escape(path)}$", rule))
 
     path_axes = {where[m][0]: where[m][2] for m in weights}
-    adapted = wrap(
-        params,
-        targets=lambda p, _: p in per_path,
-        axes=lambda p, _: path_axes[p],
-        rules=rules,
-        dtype=dtype,
-        key=jax.random.key(0),
-    )
+    # PEFT allows a rank above min(in, out) (r=256 on a 576 -> 192 projection): it wastes
+    # parameters but computes exactly, so such adapters load as they are.
+    adapted = _wrap(
+        params, 8, lambda p, _: path_axes[p], None, method="dora", alpha=None,
+        targets=lambda p, _: p in per_path, key=jax.random.key(0), dropout=0.0, rslora=False,
+        exact_norm_grad=False, dtype=dtype, rules=rules, any_rank=True,
+    )  # fmt: skip
 
     if peft_type == "VERA":
         shared = _vera_shared(config, shared, per_path, leaves, path_axes, dtype)
@@ -508,6 +549,40 @@ def _replace_bases(params, base_weights, where, leaves):
         return jnp.asarray(new[path], x.dtype) if path in new else x
 
     return jax.tree_util.tree_map_with_path(pick, params)
+
+
+def _read_config(directory: pathlib.Path) -> dict:
+    """``adapter_config.json`` as a dict, or a clear error."""
+    path = directory / CONFIG_NAME
+    if not path.exists():
+        inside = sorted(p.parent.name for p in directory.glob(f"*/{CONFIG_NAME}"))
+        hint = (
+            f" It has adapters in subfolders {inside[:4]} (PEFT saves a named adapter, or "
+            f"selected_adapters, there): pass one of them, e.g. {directory / inside[0]}."
+            if inside
+            else " Pass the folder PeftModel.save_pretrained wrote."
+        )
+        raise PeftFormatError(f"{directory} has no {CONFIG_NAME}.{hint}")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PeftFormatError(f"{path} is not valid JSON ({e}); it is damaged.") from e
+    if not isinstance(config, dict):
+        raise PeftFormatError(
+            f"{path} holds a JSON {type(config).__name__}, not the object PEFT writes."
+        )
+    return config
+
+
+def _equals_base_embedding(module: str, value: np.ndarray, leaves: dict, llama: bool) -> bool:
+    """Whether a saved embedding table (or a tied model's ``lm_head``, the same table) equals
+    the project's Llama's own: then there is nothing to load."""
+    table = leaves.get("embed_tokens/embedding") if llama else None
+    if module not in ("model.embed_tokens", "lm_head") or table is None:
+        return False
+    if table.shape != value.shape:
+        return False
+    return bool(np.array_equal(np.asarray(table), np.asarray(value).astype(table.dtype)))
 
 
 def _check_options(config: dict, peft_type: str, llama: bool) -> None:

@@ -313,7 +313,9 @@ def wrap(
 
 
 def _wrap(params, rank, axes, layers, *, method, alpha, targets, key, dropout, rslora,
-          exact_norm_grad, dtype, rules):  # fmt: skip
+          exact_norm_grad, dtype, rules, any_rank=False):  # fmt: skip
+    """:func:`wrap`'s body; ``any_rank`` lets a rank exceed ``min(in, out)`` (adapters
+    trained elsewhere, e.g. PEFT's, which allows it)."""
     _check_settings(dict(method=method, rank=rank, alpha=alpha, dropout=dropout))
     if any(is_adapter(x) for x in jax.tree.leaves(params, is_leaf=is_adapter)):
         raise ValueError(
@@ -347,7 +349,7 @@ def _wrap(params, rank, axes, layers, *, method, alpha, targets, key, dropout, r
     too_small = [
         (p, limit, cfg["rank"])
         for (_, p, _, _, limit), cfg in zip(chosen, settings)
-        if KINDS[cfg["method"]].rank_bounded and cfg["rank"] > limit
+        if KINDS[cfg["method"]].rank_bounded and cfg["rank"] > limit and not any_rank
     ]
     if too_small:
         ranks = sorted({r for _, _, r in too_small})

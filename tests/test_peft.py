@@ -12,6 +12,7 @@ import dora_jax.models.llama
 import dora_jax.peft
 from dora_jax.models.llama import from_hf, to_hf
 from tests.helpers import (
+    SIZES,
     adapted_logits,
     hf_llama,
     perturb,
@@ -58,6 +59,10 @@ PEFT_CONFIGS = {
         r=4, lora_alpha=8, use_dora=True, target_modules=["k_proj", "o_proj", "down_proj"],
     ),
     "vera": lambda: peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "gate_proj"]),
+    # PEFT allows r above min(in, out) (k_proj, v_proj: 32 -> 16); it computes exactly.
+    "dora-rank-above-min-dim": lambda: peft.LoraConfig(
+        r=20, lora_alpha=16, use_dora=True, target_modules=["k_proj", "v_proj"],
+    ),
     "lora-some-layers": lambda: peft.LoraConfig(
         r=2, lora_alpha=4, target_modules=["q_proj"], layers_to_transform=[1],
     ),
@@ -81,7 +86,7 @@ def test_peft_to_dora_jax_gives_peft_logits(base, tmp_path, name, scan):
     adapted = dora_jax.peft.load(tmp_path, params)
     kinds = {type(x).__name__ for x in jax.tree.leaves(adapted, is_leaf=dora_jax.is_adapter)
              if dora_jax.is_adapter(x)}  # fmt: skip
-    assert kinds == {{"dora": "DoRA", "vera": "VeRA"}.get(name, "LoRA")}
+    assert kinds == {"DoRA" if name.startswith("dora") else "VeRA" if name == "vera" else "LoRA"}
     got = adapted_logits(config, adapted, tokens)
     assert np.abs(got - torch_logits(hf_llama(directory), tokens)).max() > 1e-2  # it changed
     np.testing.assert_allclose(got, expected, **TOL)
@@ -89,6 +94,32 @@ def test_peft_to_dora_jax_gives_peft_logits(base, tmp_path, name, scan):
     dora_jax.peft.save(tmp_path / "again", adapted)
     again = peft.PeftModel.from_pretrained(hf_llama(directory), tmp_path / "again")
     np.testing.assert_allclose(torch_logits(again.eval(), tokens), expected, **TOL)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_embedding_layers_loads_and_a_resized_vocabulary_is_refused(tmp_path, tied):
+    directory = tmp_path / "base"
+    tiny_hf_model(tied=tied).save_pretrained(directory)
+    tokens = token_batch(5)
+    model = peft.get_peft_model(hf_llama(directory), PEFT_CONFIGS["dora"]())
+    randomise_peft(model)
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)  # whole embed, lm_head
+    config, params = from_hf(directory)
+    got = adapted_logits(config, dora_jax.peft.load(tmp_path / "a", params), tokens)
+    np.testing.assert_allclose(got, torch_logits(model.eval(), tokens), **TOL)
+
+    resized = hf_llama(directory)
+    resized.resize_token_embeddings(SIZES["vocab_size"] + 8)  # PEFT's "auto" then saves them
+    peft.get_peft_model(resized, PEFT_CONFIGS["dora"]()).save_pretrained(tmp_path / "b")
+    with pytest.raises(dora_jax.peft.PeftFormatError, match="save_embedding_layers.*from_hf"):
+        dora_jax.peft.load(tmp_path / "b", params)
+    if tied:  # an lm_head adapter of an untied model has no kernel to go on here
+        untied = peft.get_peft_model(
+            tiny_hf_model(tied=False), peft.LoraConfig(r=2, target_modules=["lm_head"])
+        )
+        untied.save_pretrained(tmp_path / "c")
+        with pytest.raises(dora_jax.peft.PeftFormatError, match="tie lm_head to embed_tokens"):
+            dora_jax.peft.load(tmp_path / "c", params)
 
 
 def test_rank_pattern_settings_reach_the_nodes(base, tmp_path):
@@ -232,6 +263,24 @@ def test_fan_in_fan_out_is_accepted_with_a_name_map_for_conv1d_models(base, tmp_
     name_map = dora_jax.models.llama.hf_module_name
     adapted = dora_jax.peft.load(tmp_path, params, name_map=name_map)
     np.testing.assert_allclose(adapted_logits(llama_config, adapted, tokens), expected, **TOL)
+
+
+def test_load_of_a_folder_that_is_not_an_adapter_says_why(base, tmp_path):
+    directory, tokens = base
+    _, params = from_hf(directory)
+    model = peft.get_peft_model(hf_llama(directory), PEFT_CONFIGS["dora"](), adapter_name="mine")
+    model.save_pretrained(tmp_path / "named")  # PEFT puts a named adapter in a subfolder
+    with pytest.raises(dora_jax.peft.PeftFormatError, match=r"subfolders \['mine'\]"):
+        dora_jax.peft.load(tmp_path / "named", params)
+    dora_jax.peft.load(tmp_path / "named" / "mine", params)  # as the message says
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    with pytest.raises(dora_jax.peft.PeftFormatError, match="adapter_model.bin"):
+        dora_jax.peft.load(tmp_path / "bin" / "mine", params)
+    config = tmp_path / "named" / "mine" / "adapter_config.json"
+    for text, message in (("[1, 2]", "JSON list"), ('{"peft_type": "LO', "not valid JSON")):
+        config.write_text(text)
+        with pytest.raises(dora_jax.peft.PeftFormatError, match=message):
+            dora_jax.peft.load(config.parent, params)
 
 
 def test_load_refuses_unmappable_modules_and_another_base(base, tmp_path):
