@@ -769,9 +769,11 @@ def to_hf(
     out_dtype = str(np.dtype(dtype or _get(params, ("embed_tokens", "embedding")).dtype))
     n = len(shards)
     # Weight files of an earlier export here would be read instead of (or beside) these.
-    names = {"model.safetensors"} if n == 1 else {
-        f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)
-    }
+    names = (
+        {"model.safetensors"}
+        if n == 1
+        else {f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)}
+    )
     for old in [*directory.glob("model*.safetensors"), directory / "model.safetensors.index.json"]:
         if old.name not in names and old.exists():
             old.unlink()
