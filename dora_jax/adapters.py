@@ -312,6 +312,25 @@ class Adapter:
         ``column_norm()`` if given, else the norm of ``base`` over its input axes)."""
         return dataclasses.replace(self, base=base)
 
+    # --- the kernel it stands for ----------------------------------------------------------
+    # Model code reads these outside a forward pass (an NNX layer's ``self.kernel.shape`` to
+    # size a decoding cache, ``.dtype`` to pick a compute dtype): the base kernel's.
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.base.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.base.shape)
+
     def __jax_array__(self):
         # jax calls this when a node reaches an operation as if it were an array: the model
         # was called with adapted params directly.

@@ -223,6 +223,23 @@ def test_wrap_of_an_nnx_model_names_a_layer_that_does_not_say_its_layout():
     assert adapted.kernel.get_value().inputs == (1,)
 
 
+def test_an_adapter_node_answers_its_kernels_shape_and_dtype():
+    # Model code reads these outside a forward (Gemma's init_cache: kv_einsum.kernel.shape).
+    layer = nnx.Einsum("btd,ndh->btnh", (2, 8, 4), rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
+    adapted = dora_jax.wrap(layer, rank=2)
+    for method in ("lora", "dora", "vera"):
+        kernel = dora_jax.wrap(layer, rank=2, method=method).kernel
+        assert (kernel.shape, kernel.dtype, kernel.ndim, kernel.size) == (
+            (2, 8, 4),
+            jnp.bfloat16,
+            3,
+            64,
+        )
+    assert np.shape(adapted.kernel.get_value()) == (2, 8, 4)
+    quantised = dora_jax.quantize_base(dora_jax.wrap({"w": {"kernel": jnp.ones((8, 4))}}, rank=2))
+    assert quantised["w"]["kernel"].shape == (8, 4)
+
+
 def test_merge_of_one_half_is_a_clear_error():
     _, adapted = small_dense()
     frozen, trainable = dora_jax.partition(adapted)
