@@ -831,6 +831,27 @@ def _dot_general_rule(eqn, invals, ctx):
     if ctx.probing:
         ctx.record(view, "contract", kb, kc)
         return _zeros_like_outputs(eqn)
+    out_sharding = eqn.params.get("out_sharding")
+    if out_sharding is not None:
+        # Explicit mesh axes, the output's sharding named (flax's Gemma: out_sharding= on
+        # every einsum): the factored products run with the axes made Auto, as XLA
+        # propagates shardings on an Auto mesh, and the result takes the named sharding.
+        # Their own operands may be sharded inconsistently (x's features over one axis,
+        # the kernel's input axis over another), which Explicit axes refuse unnamed.
+        def run(x, node):
+            return _factored_dot_general(eqn, view.replace(node=node), x, kc, xc, kb, xb,
+                                         kernel_first, ctx)  # fmt: skip
+
+        mesh = jax.sharding.get_abstract_mesh()
+        if isinstance(out_sharding, P) and mesh.empty:
+            mesh = jax.typeof(x).sharding.mesh
+        with jax.sharding.use_abstract_mesh(mesh):
+            return [jax.sharding.auto_axes(run, out_sharding=out_sharding)(x, view.node)]
+    return [_factored_dot_general(eqn, view, x, kc, xc, kb, xb, kernel_first, ctx)]
+
+
+def _factored_dot_general(eqn, view, x, kc, xc, kb, xb, kernel_first, ctx):
+    """The factored ``dot_general`` of ``x`` with the adapted kernel of ``view``."""
     node = view.node
     nkc = [view.axes[d] for d in kc]  # as node (kernel) axes
     nkb = [view.axes[d] for d in kb]
@@ -882,7 +903,7 @@ def _dot_general_rule(eqn, invals, ctx):
     aval = eqn.outvars[0].aval
     if y.shape != aval.shape:  # pragma: no cover - would be a bug in the layout maths
         raise AssertionError(f"factored dot_general gave {y.shape}, expected {aval.shape}")
-    return [y.astype(aval.dtype)]
+    return y.astype(aval.dtype)
 
 
 def _contract_batched(node: Adapter, x, dtype, kw, ctx):

@@ -274,6 +274,47 @@ def explicit_scan():
 
 case("explicit-scan", explicit_scan)
 
+
+def explicit_out_sharding(method):
+    # flax's Gemma on an Explicit mesh: a heads-first kernel (N, D, H) sharded on its heads
+    # and input axes, x's features sharded over another axis than the kernel's input axis,
+    # the einsum naming its output's sharding (plain jax refuses it unnamed).
+    with jax.set_mesh(emesh):
+        w = jax.device_put(jax.random.normal(k[4], (4, 16, 8)) / 4,
+                           NamedSharding(emesh, P("fsdp", "data", None)))
+        x = jax.device_put(jax.random.normal(k[5], (2, 3, 16)),
+                           NamedSharding(emesh, P("data", None, "fsdp")))
+        fn = lambda p, x: jnp.einsum("BTD,NDH->BTNH", x, p["w"],
+                                     out_sharding=P("data", None, "fsdp", None))
+        a = dora_jax.wrap({{"w": w}}, rank=2, method=method, targets=r"^w$",
+                          axes={{"w": dora_jax.Axes((), (1,))}})
+        a["w"] = dataclasses.replace(a["w"], b=0.3 * jax.random.normal(k[3], a["w"].b.shape))
+        loss = lambda a: jnp.sum(jnp.sin(dora_jax.apply(fn, strict=True)(a, x)))
+        l, g = jax.jit(jax.value_and_grad(loss))(a)
+    node = jax.tree.map(np.asarray, a)["w"]
+    xs = np.asarray(x)
+
+    def ref_loss(n):  # the kernel as (D, N*H), the formula on it, back to (N, D, H)
+        v = n.base.transpose(1, 0, 2).reshape(16, 32)
+        if isinstance(n, dora_jax.VeRA | dora_jax.DVoRA):
+            v = v + ref.vera_delta(n.shared_a, n.shared_b, n.d, n.b.reshape(32), 16, 32)
+        else:
+            v = v + ref.lora_delta(n.a.reshape(16, -1), n.b.reshape(-1, 32), n.scale)
+        if hasattr(n, "magnitude"):
+            v = ref.decompose(v, n.magnitude.reshape(32))
+        kernel = v.reshape(16, 4, 8).transpose(1, 0, 2)
+        return jnp.sum(jnp.sin(jnp.einsum("BTD,NDH->BTNH", xs, kernel)))
+
+    rl, rg = jax.value_and_grad(ref_loss)(node)
+    np.testing.assert_allclose(l, rl, rtol=1e-5)
+    for name in type(node).trainable:
+        np.testing.assert_allclose(getattr(g["w"], name), getattr(rg, name), rtol=1e-4,
+                                   atol=1e-5, err_msg=name)
+
+
+for method in ("lora", "dora", "vera", "dvora"):
+    case(f"explicit-out-sharding-{{method}}", lambda: explicit_out_sharding(method))
+
 print("RESULT" + json.dumps(out))
 """
 
@@ -327,6 +368,13 @@ def test_apply_inside_a_shard_map_body(results, name):
     assert results[name] == "ok", results[name]
 
 
-@pytest.mark.parametrize("name", [*_cases("explicit"), "explicit-scan"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        *_cases("explicit"),
+        "explicit-scan",
+        *(f"explicit-out-sharding-{m}" for m in ("lora", "dora", "vera", "dvora")),
+    ],
+)
 def test_explicit_mesh_equals_unsharded_reference(results, name):
     assert results[name] == "ok", results[name]
