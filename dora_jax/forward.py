@@ -102,8 +102,10 @@ class _Context:
     strict: bool
     warned: set
     uses: int = 0
-    # infer_axes: {kernel index: set of (kind, Axes)} instead of computing.
+    # infer_axes: {kernel index: set of (kind, Axes)} instead of computing, and
+    # {kernel index: set of the operations that used it as something else}.
     found: dict | None = None
+    unread: dict = dataclasses.field(default_factory=dict)
     # Inputs already put in a contraction's order: {(id, perm, shape): (input, result)}.
     arranged: dict = dataclasses.field(default_factory=dict)
     # Inside a scan body: DoRA scales its outputs with _rescaled (see there).
@@ -119,7 +121,9 @@ class _Context:
 
     def with_key(self, key, *, in_scan: bool | None = None) -> _Context:
         in_scan = self.in_scan if in_scan is None else in_scan
-        return _Context(key, self.strict, self.warned, found=self.found, in_scan=in_scan)
+        return _Context(
+            key, self.strict, self.warned, found=self.found, unread=self.unread, in_scan=in_scan
+        )
 
     def output(self, base: jax.Array, z: jax.Array, post, scale) -> jax.Array:
         """An adapted contraction's output ``(base + z * post) * scale`` in ``base``'s dtype,
@@ -179,6 +183,7 @@ def _stand_in(view: _View):
 
 def _materialise(view: _View, ctx: _Context, why: str) -> jax.Array:
     if ctx.probing:
+        ctx.unread.setdefault(view.node.index, set()).add(why)
         return _stand_in(view)
     if ctx.strict:
         raise ValueError(
@@ -1377,7 +1382,7 @@ def _returned(out, originals: dict, ctx: _Context):
     return _plain(out, ctx, "returned from the function"), None
 
 
-def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> dict[str, Axes]:
+def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> InferredAxes:
     """Learns each kernel's stack and input axes by tracing ``fn(params, *args, **kwargs)``.
 
     Walks the traced program with the evaluator :func:`apply` uses, following every float
@@ -1400,7 +1405,9 @@ def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> dict[str, Axes]
 
     Returns:
       ``{path: Axes}`` for every kernel used in one consistent way; pass it to
-      :func:`dora_jax.wrap` as ``axes=``.
+      :func:`dora_jax.wrap` as ``axes=``. Kernels used only otherwise (a reshape or slice
+      before the contraction, a grouped convolution) are left out and listed, with the
+      operations, in its ``unread`` attribute; ``wrap`` names them if they are targeted.
 
     Raises:
       ValueError: if a kernel is used in two inconsistent ways.
@@ -1436,13 +1443,26 @@ def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> dict[str, Axes]
 
     avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
     jax.make_jaxpr(probe)(*avals)
-    result = {}
+    result = InferredAxes()
     for i, seen in sorted(found.items()):
         ndim = len(np.shape(param_leaves[i]))
         ax = _consistent_axes(paths[i], ndim, seen)
         if ax is not None:
             result[paths[i]] = ax
+    result.unread = {
+        paths[i]: tuple(sorted(uses)) for i, uses in sorted(ctx.unread.items())
+        if paths[i] not in result
+    }  # fmt: skip
     return result
+
+
+class InferredAxes(dict):
+    """What :func:`infer_axes` returns: ``{path: Axes}``, plus ``unread``: ``{path: the
+    operations}`` for each kernel the model uses only in ways that do not say its axes (a
+    reshape or slice before its contraction, a grouped convolution, an elementwise use);
+    :func:`dora_jax.wrap` names them when such a kernel is targeted."""
+
+    unread: dict[str, tuple[str, ...]] = {}
 
 
 def _consistent_axes(path: str, ndim: int, seen: set) -> Axes | None:

@@ -187,6 +187,17 @@ def _resolve_axes(
         # Flax's (in, out). A Flax Embed table (vocab, features) is looked up by vocab: its
         # input axis is also axis 0, and a tied `attend` is a deliberate transposed use.
         return Axes(0, 1), path.rsplit("/", 1)[-1] != "embedding"
+    unread = getattr(axes, "unread", {}).get(path)
+    if unread:
+        raise ValueError(
+            f"Cannot tell the input axes of kernel '{path}' with shape {tuple(leaf.shape)}: "
+            f"dora_jax.infer_axes could not read them, because the model uses this kernel "
+            f"only through {', '.join(f'`{u}`' for u in unread)} before (or instead of) a "
+            f"contraction (a reshape or slice of the kernel, a grouped or depthwise "
+            f"convolution). Give its axes by hand, adding '{re.escape(path)}' to the axes "
+            f"dict ({example_hint(tuple(leaf.shape))}): apply then forms W' for those uses "
+            f"(FallbackWarning). Or leave it out with targets=."
+        )
     raise ValueError(
         f"Cannot tell the input axes of kernel '{path}' with shape {tuple(leaf.shape)}: a "
         f"{leaf.ndim}-D kernel may be a DenseGeneral/Einsum projection, a conv kernel or a "

@@ -243,6 +243,27 @@ def test_infer_axes_skips_vectors_and_cannot_tell_error_shows_einsum():
         dora_jax.wrap({"w": rand(0, 2, 5, 3)}, rank=2, targets="w")
 
 
+def test_infer_axes_names_kernels_it_could_not_read_and_wrap_says_why():
+    # Gemma's Linen FeedForward: jnp.dot(x, w_gating[0]), a slice of the kernel first.
+    params = {"gating": rand(0, 2, 5, 6), "w": rand(1, 6, 5)}
+
+    def fn(p, x):
+        h = jnp.dot(x, p["gating"][0]) * jnp.dot(x, p["gating"][1])
+        return h @ p["w"]
+
+    axes = dora_jax.infer_axes(fn, params, rand(2, 3, 5))
+    assert axes == {"w": Axes(0, 1)}
+    assert set(axes.unread) == {"gating"} and axes.unread["gating"]  # the slicing ops
+    with pytest.raises(ValueError, match=r"infer_axes could not read them.*`(slice|squeeze)`"):
+        dora_jax.wrap(params, rank=2, targets="gating|w", axes=axes)
+    # Given by hand, the kernel is adapted; apply forms W' for the slice and says so.
+    given = {**axes, "gating": Axes((), (1,))}
+    adapted = dora_jax.wrap(params, rank=2, targets="gating|w", axes=given)
+    with pytest.warns(dora_jax.FallbackWarning, match="'gating'"):
+        y = dora_jax.apply(fn)(adapted, rand(2, 3, 5))
+    np.testing.assert_allclose(y, fn(dora_jax.merge(adapted), rand(2, 3, 5)), rtol=1e-5)
+
+
 def test_strict_message_says_the_use_is_not_covered():
     adapted = dora_jax.wrap({"w": rand(0, 5, 4)}, rank=2, targets="w")
     with pytest.raises(ValueError, match="does not cover"):
