@@ -308,6 +308,91 @@ def _transpose_rule(eqn, invals, ctx):
     return [view.replace(axes=tuple(view.axes[p] for p in eqn.params["permutation"]))]
 
 
+# --- slices of a kernel along its output or stack axes -------------------------------------
+# Gemma's FeedForward reads its fused gate and up kernel as ``w_gating[0]`` and
+# ``w_gating[1]``; a loop over a stacked kernel reads ``w[i]``. Output columns and stack
+# entries are independent in every method without shared matrices: the norm is per column,
+# the factors per layer. So a slice (or a squeezed size-1 axis) of those axes is the node
+# with each field cut alike, and the factored forward goes on. Input axes (the norm sums
+# over them), VeRA's shared matrices and quantised bases fall back to forming W'.
+
+
+def _field_axis(node, roles: tuple[str, ...], axis: int) -> int | None:
+    """Where node axis ``axis`` sits in a field laid out as ``roles``; None if absent."""
+    groups = {"stack": node.stack, "in": node.inputs, "out": node.outputs, "rank": (None,)}
+    pos = 0
+    for role in roles:
+        if axis in groups[role]:
+            return pos + groups[role].index(axis)
+        pos += len(groups[role])
+    return None
+
+
+def _cut_fields(node, axis: int, cut) -> dict | None:
+    """``{field: cut(field, its axis)}`` for the base and every field holding node axis
+    ``axis``; None when the node cannot be cut there (an input axis, shared matrices, a
+    quantised base, or a field not laid out as its ``layout`` says)."""
+    if axis in node.inputs or node.shared or hasattr(node.base, "dequantize"):
+        return None
+    fields = {"base": cut(node.base, axis)}
+    for name, roles in type(node).layout.items():
+        value = getattr(node, name)
+        sizes = {"stack": len(node.stack), "in": len(node.inputs), "out": len(node.outputs)}
+        if value is None or value.ndim != sum(sizes.get(r, 1) for r in roles):
+            return None
+        at = _field_axis(node, roles, axis)
+        if at is not None:
+            fields[name] = cut(value, at)
+    return fields
+
+
+@_rule("slice")
+def _slice_rule(eqn, invals, ctx):
+    view = invals[0]
+    p = eqn.params
+    if p["strides"] is not None and any(s != 1 for s in p["strides"]):
+        return None
+    node = view.node
+    for d, (start, stop) in enumerate(zip(p["start_indices"], p["limit_indices"])):
+        if start == 0 and stop == eqn.invars[0].aval.shape[d]:
+            continue
+        axis = view.axes[d]
+        cut = lambda x, at, start=start, stop=stop: lax.slice_in_dim(x, start, stop, axis=at)  # noqa: E731
+        if isinstance(node, _Probe):
+            node = _Probe(cut(node.value, axis), node.index, node.origin, node.scanned)
+            continue
+        fields = _cut_fields(node, axis, cut)
+        if fields is None:
+            return None
+        node = dataclasses.replace(node, **fields)
+    return [view.replace(node=node)]
+
+
+@_rule("squeeze")
+def _squeeze_rule(eqn, invals, ctx):
+    view = invals[0]
+    node, axes = view.node, list(view.axes)
+    for d in sorted(eqn.params["dimensions"], reverse=True):
+        axis = axes.pop(d)
+        axes = [a - (a > axis) for a in axes]
+        if isinstance(node, _Probe):
+            origin = node.origin[:axis] + node.origin[axis + 1 :]
+            node = _Probe(jnp.squeeze(node.value, axis), node.index, origin, node.scanned)
+            continue
+        if node.outputs == (axis,):
+            return None  # its only output axis: no kernel left
+        fields = _cut_fields(node, axis, lambda x, at: jnp.squeeze(x, at))
+        if fields is None:
+            return None
+        node = dataclasses.replace(
+            node,
+            **fields,
+            stack=tuple(a - (a > axis) for a in node.stack if a != axis),
+            inputs=tuple(a - (a > axis) for a in node.inputs),
+        )
+    return [view.replace(node=node, axes=tuple(axes))]
+
+
 # --- calls, remat, control flow ----------------------------------------------------------
 
 

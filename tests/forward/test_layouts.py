@@ -16,7 +16,8 @@ from jax import lax
 
 import dora_jax
 from dora_jax import Axes
-from tests.helpers import rand, ref_params
+from tests import helpers as ref
+from tests.helpers import perturb, rand, ref_params
 
 METHODS = ("lora", "dora", "vera", "dvora")
 
@@ -244,24 +245,82 @@ def test_infer_axes_skips_vectors_and_cannot_tell_error_shows_einsum():
 
 
 def test_infer_axes_names_kernels_it_could_not_read_and_wrap_says_why():
-    # Gemma's Linen FeedForward: jnp.dot(x, w_gating[0]), a slice of the kernel first.
-    params = {"gating": rand(0, 2, 5, 6), "w": rand(1, 6, 5)}
+    # A kernel reshaped before its contraction (Keras's depthwise conv reshapes its kernel).
+    params = {"k": rand(0, 5, 2, 3), "w": rand(1, 6, 5)}
 
     def fn(p, x):
-        h = jnp.dot(x, p["gating"][0]) * jnp.dot(x, p["gating"][1])
-        return h @ p["w"]
+        return jnp.dot(x, p["k"].reshape(5, 6)) @ p["w"]
 
     axes = dora_jax.infer_axes(fn, params, rand(2, 3, 5))
-    assert axes == {"w": Axes(0, 1)}
-    assert set(axes.unread) == {"gating"} and axes.unread["gating"]  # the slicing ops
-    with pytest.raises(ValueError, match=r"infer_axes could not read them.*`(slice|squeeze)`"):
-        dora_jax.wrap(params, rank=2, targets="gating|w", axes=axes)
-    # Given by hand, the kernel is adapted; apply forms W' for the slice and says so.
-    given = {**axes, "gating": Axes((), (1,))}
-    adapted = dora_jax.wrap(params, rank=2, targets="gating|w", axes=given)
-    with pytest.warns(dora_jax.FallbackWarning, match="'gating'"):
+    assert axes == {"w": Axes(0, 1)} and axes.unread == {"k": ("reshape",)}
+    with pytest.raises(ValueError, match=r"infer_axes could not read them.*`reshape`"):
+        dora_jax.wrap(params, rank=2, targets="k|w", axes=axes)
+    # Given by hand, the kernel is adapted; apply forms W' for the reshape and says so.
+    adapted = dora_jax.wrap(params, rank=2, targets="k|w", axes={**axes, "k": Axes(0, 1)})
+    with pytest.warns(dora_jax.FallbackWarning, match="'k'"):
         y = dora_jax.apply(fn)(adapted, rand(2, 3, 5))
     np.testing.assert_allclose(y, fn(dora_jax.merge(adapted), rand(2, 3, 5)), rtol=1e-5)
+
+
+def _gating_reference(node, x):
+    """Gemma's gate and up halves from the formula on the kernel read as (D, 2 * H)."""
+    v = node.base.transpose(1, 0, 2).reshape(5, 12)
+    if hasattr(node, "a"):
+        v = v + ref.lora_delta(node.a, node.b.reshape(-1, 12), node.scale)
+    if hasattr(node, "magnitude"):
+        v = ref.decompose(v, node.magnitude.reshape(12))
+    w = v.reshape(5, 2, 6).transpose(1, 0, 2)
+    return jax.nn.gelu(x @ w[0]) * (x @ w[1])
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "magnitude"])
+def test_slices_of_output_and_stack_axes_stay_factored(method):
+    # Gemma's FeedForward: jnp.dot(x, w_gating[0]), jnp.dot(x, w_gating[1]).
+    def gating(p, x):
+        return jax.nn.gelu(jnp.dot(x, p["g"][0])) * jnp.dot(x, p["g"][1])
+
+    x = rand(2, 3, 5)
+    params = {"g": rand(0, 2, 5, 6)}
+    axes = dora_jax.infer_axes(gating, params, x)
+    assert axes == {"g": Axes((), (1,))} and not axes.unread  # axis 0: output columns
+    adapted = perturb(
+        dora_jax.wrap(params, rank=2, method=method, targets="g", axes=axes), size=0.3
+    )
+    node = adapted["g"]
+    loss = lambda n: jnp.sum(jnp.sin(dora_jax.apply(gating, strict=True)({"g": n}, x)))
+    ref_loss = lambda n: jnp.sum(jnp.sin(_gating_reference(n, x)))
+    for f in (jax.value_and_grad(loss), jax.jit(jax.value_and_grad(loss))):
+        (value, g), (rl, rg) = f(node), jax.value_and_grad(ref_loss)(node)
+        np.testing.assert_allclose(value, rl, rtol=1e-5)
+        for name in type(node).trainable:
+            np.testing.assert_allclose(getattr(g, name), getattr(rg, name), rtol=1e-4,
+                                       atol=1e-5, err_msg=name)  # fmt: skip
+
+    # A Python loop over a stacked kernel, w[i]: one adapter per layer.
+    stacked = perturb(dora_jax.wrap({"w": rand(3, 3, 5, 5)}, rank=2, method=method, targets="w",
+                                  axes={"w": Axes((0,), (1,))}), size=0.3)  # fmt: skip
+
+    def layers(p, h):
+        for i in range(3):
+            h = jnp.tanh(h @ p["w"][i])
+        return h
+
+    y = dora_jax.apply(layers, strict=True)(stacked, x)
+    np.testing.assert_allclose(y, layers(dora_jax.merge(stacked), x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_slice_the_factored_forward_cannot_cut_forms_the_kernel():
+    # An input-axis slice (the norm sums over it) and VeRA's shared matrices: W', warned.
+    x = rand(2, 3, 3)
+    adapted = dora_jax.wrap({"w": rand(0, 5, 4)}, rank=2, targets="w")
+    fn = lambda p, x: x @ p["w"][:3]  # noqa: E731
+    with pytest.warns(dora_jax.FallbackWarning, match="`slice`"):
+        y = dora_jax.apply(fn)(adapted, x)
+    np.testing.assert_allclose(y, fn(dora_jax.merge(adapted), x), rtol=1e-5)
+    vera = dora_jax.wrap({"g": rand(0, 2, 5, 6)}, rank=4, method="vera", targets="g",
+                         axes={"g": Axes((), (1,))})  # fmt: skip
+    with pytest.warns(dora_jax.FallbackWarning):
+        dora_jax.apply(lambda p, x: x @ p["g"][0])(vera, rand(2, 3, 5))
 
 
 def test_strict_message_says_the_use_is_not_covered():
