@@ -159,6 +159,13 @@ def column_norm(base: Array, left: Array, right: Array, stack=0, inputs=1) -> Ar
     return norm.reshape(_kept_shape(base, stack, inputs))
 
 
+def _varying_axes(aval) -> frozenset:
+    """The mesh axes a value varies over inside ``shard_map`` (``aval.mat.varying``; older
+    jax: ``aval.vma``)."""
+    mat = getattr(aval, "mat", None)
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
 def _direct_column_norm(base, left, right, stack, inputs) -> Array:
     """``||W0 + L R||_c`` summed over blocks of input rows, scaled per column, ``(*stack, out)``."""
     s_pos, i_pos, o_pos = _positions(base.ndim, stack, inputs)
@@ -188,6 +195,10 @@ def _direct_column_norm(base, left, right, stack, inputs) -> Array:
         return new, ssq
 
     zeros = jnp.zeros((*stack_shape, n_out), jnp.float32)
+    # Inside shard_map the loop's carry varies over the mesh axes its inputs vary over.
+    vma = tuple(sorted(set().union(*(_varying_axes(jax.typeof(x)) for x in (w, a, b)))))
+    if vma:
+        zeros = lax.pcast(zeros, vma, to="varying")
     scale, ssq = lax.fori_loop(0, n_in // rows, block, (zeros, zeros))
     return scale * jnp.sqrt(jnp.maximum(ssq, NORM_EPS))
 

@@ -113,7 +113,7 @@ class _Manager(ocp.CheckpointManager):
         try:
             return super().wait_until_finished()
         except Exception as e:
-            _release_failed_save()
+            _release_failed_save(_run(self).operations)
             raise CheckpointError(
                 f"A background save to {self.directory} failed ({type(e).__name__}: {e}). "
                 f"Nothing was committed for it; earlier steps are intact. Check that the "
@@ -127,10 +127,16 @@ _CLEANED: weakref.WeakSet = weakref.WeakSet()
 
 @dataclasses.dataclass
 class _Run:
-    """What this process has saved to or restored from one manager's folder."""
+    """What this process has saved to or restored from one manager's folder: the run it
+    continues is the step it last restored and the steps it saved since."""
 
-    steps: set = dataclasses.field(default_factory=set)
+    saved: set = dataclasses.field(default_factory=set)
+    restored: int | None = None
     base: tuple[int, str] | None = None  # (step, the base's fingerprint) at the last save
+    operations: set = dataclasses.field(default_factory=set)  # orbax's ids of its saves
+
+    def owns(self, step: int) -> bool:
+        return step in self.saved or step == self.restored
 
 
 _RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -433,19 +439,22 @@ def _json_position(data_position: Any) -> Any:
     return value
 
 
-def _release_failed_save() -> None:
+def _release_failed_save(operations: set | None = None) -> None:
     """Lets orbax's threads of a save that failed at its start end, so the process can exit.
 
     orbax starts non-daemon threads that wait (up to 20 minutes) for a signal that the
     step's directory exists; when creating it fails, the signal never comes. Setting it
-    with the threads marked cancelled lets them return at once. (A save of another manager
-    in flight in this process at that moment is cancelled too, and says so when awaited.)
+    with the threads marked cancelled lets them return at once. Only the threads of
+    ``operations`` (orbax's ids of the failed manager's saves) are released, so another
+    manager's save in flight goes on; all of them where the ids are not known.
     """
     try:
         from orbax.checkpoint._src.futures import future as orbax_future
 
         for thread in threading.enumerate():
-            if isinstance(thread, orbax_future._SignalingThread) and thread.is_alive():
+            if not (isinstance(thread, orbax_future._SignalingThread) and thread.is_alive()):
+                continue
+            if not operations or None in operations or thread._operation_id in operations:
                 thread.cancel()
                 orbax_future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
     except (ImportError, AttributeError):  # pragma: no cover - another orbax version
@@ -509,7 +518,7 @@ def save(
         )
     data_position = _json_position(data_position)
     run = _run(manager)
-    if int(step) in run.steps:
+    if run.owns(int(step)):
         return False  # saved (or restored) by this process already
     _check_new_step(manager, int(step))
     _check_optimises_adapters_only(opt_state)
@@ -572,14 +581,15 @@ def save(
     except CheckpointError:
         raise  # the previous, background save failed (see _Manager)
     except Exception as e:
-        _release_failed_save()
+        _release_failed_save({_operation_id()})
         raise CheckpointError(
             f"Saving {where} failed ({type(e).__name__}: {e}). Nothing was committed for "
             f"this step (or for one still being written, if the error is from it); earlier "
             f"steps are intact. Check that the folder exists and is writable."
         ) from e
+    run.operations.add(_operation_id())
     if started:
-        run.steps.add(int(step))
+        run.saved.add(int(step))
         run.base = (int(step), base["sha256"])
         if manager._options.enable_async_checkpointing:
             _PENDING.add(manager)
@@ -590,18 +600,21 @@ def save(
 
 
 def _check_new_step(manager: ocp.CheckpointManager, step: int) -> None:
-    """Refuses a step that the folder holds already, or one before its latest step, unless
-    this process wrote or restored it: orbax would skip such a save without a word, and a
-    run resumed later would load the other run's step."""
-    steps = sorted(manager.all_steps())
-    if not steps or (step not in steps and step > steps[-1]):
+    """Refuses a save that would mix two runs in the folder: a step it holds from another
+    run, one before its latest step, or any step after a rollback while the abandoned
+    run's later steps are still there. orbax would skip such a save without a word (or
+    write it among the other run's steps), and a resume would load the other run's step."""
+    run = _run(manager)
+    steps = _steps_on_disk(manager)
+    foreign = [s for s in steps if not run.owns(s)]
+    stale = [s for s in foreign if run.restored is not None and s > run.restored]
+    if not stale and not (foreign and step <= max(foreign)):
         return
-    restored = sorted(_run(manager).steps)
-    if restored:
+    if run.restored is not None:
         how = (
-            f"This process restored step {restored[-1]}, so it is continuing from a rollback: "
-            f"delete the steps after it first, dora_jax.checkpoint.delete_after(manager, "
-            f"{restored[-1]}), then save."
+            f"This process restored step {run.restored}, so it continues from a rollback: "
+            f"delete the abandoned run's later steps {stale or foreign} first, "
+            f"dora_jax.checkpoint.delete_after(manager, {run.restored}), then save."
         )
     else:
         how = (
@@ -609,12 +622,37 @@ def _check_new_step(manager: ocp.CheckpointManager, step: int) -> None:
             "another folder. To replace the later steps (a rollback), call "
             "dora_jax.checkpoint.delete_after(manager, last_step_to_keep) first."
         )
-    what = "holds step" if step in steps else "already holds later steps than step"
-    raise CheckpointError(
-        f"Cannot save step {step} in {manager.directory}: the folder {what} {step} from "
-        f"another run (complete steps: {steps}); saving would mix two runs, and a resume would "
-        f"load the other run's latest step. {how}"
+    what = (
+        f"holds step {step}"
+        if step in steps
+        else f"already holds later steps than step {step}"
+        if step <= max(foreign)
+        else f"holds steps {stale} after the restored step {run.restored}"
     )
+    raise CheckpointError(
+        f"Cannot save step {step} in {manager.directory}: the folder {what} from another run "
+        f"(complete steps: {steps}); saving would mix two runs, and a resume would load the "
+        f"other run's latest step. {how}"
+    )
+
+
+def _steps_on_disk(manager: ocp.CheckpointManager) -> list[int]:
+    """The folder's complete steps as they are now (another manager may have saved since
+    this one listed them), read from the folder without touching the manager's own list
+    (which also tracks its saves in flight)."""
+    directory = manager.directory
+    on_disk = ocp.path.step.checkpoint_steps(directory) if directory.is_dir() else []
+    return sorted(set(on_disk) | set(manager.all_steps()))
+
+
+def _operation_id() -> str | None:
+    """orbax's id of the save just started (its threads carry it), if this orbax says."""
+    try:
+        from orbax.checkpoint._src.futures import synchronization
+
+        return synchronization.OperationIdGenerator.get_current_operation_id()
+    except (ImportError, AttributeError):  # pragma: no cover - another orbax version
+        return None
 
 
 def _check_optimises_adapters_only(opt_state: PyTree) -> None:
@@ -676,11 +714,11 @@ def delete_after(manager: ocp.CheckpointManager, step: int) -> list[int]:
             f"Cannot delete steps in {manager.directory}: the manager is read-only."
         )
     manager.wait_until_finished()
+    manager.reload()
     later = [s for s in sorted(manager.all_steps()) if s > step]
     for s in later:
         manager.delete(s)
-    run = _run(manager)
-    run.steps -= set(later)
+    _run(manager).saved -= set(later)
     manager.reload()
     return later
 
@@ -843,7 +881,7 @@ def restore(
         if meta["key_impl"] is not None:
             key = jax.random.wrap_key_data(key, impl=meta["key_impl"])
     run = _run(manager)
-    run.steps.add(int(step))
+    run.restored, run.saved = int(step), set()  # steps saved before belong to the run left
     run.base = (int(step), meta["base"]["sha256"])
     return Restored(adapted, opt_state, int(step), key, meta["data_position"])
 

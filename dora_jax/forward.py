@@ -39,6 +39,7 @@ from dora_jax.adapters import (
     Adapter,
     _Decomposed,
     _pytree_dataclass,
+    _varying_axes,
     is_adapter,
     static,
     to_kernel_layout,
@@ -262,13 +263,6 @@ def _eval(jaxpr, consts, args, ctx: _Context) -> list:
         for v, o in zip(eqn.outvars, outs):
             env[v] = o
     return [read(v) for v in jaxpr.outvars]
-
-
-def _varying_axes(aval) -> frozenset:
-    """The mesh axes a value varies over inside ``shard_map`` (``aval.mat.varying``; older
-    jax: ``aval.vma``)."""
-    mat = getattr(aval, "mat", None)
-    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
 
 
 def _zeros_like_outputs(eqn) -> list:
@@ -1347,18 +1341,27 @@ def _check_nodes(flat) -> None:
     kernel."""
     nodes = {path_str(p[2:]): x for p, x in flat if is_adapter(x)}  # paths inside the argument
     _check_whole(nodes, "dora_jax.apply", plain_ok=True)
+
+    def varying(x) -> set:  # the shard_map axes x is split (varies) over
+        return set().union(*(_varying_axes(jax.typeof(leaf)) for leaf in jax.tree.leaves(x)))
+
     for path, node in nodes.items():
-        split = sorted(set().union(*(_varying_axes(jax.typeof(x)) for x in jax.tree.leaves(node))))
+        split = sorted(varying(node))
+        # Split on output axes only (A whole, the base varying only where the magnitude or
+        # B does), each device holds whole columns: LoRA's and DoRA's forward is local.
+        columns = not varying(getattr(node, "a", None)) and varying(node.base) <= varying(
+            [getattr(node, "magnitude", None), getattr(node, "b", None)]
+        )
         if not split:
             continue
-        if isinstance(node, _Decomposed):
-            needs = "its column norm ||W0 + s A B||_c needs the whole kernel"
-        elif node.shared:
+        if node.shared:
             needs = "its shared random matrices are cut to the whole kernel's shape"
         elif hasattr(node.base, "dequantize"):
             needs = "its quantised base is dequantised block by block over the whole kernel"
+        elif isinstance(node, _Decomposed) and not columns:
+            needs = "its column norm ||W0 + s A B||_c sums over the whole input axis"
         else:
-            continue  # LoRA: each device's shard of x W0 + s (x A) B is all it needs
+            continue  # each device's shard of x W0 + s (x A) B (and its columns' norms)
         raise ValueError(
             f"dora_jax.apply was called inside a shard_map body with adapter '{path}' "
             f"({type(node).__name__}) split over mesh axes {split}, but {needs}; the body "

@@ -3,6 +3,7 @@ subprocesses: killed, resharded, failing saves, are in tests/e2e/test_checkpoint
 
 import dataclasses
 import json
+import shutil
 
 import chex
 import jax
@@ -435,6 +436,43 @@ def test_a_rollback_must_delete_the_later_steps_before_saving(tmp_path):
     assert checkpoint.save(manager, 3, adapted, opt_state) is False  # this run's step 3
     restored = checkpoint.restore(checkpoint.manager(tmp_path), adapted, opt_state)
     assert (restored.step, restored.data_position) == (3, "rolled back")
+
+
+def test_a_rollback_within_one_process_must_delete_the_later_steps(tmp_path):
+    manager, adapted, opt_state = _adam_run(tmp_path, [1, 2, 3, 4, 5])
+    assert checkpoint.restore(manager, adapted, opt_state, step=3).step == 3
+    for step, message in ((4, "holds step 4"), (6, r"holds steps \[4, 5\] after the restored")):
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            checkpoint.save(manager, step, adapted, opt_state)
+    assert checkpoint.delete_after(manager, 3) == [4, 5]
+    assert checkpoint.save(manager, 4, adapted, opt_state, data_position="second")
+    assert checkpoint.restore(manager, adapted, opt_state).data_position == "second"
+
+
+def test_a_second_manager_on_the_folder_does_not_overwrite_a_step(tmp_path):
+    first, adapted, opt_state = _adam_run(tmp_path, [1])
+    second = checkpoint.manager(tmp_path, async_save=False)  # lists the folder now
+    assert checkpoint.save(first, 2, adapted, opt_state, data_position="first")
+    with pytest.raises(checkpoint.CheckpointError, match="holds step 2"):
+        checkpoint.save(second, 2, adapted, opt_state, data_position="second")
+    assert checkpoint.restore(first, adapted, opt_state).data_position == "first"
+
+
+def test_a_failed_save_does_not_cancel_another_managers_save(tmp_path):
+    adapted = _wrap(_dense())
+    opt_state = optax.adam(1e-3).init(dora_jax.partition(adapted)[1])
+    broken, healthy = checkpoint.manager(tmp_path / "a"), checkpoint.manager(tmp_path / "b")
+    assert checkpoint.save(broken, 1, adapted, opt_state)
+    broken.wait_until_finished()
+    shutil.rmtree(tmp_path / "a")
+    (tmp_path / "a").write_text("")  # a file where the folder was: the next save fails
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.save(broken, 2, adapted, opt_state)
+        checkpoint.save(healthy, 2, adapted, opt_state, data_position="kept")
+        broken.wait_until_finished()
+    healthy.wait_until_finished()
+    restored = checkpoint.restore(checkpoint.manager(tmp_path / "b"), adapted, opt_state)
+    assert (restored.step, restored.data_position) == (2, "kept")
 
 
 def test_a_new_run_in_an_old_runs_folder_is_refused(tmp_path):
