@@ -1474,8 +1474,8 @@ def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> InferredAxes:
     """Learns each kernel's stack and input axes by tracing ``fn(params, *args, **kwargs)``.
 
     Walks the traced program with the evaluator :func:`apply` uses, following every float
-    leaf of ``params`` with at least 2 axes (through casts, transposes, ``jit``, ``remat``,
-    ``scan``, ``cond``, ``while``, ``shard_map``) to the uses that consume it:
+    leaf of ``params`` with at least 2 axes (through casts, transposes, slices, ``jit``,
+    ``remat``, ``scan``, ``cond``, ``while``, ``shard_map``) to the uses that consume it:
 
     - a ``dot_general`` (matmul, einsum; the kernel on either side): its contracted axes
       are input axes, its batch axes stack axes (``'BTD,NDH->BTNH'`` gives
