@@ -1305,7 +1305,6 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
         leaves = [leaf for _, leaf in flat]
         if not any(is_adapter(leaf) for leaf in leaves):
             return fn(*args, **kwargs)
-        _check_nodes(flat)
         dynamic = [i for i, leaf in enumerate(leaves) if is_adapter(leaf) or _is_array(leaf)]
         values = [leaves[i] for i in dynamic]
         # The traced program closes over the static leaves only, never over the arrays.
@@ -1335,11 +1334,10 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
     return wrapped
 
 
-def _check_nodes(flat) -> None:
-    """Clear errors for adapter nodes :func:`apply` cannot use: one half of a partition, or
-    (inside a ``shard_map`` body) a node split across devices whose forward needs the whole
-    kernel."""
-    nodes = {path_str(p[2:]): x for p, x in flat if is_adapter(x)}  # paths inside the argument
+def _check_nodes(nodes: dict) -> None:
+    """Clear errors for adapter nodes ``{path: node}`` :func:`apply` cannot use: one half of
+    a partition, or (inside a ``shard_map`` body) a node split across devices whose forward
+    needs the whole kernel. Run when tracing (once per signature of an eager call)."""
     _check_whole(nodes, "dora_jax.apply", plain_ok=True)
 
     def varying(x) -> set:  # the shard_map axes x is split (varies) over
@@ -1430,6 +1428,7 @@ def _run(fn, treedef, static, dynamic, paths, strict, warned, values, key, passe
         a, k = jax.tree.unflatten(treedef, full)
         return fn(*a, **k)
 
+    _check_nodes({paths[i]: v for i, v in zip(dynamic, values) if is_adapter(v)})
     # Trace with a stand-in of the (dequantised) kernel's type in place of each node.
     stand_ins = [
         jax.ShapeDtypeStruct(v.base.shape, v.base.dtype) if is_adapter(v) else v for v in values
