@@ -329,9 +329,9 @@ def _cut_fields(node, axis: int, cut) -> dict | None:
     if axis in node.inputs or node.shared or hasattr(node.base, "dequantize"):
         return None
     fields = {"base": cut(node.base, axis)}
+    sizes = {"stack": len(node.stack), "in": len(node.inputs), "out": len(node.outputs)}
     for name, roles in type(node).layout.items():
         value = getattr(node, name)
-        sizes = {"stack": len(node.stack), "in": len(node.inputs), "out": len(node.outputs)}
         if value is None or value.ndim != sum(sizes.get(r, 1) for r in roles):
             return None
         at = _field_axis(node, roles, axis)
@@ -1345,13 +1345,13 @@ def _check_nodes(nodes: dict) -> None:
 
     for path, node in nodes.items():
         split = sorted(varying(node))
+        if not split:
+            continue
         # Split on output axes only (A whole, the base varying only where the magnitude or
         # B does), each device holds whole columns: LoRA's and DoRA's forward is local.
         columns = not varying(getattr(node, "a", None)) and varying(node.base) <= varying(
             [getattr(node, "magnitude", None), getattr(node, "b", None)]
         )
-        if not split:
-            continue
         if node.shared:
             needs = "its shared random matrices are cut to the whole kernel's shape"
         elif hasattr(node.base, "dequantize"):

@@ -768,18 +768,18 @@ def to_hf(
         total += nbytes
     out_dtype = str(np.dtype(dtype or _get(params, ("embed_tokens", "embedding")).dtype))
     n = len(shards)
+
+    def file_name(k: int) -> str:
+        return "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
+
     # Weight files of an earlier export here would be read instead of (or beside) these.
-    names = (
-        {"model.safetensors"}
-        if n == 1
-        else {f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)}
-    )
+    names = {file_name(k) for k in range(1, n + 1)}
     for old in [*directory.glob("model*.safetensors"), directory / "model.safetensors.index.json"]:
         if old.name not in names and old.exists():
             old.unlink()
     weight_map = {}
     for k, shard in enumerate(shards, 1):
-        file = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
+        file = file_name(k)
         tensors = {name: tensor(path, layer, kern) for path, layer, name, kern in shard}
         save_file(tensors, str(directory / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
