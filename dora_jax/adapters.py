@@ -407,10 +407,15 @@ class Adapter:
     def axes(self) -> Axes:
         return Axes(self.stack, self.inputs)
 
+    @property
+    def quantised(self) -> bool:
+        """Whether the frozen kernel is quantised (anything with ``dequantize()``)."""
+        return hasattr(self.base, "dequantize")
+
     def dequantised_base(self) -> Array:
-        """The frozen kernel as an array: a quantised base (anything with ``dequantize()``)
-        is dequantised here, one kernel at a time, when a forward needs it."""
-        return self.base.dequantize() if hasattr(self.base, "dequantize") else self.base
+        """The frozen kernel as an array: a quantised base is dequantised here, one kernel
+        at a time, when a forward needs it."""
+        return self.base.dequantize() if self.quantised else self.base
 
     # --- derived maths ----------------------------------------------------------------
     def delta(self) -> Array:

@@ -326,7 +326,7 @@ def _cut_fields(node, axis: int, cut) -> dict | None:
     """``{field: cut(field, its axis)}`` for the base and every field holding node axis
     ``axis``; None when the node cannot be cut there (an input axis, shared matrices, a
     quantised base, or a field not laid out as its ``layout`` says)."""
-    if axis in node.inputs or node.shared or hasattr(node.base, "dequantize"):
+    if axis in node.inputs or node.shared or node.quantised:
         return None
     fields = {"base": cut(node.base, axis)}
     sizes = {"stack": len(node.stack), "in": len(node.inputs), "out": len(node.outputs)}
@@ -638,7 +638,7 @@ def _shard_map_rule(eqn, invals, ctx):
     p = eqn.params
     args, specs, views = [], [], []
     for x, spec in zip(invals, p["in_specs"]):
-        if not _is_view(x) or (not ctx.probing and hasattr(x.node.base, "dequantize")):
+        if not _is_view(x) or (not ctx.probing and x.node.quantised):
             args.append(_plain(x, ctx, "shard_map"))
             specs.append(spec)
             views.append(None)
@@ -765,7 +765,7 @@ def _base_terms(node: Adapter, compute: Callable, x: jax.Array):
         scale = node.output_scale(base)
         return compute(base, x, scale), scale
 
-    if hasattr(node.base, "dequantize"):
+    if node.quantised:
         terms = jax.checkpoint(terms)
     return terms(node, x)
 
@@ -1354,7 +1354,7 @@ def _check_nodes(nodes: dict) -> None:
         )
         if node.shared:
             needs = "its shared random matrices are cut to the whole kernel's shape"
-        elif hasattr(node.base, "dequantize"):
+        elif node.quantised:
             needs = "its quantised base is dequantised block by block over the whole kernel"
         elif isinstance(node, _Decomposed) and not columns:
             needs = "its column norm ||W0 + s A B||_c sums over the whole input axis"
