@@ -1334,15 +1334,42 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
     return wrapped
 
 
+def _unchecked_shard_map_body() -> bool:
+    """Whether this trace is inside a ``shard_map`` body with ``check_vma=False``, where
+    jax records no mesh axes a value is split over (jax's own flag; False if it is gone)."""
+    from jax._src import config as jax_config  # the flag has no public accessor
+
+    flag = getattr(jax_config, "_check_vma", None)
+    manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
+    return bool(manual) and flag is not None and not flag.value
+
+
 def _check_nodes(nodes: dict) -> None:
     """Clear errors for adapter nodes ``{path: node}`` :func:`apply` cannot use: one half of
     a partition, or (inside a ``shard_map`` body) a node split across devices whose forward
-    needs the whole kernel. Run when tracing (once per signature of an eager call)."""
+    needs the whole kernel; a warning where such a body has ``check_vma=False`` and the
+    split cannot be seen. Run when tracing (once per signature of an eager call)."""
     _check_whole(nodes, "dora_jax.apply", plain_ok=True)
 
     def varying(x) -> set:  # the shard_map axes x is split (varies) over
         return set().union(*(_varying_axes(jax.typeof(leaf)) for leaf in jax.tree.leaves(x)))
 
+    if _unchecked_shard_map_body():
+        # jax tracks no splits here: a node whose forward needs the whole kernel cannot be
+        # told from its replicated form, so say what the result depends on.
+        whole = [
+            p for p, n in nodes.items() if n.shared or n.quantised or isinstance(n, _Decomposed)
+        ]
+        if whole:
+            warnings.warn(
+                f"dora_jax.apply was called inside a shard_map body with check_vma=False, so "
+                f"it cannot see whether adapters {whole} are split over devices. Their "
+                f"forward is right only if they enter the body replicated (DoRA also when split "
+                f"on output columns only); split otherwise, each device would use its shard "
+                f"where the whole kernel is needed. Use check_vma=True (jax's default) so "
+                f"dora_jax can check, or call dora_jax.apply outside the shard_map.",
+                stacklevel=4,
+            )
     for path, node in nodes.items():
         split = sorted(varying(node))
         if not split:

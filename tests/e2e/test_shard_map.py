@@ -177,6 +177,40 @@ for method in ("lora", "dora", "vera", "dvora"):
             case(f"inside-{{method}}-{{split}}", lambda: inside_split_is_an_error(method, split))
 
 
+def inside_unchecked(method, split):
+    # check_vma=False: jax records no splits, so apply cannot check them. The replicated
+    # forward is still right; DoRA, VeRA and DVoRA say that it is right only if replicated.
+    a = adapted(method)
+    spec = dora_jax.sharding.param_specs(a, mesh, rules=((r"^w$", P() if split == "replicated" else P("model", None)),))
+
+    def body(a, x):
+        h = dora_jax.apply(lambda p, x: x @ p["w"], strict=True)(a, x)
+        if split == "row":
+            h = jax.lax.psum(h, "model")
+        return jax.lax.psum(loss_of(jnp.tanh(h) @ a["w2"]), "data")
+
+    x_spec = P("data", "model") if split == "row" else P("data")
+    loss = jax.shard_map(body, mesh=mesh, in_specs=(spec, x_spec), out_specs=P(), check_vma=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        l, g = jax.jit(jax.value_and_grad(loss))(a, X)
+    said = [w for w in caught if "check_vma=False" in str(w.message)]
+    assert len(said) == (method != "lora"), [str(w.message) for w in caught]
+    assert not said or "'w'" in str(said[0].message), said[0].message
+    if split == "replicated":
+        rl, rg = reference(jax.tree.map(np.asarray, a))
+        np.testing.assert_allclose(l, rl, rtol=1e-5)
+        for name in type(a["w"]).trainable:
+            np.testing.assert_allclose(
+                getattr(g["w"], name), getattr(rg, name), rtol=1e-4, atol=1e-5, err_msg=name
+            )
+
+
+for method in ("lora", "dora", "vera", "dvora"):
+    for split in ("replicated", "row"):
+        case(f"inside-unchecked-{{method}}-{{split}}", lambda: inside_unchecked(method, split))
+
+
 # --- a torch-layout (out, in) kernel used as x @ w.T inside shard_map ---------------------
 WT = {{"w": W["w"].T, "w2": W["w2"]}}  # (8, 16): output axis first
 
@@ -362,6 +396,11 @@ def test_shard_map_factored_equals_unsharded_reference(results, name):
         f"inside-{m}-{s}"
         for m in ("lora", "dora", "vera", "dvora")
         for s in ("replicated", "row", "col")
+    ]
+    + [
+        f"inside-unchecked-{m}-{s}"
+        for m in ("lora", "dora", "vera", "dvora")
+        for s in ("replicated", "row")
     ],
 )
 def test_apply_inside_a_shard_map_body(results, name):
