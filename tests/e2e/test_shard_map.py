@@ -181,7 +181,8 @@ def inside_unchecked(method, split):
     # check_vma=False: jax records no splits, so apply cannot check them. The replicated
     # forward is still right; DoRA, VeRA and DVoRA say that it is right only if replicated.
     a = adapted(method)
-    spec = dora_jax.sharding.param_specs(a, mesh, rules=((r"^w$", P() if split == "replicated" else P("model", None)),))
+    w_spec = P() if split == "replicated" else P("model", None)
+    spec = dora_jax.sharding.param_specs(a, mesh, rules=((r"^w$", w_spec),))
 
     def body(a, x):
         h = dora_jax.apply(lambda p, x: x @ p["w"], strict=True)(a, x)
