@@ -793,6 +793,7 @@ def restore(
       r = dora_jax.checkpoint.restore(manager, dora_jax.wrap(params, rank=16), tx.init(t))
       adapted, opt_state, step = r.adapted, r.opt_state, r.step
     """
+    manager.wait_until_finished()  # this manager's own save in flight is the latest step
     manager.reload()
     steps = list(manager.all_steps())
     if step is None:

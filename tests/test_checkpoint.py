@@ -539,3 +539,17 @@ def test_restored_arrays_are_placed_like_their_templates(tmp_path):
     placed = jax.device_put(opt_state, jax.devices()[0])  # committed templates stay committed
     restored = checkpoint.restore(manager, adapted, placed)
     assert all(x.committed for x in jax.tree.leaves(restored.opt_state))
+
+
+def test_restore_right_after_an_asynchronous_save_gets_that_step(tmp_path):
+    # The save of step 2 is still being written when restore is called: restore waits for
+    # this manager's save rather than return step 1 as the latest.
+    adapted = _wrap(_dense())
+    manager = checkpoint.manager(tmp_path, async_save=True)
+    opt_state = optax.adam(1e-3).init(dora_jax.partition(adapted)[1])
+    assert checkpoint.save(manager, 1, adapted, opt_state, data_position="one")
+    manager.wait_until_finished()
+    assert checkpoint.save(manager, 2, adapted, opt_state, data_position="two")
+    restored = checkpoint.restore(manager, adapted, opt_state)
+    assert (restored.step, restored.data_position) == (2, "two")
+    manager.close()
