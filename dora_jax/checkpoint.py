@@ -282,8 +282,14 @@ def _base_leaves(params: PyTree) -> list[tuple[str, Any]]:
     out = []
     for p, x in flat:
         key = path_str(p)
-        if key not in skip:
-            out.append((key, x if hasattr(x, "dtype") else np.asarray(x)))
+        if key in skip:
+            continue
+        if hasattr(x, "dtype"):
+            out.append((key, x))
+        elif isinstance(x, (bool, int, float, complex)):
+            out.append((key, np.asarray(x)))
+        # else not a value (an Equinox module's activation function, a string): no part
+        # of the weights
     return out
 
 
@@ -671,11 +677,14 @@ def _check_optimises_adapters_only(opt_state: PyTree) -> None:
         if frozen:
             raise CheckpointError(
                 f"The optimiser state holds state for the frozen {frozen} of adapter "
-                f"'{path_str(p)}': the optimiser was initialised on the whole adapted tree, "
-                f"so its updates change the base model (weight decay moves frozen kernels) and "
-                f"the checkpoint could never be restored onto it. Use tx.init(trainable) with "
-                f"frozen, trainable = dora_jax.partition(adapted), or wrap the optimiser in "
-                f"dora_jax.only_trainable(tx)."
+                f"'{path_str(p)}': the optimiser, or a wrapper around it (optax.MultiSteps "
+                f"accumulates gradients of every leaf it is given), was initialised on the "
+                f"whole adapted tree. Its state then holds full-size copies of the frozen "
+                f"kernels, and unless something zeroes their updates it moves the base model "
+                f"(weight decay), so that the checkpoint could not be restored onto it. Use "
+                f"tx.init(trainable) with frozen, trainable = dora_jax.partition(adapted), or "
+                f"make dora_jax.only_trainable the outermost wrapper: "
+                f"only_trainable(optax.MultiSteps(tx, k)), not MultiSteps(only_trainable(tx), k)."
             )
 
 

@@ -498,6 +498,8 @@ def _scan_rule(eqn, invals, ctx):
     if ctx.key is not None:
         keys = jax.random.split(ctx.next_key(), p["length"])
 
+    passed: dict[int, _View] = {}  # filled when the body is traced: output -> stacked kernel
+
     def body(carry, sliced):
         x_slices, key = sliced
         xs_body = [
@@ -506,14 +508,40 @@ def _scan_rule(eqn, invals, ctx):
         ]
         body_ctx = ctx.with_key(key, in_scan=True)
         outs = _eval(closed.jaxpr, closed.consts, [*consts, *carry, *xs_body], body_ctx)
-        outs = [_plain(o, ctx, "scan output") for o in outs]
+        ys = []
+        for i, y in enumerate(outs[ncar:]):
+            stacked = _passed_through(y, xs_body, rebuild)
+            if stacked is not None:  # the layer's own kernel returned (nnx.remat's state)
+                passed[i] = stacked
+                y = jnp.zeros((), jnp.int8)
+            ys.append(y)
+        outs = [_plain(o, ctx, "scan output") for o in [*outs[:ncar], *ys]]
         return outs[:ncar], outs[ncar:]
 
     carry, ys = lax.scan(
         body, list(init), (xs_in, keys), length=p["length"], reverse=p["reverse"],
         unroll=p["unroll"],
     )  # fmt: skip
-    return [*carry, *ys]
+    return [*carry, *(passed.get(i, y) for i, y in enumerate(ys))]
+
+
+def _passed_through(y, xs_body: list, rebuild: list) -> _View | None:
+    """The stacked kernel whose slice the scan body returns unchanged as output ``y``, or
+    None: the scan's output is then that kernel itself, stacked back as it came in."""
+    if not _is_view(y):
+        return None
+    for x, info in zip(xs_body, rebuild):
+        if (
+            info is not None
+            and (x.path, x.dtype, x.axes, type(x.node)) == (y.path, y.dtype, y.axes, type(y.node))
+            and jax.tree.structure(x.node) == jax.tree.structure(y.node)
+            and all(
+                a.shape == b.shape
+                for a, b in zip(jax.tree.leaves(x.node), jax.tree.leaves(y.node), strict=True)
+            )
+        ):
+            return info[0]
+    return None
 
 
 @_rule("cond")
@@ -1179,6 +1207,23 @@ def _conv_rule(eqn, invals, ctx):
     return [y.astype(eqn.outvars[0].aval.dtype)]
 
 
+def _looked_up(dn, sizes, shape) -> tuple[int, ...] | None:
+    """The looked-up axes of a gather that reads whole rows of a table: each indexed axis
+    sliced to one entry (collapsed, as ``w[ids]``, or kept with size 1, as in a vmapped
+    ``w[i]``) or whole (its start index then clamped to 0), every other axis whole. None
+    for any other gather."""
+    mapped = set(dn.start_index_map)
+    if dn.operand_batching_dims or not set(dn.collapsed_slice_dims) <= mapped:
+        return None
+    looked = []
+    for d, n in enumerate(shape):
+        if d in dn.collapsed_slice_dims or (d in mapped and sizes[d] == 1 and n > 1):
+            looked.append(d)
+        elif sizes[d] != n:
+            return None
+    return tuple(looked) or None
+
+
 @_rule("gather")
 def _gather_rule(eqn, invals, ctx):
     """Embedding lookup ``W'[ids] = (W0[ids] + A[ids] R) * s``, input axis the vocabulary."""
@@ -1187,25 +1232,24 @@ def _gather_rule(eqn, invals, ctx):
         return None
     p = eqn.params
     dn = p["dimension_numbers"]
-    if dn.operand_batching_dims or set(dn.collapsed_slice_dims) != set(dn.start_index_map):
+    shape = eqn.invars[0].aval.shape
+    looked = _looked_up(dn, p["slice_sizes"], shape)
+    if looked is None:
         return None
     if ctx.probing:
-        shape = [view.node.value.shape[a] for a in view.axes]
-        kept = [d for d in range(len(shape)) if d not in dn.collapsed_slice_dims]
-        if all(p["slice_sizes"][d] == shape[d] for d in kept):
-            ctx.record(view, "gather", (), dn.collapsed_slice_dims)
+        ctx.record(view, "gather", (), looked)
         return _zeros_like_outputs(eqn)
     node = view.node
     if (
         node.stack
         or view.axes != _identity(len(view.axes))
-        or tuple(dn.collapsed_slice_dims) != node.inputs
+        or looked != node.inputs
         or len(node.outputs) != 1
-        or p["slice_sizes"][node.outputs[0]] != node.base.shape[node.outputs[0]]
     ):
         return None
     dtype = view.dtype
-    feature = dn.offset_dims[0]
+    kept = [d for d in range(len(shape)) if d not in dn.collapsed_slice_dims]
+    feature = dn.offset_dims[kept.index(node.outputs[0])]
 
     def compute(base, ids, _):
         return _bind(eqn, [base.astype(dtype), ids])[0]
@@ -1520,8 +1564,9 @@ def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> InferredAxes:
     Returns:
       ``{path: Axes}`` for every kernel used in one consistent way; pass it to
       :func:`dora_jax.wrap` as ``axes=``. Kernels used only otherwise (a reshape or slice
-      before the contraction, a grouped convolution) are left out and listed, with the
-      operations, in its ``unread`` attribute; ``wrap`` names them if they are targeted.
+      before the contraction, as Keras's depthwise convolution does; a lookup of part of
+      a row) are left out and listed, with the operations, in its ``unread`` attribute;
+      ``wrap`` names them if they are targeted.
 
     Raises:
       ValueError: if a kernel is used in two inconsistent ways.
@@ -1532,15 +1577,21 @@ def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> InferredAxes:
       adapted = dora_jax.wrap(params, rank=8, axes=axes)
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = [path_str(p) for p, _ in flat]
-    n_params = len(flat)
+    leaves = [leaf for _, leaf in flat]
+    # Leaves that are not values (an Equinox module's activation function) stay as they are.
+    dynamic = [i for i, x in enumerate(leaves) if _is_array(x) or type(x) in (int, float)]
+    paths = [path_str(flat[i][0]) for i in dynamic]
+    n_params = len(dynamic)
 
     def flat_fn(param_leaves, rest):
-        p = jax.tree.unflatten(treedef, param_leaves)
+        full = list(leaves)
+        for i, v in zip(dynamic, param_leaves):
+            full[i] = v
+        p = jax.tree.unflatten(treedef, full)
         a, k = rest
         return fn(p, *a, **k)
 
-    param_leaves = [leaf for _, leaf in flat]
+    param_leaves = [leaves[i] for i in dynamic]
     closed = jax.make_jaxpr(flat_fn)(param_leaves, (args, kwargs))
     found: dict[int, set] = {}
     ctx = _Context(None, False, set(), found=found)
@@ -1561,6 +1612,8 @@ def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> InferredAxes:
     for i, seen in sorted(found.items()):
         ndim = len(np.shape(param_leaves[i]))
         ax = _consistent_axes(paths[i], ndim, seen)
+        if "gather" in ctx.unread.get(i, ()) and not any(kind == "gather" for kind, _ in seen):
+            continue  # a lookup not read: a contraction alone cannot tell a table's axes
         if ax is not None:
             result[paths[i]] = ax
     result.unread = {
@@ -1573,7 +1626,7 @@ def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> InferredAxes:
 class InferredAxes(dict):
     """What :func:`infer_axes` returns: ``{path: Axes}``, plus ``unread``: ``{path: the
     operations}`` for each kernel the model uses only in ways that do not say its axes (a
-    reshape or slice before its contraction, a grouped convolution, an elementwise use);
+    reshape or slice before its contraction, a lookup of part of a row, an elementwise use);
     :func:`dora_jax.wrap` names them when such a kernel is targeted."""
 
     unread: dict[str, tuple[str, ...]] = {}

@@ -183,20 +183,20 @@ def _resolve_axes(
         return given, False
     if layers is not None and path in layers:
         return layers[path], False
-    if leaf.ndim == 2:
+    unread = getattr(axes, "unread", {}).get(path)
+    if leaf.ndim == 2 and not unread:
         # Flax's (in, out). A Flax Embed table (vocab, features) is looked up by vocab: its
         # input axis is also axis 0, and a tied `attend` is a deliberate transposed use.
         return Axes(0, 1), path.rsplit("/", 1)[-1] != "embedding"
-    unread = getattr(axes, "unread", {}).get(path)
     if unread:
         raise ValueError(
             f"Cannot tell the input axes of kernel '{path}' with shape {tuple(leaf.shape)}: "
             f"dora_jax.infer_axes could not read them, because the model uses this kernel "
             f"only through {', '.join(f'`{u}`' for u in unread)} before (or instead of) a "
-            f"contraction (a reshape or slice of the kernel, a grouped or depthwise "
-            f"convolution). Give its axes by hand, adding '{re.escape(path)}' to the axes "
-            f"dict ({example_hint(tuple(leaf.shape))}): apply then forms W' for those uses "
-            f"(FallbackWarning). Or leave it out with targets=."
+            f"contraction (a reshape or slice of the kernel, as Keras's depthwise "
+            f"convolution does; a lookup of part of a row). Give its axes by hand, adding "
+            f"'{re.escape(path)}' to the axes dict ({example_hint(tuple(leaf.shape))}): apply "
+            f"then forms W' for those uses (FallbackWarning). Or leave it out with targets=."
         )
     raise ValueError(
         f"Cannot tell the input axes of kernel '{path}' with shape {tuple(leaf.shape)}: a "
@@ -490,9 +490,15 @@ def merge(adapted: PyTree) -> PyTree:
 def trainable_mask(adapted: PyTree) -> PyTree:
     """A tree of bools with the structure of ``adapted``: True for trainable leaves.
 
+    Not for ``optax.masked`` alone: it passes the updates of masked-out leaves through
+    unchanged, so the raw gradient of every frozen bias would be applied. Give every leaf
+    a transform, as :func:`dora_jax.only_trainable` does with this mask.
+
     Example::
 
-      tx = optax.masked(optax.adamw(1e-3), dora_jax.trainable_mask(adapted))
+      labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable_mask(adapted))
+      tx = optax.multi_transform({"train": optax.adamw(1e-3), "freeze": optax.set_to_zero()},
+                                 labels)
     """
 
     def node_mask(x):

@@ -494,12 +494,17 @@ def test_an_optimiser_of_the_whole_adapted_tree_is_refused_at_save(tmp_path):
     tx = optax.adamw(1e-2)  # its weight decay would move the frozen kernels
     with pytest.raises(checkpoint.CheckpointError, match="initialised on the whole adapted tree"):
         checkpoint.save(manager, 1, adapted, tx.init(adapted))
+    # Gradient accumulation around only_trainable keeps every frozen kernel's gradient.
+    accumulated = optax.MultiSteps(dora_jax.only_trainable(tx), 2).init(adapted)
+    with pytest.raises(checkpoint.CheckpointError, match=r"only_trainable\(optax.MultiSteps"):
+        checkpoint.save(manager, 1, adapted, accumulated)
     assert manager.all_steps() == []
-    # The ways the README gives: the trainable half, only_trainable, a mask.
+    # The ways the README gives: the trainable half, only_trainable outermost, a mask.
     for step, state in enumerate(
         [
             tx.init(dora_jax.partition(adapted)[1]),
             dora_jax.only_trainable(tx).init(adapted),
+            dora_jax.only_trainable(optax.MultiSteps(tx, 2)).init(adapted),
             optax.masked(tx, dora_jax.trainable_mask(adapted)).init(adapted),
         ],
         start=1,

@@ -262,6 +262,49 @@ def test_infer_axes_names_kernels_it_could_not_read_and_wrap_says_why():
     np.testing.assert_allclose(y, fn(dora_jax.merge(adapted), rand(2, 3, 5)), rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "lookup",
+    [
+        lambda w, ids: w[ids],
+        lambda w, ids: jnp.take(w, ids, axis=0),
+        # Equinox's Embedding looks up one token, vmapped: a gather of a (1, features) slice.
+        lambda w, ids: jax.vmap(jax.vmap(lambda i: w[i]))(ids),
+    ],
+    ids=["index", "take", "vmapped"],
+)
+def test_every_form_of_a_tied_lookup_is_read_and_factored(lookup):
+    # A tied table: looked up, then contracted over its features for the logits. The
+    # vocabulary axis is its input axis (a magnitude per feature), whatever the lookup's form.
+    params, ids = {"weight": rand(0, 32, 16)}, jnp.array([[1, 5, 7, 31], [0, 2, 2, 9]])
+
+    def fn(p, ids):
+        return jnp.tanh(lookup(p["weight"], ids)) @ p["weight"].T
+
+    axes = dora_jax.infer_axes(fn, params, ids)
+    assert axes == {"weight": Axes((), (0,))} and not axes.unread
+    adapted = perturb(dora_jax.wrap(params, rank=2, targets="weight", axes=axes))
+    assert adapted["weight"].magnitude.shape == (16,)
+
+    def loss(a, forward):
+        return jnp.sum(jnp.sin(forward(a, ids)))
+
+    value, grads = jax.value_and_grad(loss)(adapted, dora_jax.apply(fn, strict=True))
+    want, want_grads = jax.value_and_grad(lambda a: loss(ref_params(a), fn))(adapted)
+    close(value, want)
+    for name in ("a", "b", "magnitude"):
+        close(getattr(grads["weight"], name), getattr(want_grads["weight"], name))
+
+
+def test_a_lookup_of_part_of_a_row_is_unread_and_a_2d_kernel_is_not_assumed():
+    # Only the first 8 features are looked up: not a whole-row lookup, so the tied use
+    # alone cannot tell the table's axes; wrap says so rather than assume (in, out).
+    params, ids = {"weight": rand(0, 32, 16)}, jnp.array([1, 5])
+    axes = dora_jax.infer_axes(lambda p, i: p["weight"][i, :8] @ p["weight"][:, :8].T, params, ids)
+    assert axes == {} and axes.unread == {"weight": ("gather",)}
+    with pytest.raises(ValueError, match=r"could not read them.*`gather`"):
+        dora_jax.wrap(params, rank=2, targets="weight", axes=axes)
+
+
 def _gating_reference(node, x):
     """Gemma's gate and up halves from the formula on the kernel read as (D, 2 * H)."""
     v = node.base.transpose(1, 0, 2).reshape(5, 12)

@@ -20,6 +20,7 @@ import os
 import re
 import warnings
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -417,6 +418,52 @@ def test_equinox_conv_and_attention():
     assert len(axes) == 6, axes
     inputs = {"conv/weight": (1, 2), "(proj|head)/weight": (1,)}
     check_model(fn, params, (x,), targets=r"weight$", axes=axes, inputs=inputs)
+
+
+def test_equinox_module_whole_infer_axes_train_and_checkpoint(tmp_path):
+    """The module itself, not eqx.partition's arrays, through infer_axes, training and a
+    checkpoint: its activation function is a leaf that is no value and is left as it is."""
+    require_package("equinox", "pip install equinox (in the 'test' extra)")
+    import equinox as eqx
+
+    def make():
+        return eqx.nn.MLP(6, 3, 8, 1, activation=jnp.tanh, key=jax.random.key(0))
+
+    fn = lambda m, x: jax.vmap(m)(x)  # noqa: E731
+    x, y = (
+        jax.random.normal(jax.random.key(1), (4, 6)),
+        jax.random.normal(jax.random.key(2), (4, 3)),
+    )
+    axes = dora_jax.infer_axes(fn, make(), x)
+    assert {p: a for p, a in axes.items() if p.endswith("weight")} == {
+        f"layers/{i}/weight": dora_jax.Axes((), (1,)) for i in (0, 1)
+    }, axes
+    adapted = dora_jax.wrap(make(), rank=2, targets=r"weight$", axes=axes)
+    frozen, trainable = dora_jax.partition(adapted)
+    tx = optax.adam(1e-2)
+    forward = dora_jax.apply(fn, strict=True)
+
+    @eqx.filter_jit
+    def step(t, opt_state):
+        loss = lambda t: jnp.mean((forward(dora_jax.combine(frozen, t), x) - y) ** 2)  # noqa: E731
+        g = eqx.filter_grad(loss)(t)
+        u, opt_state = tx.update(g, opt_state, t)
+        return eqx.apply_updates(t, u), opt_state
+
+    opt_state = tx.init(eqx.filter(trainable, eqx.is_inexact_array))
+    trainable, opt_state = step(trainable, opt_state)
+    manager = dora_jax.checkpoint.manager(tmp_path, async_save=False)
+    assert dora_jax.checkpoint.save(manager, 1, dora_jax.combine(frozen, trainable), opt_state)
+    fresh = dora_jax.wrap(make(), rank=2, targets=r"weight$", axes=axes)
+    restored = dora_jax.checkpoint.restore(
+        manager, fresh, tx.init(eqx.filter(dora_jax.partition(fresh)[1], eqx.is_inexact_array))
+    )
+    assert restored.adapted.activation is jnp.tanh
+    chex.assert_trees_all_equal(
+        eqx.filter(dora_jax.partition(restored.adapted)[1], eqx.is_inexact_array),
+        eqx.filter(trainable, eqx.is_inexact_array),
+    )
+    chex.assert_trees_all_equal(restored.opt_state, opt_state)
 
 
 def test_equinox_without_axes_is_an_error():
@@ -839,6 +886,56 @@ class NNXMLP(nnx.Module):
 
     def __call__(self, x):
         return self.fc2(jnp.tanh(self.fc1(x)))
+
+
+def test_nnx_remat_inside_nnx_scan_stays_factored():
+    """Flax's pattern for rematerialised stacked layers: ``nnx.scan`` over an ``nnx.remat``
+    body, which returns the layer's variables, kernel included: the scan hands back the
+    stacked adapter itself, not a W' formed per layer."""
+
+    class Layer(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(8, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return x + jnp.tanh(self.fc(x))
+
+    class Stack(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=3)
+            @nnx.vmap(in_axes=0, out_axes=0)
+            def make(rngs):
+                return Layer(rngs)
+
+            self.layers = make(rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            @nnx.remat
+            def body(layer, x):
+                return layer(x)
+
+            return body(self.layers, x)
+
+    x = jax.random.normal(jax.random.key(1), (4, 8))
+    model = dora_jax.wrap(Stack(nnx.Rngs(0)), rank=2)
+    graph, state = nnx.split(model)
+    state = perturb(state)
+    forward = dora_jax.apply(lambda s, x: nnx.merge(graph, s)(x), strict=True)
+
+    def reference(s, x):
+        return nnx.merge(graph, ref_params(s, {"layers/fc/kernel": dora_jax.Axes((0,), (1,))}))(x)
+
+    loss = lambda f: lambda s: jnp.sum(jnp.sin(f(s, x)))  # noqa: E731
+    value, grads = jax.value_and_grad(loss(forward))(state)
+    want, want_grads = jax.value_and_grad(loss(reference))(state)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    got, ref = (
+        grads["layers"]["fc"]["kernel"].get_value(),
+        want_grads["layers"]["fc"]["kernel"].get_value(),
+    )
+    for name in ("a", "b", "magnitude"):
+        np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=1e-4, atol=1e-6)
 
 
 def test_nnx_mlp():
