@@ -36,30 +36,48 @@ LABELS = {"full": "full fine-tuning", "lora": "LoRA", "dora": "DoRA"}
 KERNELS = ("q", "v")
 
 
+# Settings of a full run, and what --tiny fills in of those the command line leaves out.
+DEFAULTS = dict(steps=48, batch=8, seq=128, n_boot=2000)
+TINY = dict(steps=8, batch=2, seq=64, n_boot=200)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--tasks", default="winogrande,obqa,arc_e")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
+    p.add_argument("--tasks", default="winogrande,obqa,arc_e",
+                   help=f"comma list of {commonsense.ALL_TASKS}")  # fmt: skip
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3, help="LoRA/DoRA learning rate")
     p.add_argument("--full-lr", type=float, default=3e-5, help="full fine-tuning learning rate")
-    p.add_argument("--steps", type=int, default=48)
+    p.add_argument("--steps", type=int, help=f"at least 2 (default {DEFAULTS['steps']})")
     p.add_argument("--checkpoints", type=int, default=4, help="evenly spaced, the last at the end")
-    p.add_argument("--batch", type=int, default=8, help="packed rows per step")
-    p.add_argument("--seq", type=int, default=128, help="row length")
+    p.add_argument("--batch", type=int, help=f"packed rows per step (default {DEFAULTS['batch']})")
+    p.add_argument("--seq", type=int, help=f"row length (default {DEFAULTS['seq']})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-boot", type=int, default=2000)
-    p.add_argument("--tiny", action="store_true", help="random tiny Llama, few steps (CI)")
+    p.add_argument("--n-boot", type=int, help=f"bootstrap resamples (default {DEFAULTS['n_boot']})")
+    p.add_argument("--tiny", action="store_true",
+                   help=f"random tiny Llama; unless given, {TINY} (CI)")  # fmt: skip
     p.add_argument("--out", default="runs/decomposition")
     args = p.parse_args(argv)
-    args.methods = args.methods.split(",")
-    for m in args.methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; choose from {METHODS}")
-    if args.tiny:
-        args.steps, args.batch, args.seq, args.n_boot = 8, 2, 64, 200
+    for k, v in (TINY if args.tiny else DEFAULTS).items():
+        if getattr(args, k) is None:  # --tiny fills only what the command line left out
+            setattr(args, k, v)
+    args.methods = training.comma_list(p, "--methods", args.methods, choices=METHODS)
+    args.tasks = training.comma_list(p, "--tasks", args.tasks, choices=commonsense.ALL_TASKS)
+    training.check_steps(p, args.steps)
+    for flag, value in (("--lr", args.lr), ("--full-lr", args.full_lr)):
+        training.check_positive(p, flag, value)
+    counts = {"--rank": args.rank, "--batch": args.batch, "--n-boot": args.n_boot}
+    for flag, value in counts.items():
+        if value < 1:
+            p.error(f"{flag} {value}: must be >= 1")
+    if args.seq < 2:
+        p.error(f"--seq {args.seq}: pass --seq >= 2 (a prompt token and an answer token)")
+    if args.seed < 0:
+        p.error(f"--seed {args.seed}: must be >= 0")
     if not 1 <= args.checkpoints <= args.steps:
         p.error("--checkpoints must be between 1 and --steps")
+    training.check_out(p, args.out)
     return args
 
 
@@ -151,19 +169,22 @@ def plot(all_changes, fits, path: Path, title: str) -> None:
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot create the output folder ({e}).") from None
     t_start = time.perf_counter()
     config, params, tokenizer = training.load_llama(args.tiny, scan_layers=True)
     model = Llama(config)
-    train, _ = commonsense.train_and_held_out(args.tasks.split(","),
-                                              train_limit=32 if args.tiny else None)  # fmt: skip
+    train, _ = commonsense.train_and_held_out(args.tasks, train_limit=32 if args.tiny else None)
     axes = dora_jax.infer_axes(lambda p, t: model.apply({"params": p}, t), params,
                                jnp.zeros((1, 8), jnp.int32))  # fmt: skip
     every = args.steps / args.checkpoints
     checkpoint_steps = sorted({round(every * (i + 1)) for i in range(args.checkpoints)})
     pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
-    print(f"{len(train)} training examples ({args.tasks}); {args.steps} steps of {args.batch} "
-          f"packed rows x {args.seq}; checkpoints at {checkpoint_steps}", flush=True)  # fmt: skip
+    print(f"{len(train)} training examples ({','.join(args.tasks)}); {args.steps} steps of "
+          f"{args.batch} packed rows x {args.seq}; checkpoints at {checkpoint_steps}",
+          flush=True)  # fmt: skip
 
     all_changes, fits, losses, per_checkpoint = {}, {}, {}, {}
     for method in args.methods:

@@ -23,15 +23,55 @@ import jax.numpy as jnp
 import dora_jax
 from dora_jax.experiments import commonsense, training
 from dora_jax.models import smollm2
-from dora_jax.models.llama import Llama, projection_regex
+from dora_jax.models.llama import PROJECTIONS, Llama, projection_regex
+
+# The frozen base of each method: float32, requantised (NF4, int8) or the file's own Q4_1.
+METHODS = ("dora", "qdora_nf4", "qdora_int8", "qdora_q4_1")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default="dora,qdora_nf4,qdora_q4_1",
+                   help=f"comma list of {METHODS}")  # fmt: skip
+    p.add_argument("--tasks", default="arc_e,winogrande",
+                   help=f"comma list of {commonsense.ALL_TASKS}")  # fmt: skip
+    p.add_argument("--targets", default="q,v", help=f"comma list of {sorted(PROJECTIONS)}")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=100, help="training steps (at least 2)")
+    p.add_argument("--batch", type=int, default=8, help="packed training rows per step")
+    p.add_argument("--seq", type=int, default=64,
+                   help="training row length, and the scoring context cap (tokens)")  # fmt: skip
+    p.add_argument("--eval-examples", type=int, default=200,
+                   help="held-out examples per task (0 = all)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    args.methods = training.comma_list(p, "--methods", args.methods, choices=METHODS)
+    args.tasks = training.comma_list(p, "--tasks", args.tasks, choices=commonsense.ALL_TASKS)
+    args.targets = training.comma_list(p, "--targets", args.targets, choices=sorted(PROJECTIONS))
+    training.check_steps(p, args.steps)
+    training.check_positive(p, "--lr", args.lr)
+    for flag, value in (("--rank", args.rank), ("--batch", args.batch)):
+        if value < 1:
+            p.error(f"{flag} {value}: must be >= 1")
+    if args.seq < 2:
+        p.error(f"--seq {args.seq}: pass --seq >= 2 (a prompt token and an answer token)")
+    if args.eval_examples < 0:
+        p.error(f"--eval-examples {args.eval_examples}: must be >= 0 (0 scores all)")
+    if args.seed < 0:
+        p.error(f"--seed {args.seed}: must be >= 0")
+    return args
 
 
 def adapt(method: str, params, args, axes):
     """DoRA on the targeted kernels, with the base quantised as the method says."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     adapted = dora_jax.wrap(
         params,
         rank=args.rank,
-        targets=projection_regex(args.targets.split(",")),
+        targets=projection_regex(args.targets),
         axes=axes,
         key=jax.random.key(args.seed),
     )
@@ -68,28 +108,13 @@ def evaluate(model, adapted, held_out, tokenizer, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", default="dora,qdora_nf4,qdora_q4_1")
-    p.add_argument("--tasks", default="arc_e,winogrande")
-    p.add_argument("--targets", default="q,v")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch", type=int, default=8, help="packed training rows per step")
-    p.add_argument("--seq", type=int, default=64, help="training row length")
-    p.add_argument("--eval-examples", type=int, default=200, help="held-out examples per task")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-
+    args = parse_args(argv)
     config, variables, tokenizer = smollm2.load_smollm2(scan_layers=True)
     params = variables["params"]
     model = Llama(config)
-    train_examples, held_out = [], {}
-    for task in args.tasks.split(","):
-        task_train, task_eval = commonsense.split(commonsense.load_task(task), 0.5, seed=0)
-        train_examples += task_train
-        held_out[task] = task_eval[: args.eval_examples]
+    train_examples, held_out = commonsense.train_and_held_out(
+        args.tasks, eval_examples=args.eval_examples
+    )
     sample = jnp.zeros((1, 8), jnp.int32)
     axes = dora_jax.infer_axes(lambda p, t: model.apply({"params": p}, t), params, sample)
     pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
@@ -97,7 +122,7 @@ def main(argv=None):
           + ", ".join(f"{t} {len(e)}" for t, e in held_out.items()), flush=True)  # fmt: skip
 
     results = {}
-    for method in args.methods.split(","):
+    for method in args.methods:
         adapted = adapt(method, params, args, axes)
         batches = commonsense.training_batches(
             train_examples, tokenizer, args.batch, args.seq, seed=args.seed, pad_id=pad_id
@@ -110,7 +135,7 @@ def main(argv=None):
             accuracy=acc,
             first_loss=losses[0],
             final_loss=statistics.fmean(losses[-10:]),
-            step_s=statistics.median(times[1:]),
+            step_s=statistics.median(times[1:]),  # step 0 includes compilation
         )
         print(f"  {method}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
 

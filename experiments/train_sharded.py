@@ -122,7 +122,7 @@ class Trainer:
         return out
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
     parser.add_argument("--mesh", default="", help="e.g. data=2,fsdp=2,tensor=2 (default: fsdp)")
@@ -130,10 +130,11 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--method", default="dora")
+    parser.add_argument("--method", default="dora", choices=dora_jax.tree.METHODS)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--ckpt", default=None, help="checkpoint folder; resumes if it has one")
-    parser.add_argument("--save-every", type=int, default=5)
+    parser.add_argument("--save-every", type=int, default=5,
+                        help="checkpoint every this many steps, and the last step")  # fmt: skip
     parser.add_argument("--step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="write losses and final params (.npz)")
     parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize")
@@ -141,6 +142,19 @@ def main(argv=None):
     parser.add_argument("--num-processes", type=int, default=None)
     parser.add_argument("--process-id", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.save_every < 1:
+        parser.error(f"--save-every {args.save_every}: checkpoint every N >= 1 steps")
+    return args
+
+
+def save_step(i: int, steps: int, save_every: int) -> bool:
+    """Whether the state after step ``i + 1`` is saved: every ``save_every`` steps, and the
+    last step always, so a run ends with its final state on disk."""
+    return (i + 1) % save_every == 0 or i + 1 == steps
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     if args.distributed:
         # On a TPU pod all three are found from the environment; on CPU say them.
@@ -167,7 +181,7 @@ def main(argv=None):
         if jax.process_index() == 0:
             print(f"step {i + 1} loss {losses[i]:.6f} ({time.perf_counter() - t0:.2f} s)",
                   flush=True)  # fmt: skip
-        if manager is not None and (i + 1) % args.save_every == 0:
+        if manager is not None and save_step(i, args.steps, args.save_every):
             trainer.save(manager, i + 1)
         time.sleep(args.step_sleep)
     if manager is not None:

@@ -21,8 +21,9 @@ verdict. VeRA's and DVoRA's learning rate comes from one search over the same gr
 on training examples kept out of training.
 
 Writes ``<out>/results.json``, ``<out>/results.png``, ``<out>/results.md`` and one orbax
-checkpoint of each adapter under ``<out>/adapters/<method>-seed<k>``; ``<out>/runs.jsonl``
-gets each run's scores as soon as it finishes.
+checkpoint of each adapter under ``<out>/adapters/<method>-seed<k>`` (an ``adapters/`` folder
+of an earlier run is replaced); ``<out>/runs.jsonl`` gets each run's scores as soon as it
+finishes.
 """
 
 from __future__ import annotations
@@ -120,11 +121,16 @@ def parse_args(argv=None):
     p.add_argument("--vera-lr-grid", help="learning rates tried for VeRA and DVoRA alike")
     p.add_argument("--search-steps", type=int, help="steps per search run (default steps/4)")
     p.add_argument("--dev-examples", type=int, help="training examples kept for the search")
-    p.add_argument("--dropout", type=float, help="adapter dropout")
+    p.add_argument("--dropout", type=float, help="adapter dropout, in [0, 1)")
     p.add_argument("--targets", help=f"comma list of {sorted(PROJECTIONS)}")
-    p.add_argument("--steps", type=int, help="training steps per method")
+    p.add_argument("--steps", type=int, help="training steps per method (at least 2)")
     p.add_argument("--batch", type=int, help="training rows per step (examples are packed)")
-    p.add_argument("--seq", type=int, help="training row length (tokens)")
+    p.add_argument(
+        "--seq",
+        type=int,
+        help="training row length (tokens), and the most tokens a held-out prompt and answer "
+        "are scored with: longer prompts are cut from the left (counted per task)",
+    )
     p.add_argument("--eval-examples", type=int, help="held-out examples per task (0 = all)")
     p.add_argument("--eval-batch", type=int, help="scoring rows per forward")
     p.add_argument("--seeds", help="comma list of seeds; several give a mean and 95%% CI")
@@ -157,26 +163,65 @@ def parse_args(argv=None):
     for k, v in settings.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.methods = args.methods.split(",")
-    args.tasks = args.tasks.split(",")
-    args.targets = args.targets.split(",")
-    args.seeds = [int(s) for s in str(args.seeds).split(",")]
-    args.vera_lr_grid = [float(x) for x in str(args.vera_lr_grid).split(",")]
+    # Checked after the presets are merged: a preset's values pass the same checks.
+    args.methods = training.comma_list(p, "--methods", args.methods, choices=METHODS)
+    args.tasks = training.comma_list(p, "--tasks", args.tasks, choices=commonsense.ALL_TASKS)
+    args.targets = training.comma_list(p, "--targets", args.targets, choices=sorted(PROJECTIONS))
+    args.seeds = training.comma_list(p, "--seeds", args.seeds, kind=int)
+    args.vera_lr_grid = training.comma_list(p, "--vera-lr-grid", args.vera_lr_grid, kind=float)
     if args.vera_lr != "search":
-        args.vera_lr = float(args.vera_lr)
-    if args.search_steps is None:
-        args.search_steps = max(1, args.steps // 4)
-    for m in args.methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; choose from {METHODS}")
-    for t in args.tasks:
-        if t not in commonsense.ALL_TASKS:
-            p.error(f"unknown task {t!r}; choose from {commonsense.ALL_TASKS}")
-    for t in args.targets:
-        if t not in PROJECTIONS:
-            p.error(f"unknown target {t!r}; choose from {sorted(PROJECTIONS)}")
+        try:
+            args.vera_lr = float(args.vera_lr)
+        except ValueError:
+            p.error(f'--vera-lr {args.vera_lr!r}: pass a learning rate or "search"')
+    for flag, value in (("--seeds", args.seeds), ("--held-out-seed", [args.held_out_seed])):
+        if min(value) < 0:
+            p.error(f"{flag} {min(value)}: seeds are integers >= 0")
+    counts = {"--batch": args.batch, "--rank": args.rank, "--vera-rank": args.vera_rank,
+              "--eval-batch": args.eval_batch}  # fmt: skip
+    for flag, value in counts.items():
+        if value < 1:
+            p.error(f"{flag} {value}: must be >= 1")
+    if args.seq < 2:
+        p.error(f"--seq {args.seq}: a row needs at least a prompt token and an answer token; "
+                "pass --seq >= 2")  # fmt: skip
+    if args.eval_examples < 0:
+        p.error(f"--eval-examples {args.eval_examples}: must be >= 0 (0 scores all)")
+    if args.dev_examples < 0:
+        p.error(f"--dev-examples {args.dev_examples}: must be >= 0")
+    positive = [("--lr", args.lr), *(("--vera-lr-grid", x) for x in args.vera_lr_grid)]
+    if args.vera_lr != "search":
+        positive.append(("--vera-lr", args.vera_lr))
+    if args.alpha is not None:
+        positive.append(("--alpha", args.alpha))
+    for flag, value in positive:
+        training.check_positive(p, flag, value)
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout {args.dropout}: the probability of dropping, in [0, 1)")
     if "dora_half" in args.methods and args.rank < 2:
         p.error("dora_half trains DoRA at rank // 2: pass --rank >= 2")
+    # The schedule warms up from learning rate 0 (training.optimizer): its first step moves
+    # nothing, so one step would be reported as trained with the adapters at their init, and
+    # one-step search runs would compare untrained adapters.
+    training.check_steps(p, args.steps)
+    derived = args.search_steps is None
+    if derived:
+        args.search_steps = max(1, args.steps // 4)
+    elif args.search_steps < 1:
+        p.error(f"--search-steps {args.search_steps}: must be >= 1")
+    if args.vera_lr == "search" and {"vera", "dvora"} & set(args.methods):
+        if args.search_steps < training.MIN_STEPS:
+            given, more = f"--search-steps {args.search_steps}", ""
+            if derived:
+                given = f"--search-steps defaults to --steps // 4 = {args.search_steps}"
+                more = f" or --steps >= {4 * training.MIN_STEPS}"
+            p.error(f"{given}: the first step of the warm-up has learning rate 0, so the "
+                    "VeRA/DVoRA learning-rate search would compare untrained adapters; pass "
+                    f"--search-steps >= {training.MIN_STEPS}{more}")  # fmt: skip
+        if args.dev_examples < 1:
+            p.error("--dev-examples 0: the VeRA/DVoRA learning-rate search scores on the dev "
+                    'examples; pass --dev-examples >= 1 or a --vera-lr number')  # fmt: skip
+    training.check_out(p, args.out)
     return args
 
 
@@ -207,6 +252,11 @@ def load_data(args):
         args.tasks, held_out_seed=args.held_out_seed, eval_examples=args.eval_examples,
         train_limit=32 if args.tiny else None,
     )  # fmt: skip
+    if args.dev_examples >= len(train) and set(args.methods) - {"base"}:
+        raise SystemExit(
+            f"--dev-examples {args.dev_examples} would leave none of the {len(train)} training "
+            f"examples of {args.tasks} to train on; pass fewer."
+        )
     order = np.random.default_rng(args.held_out_seed).permutation(len(train))
     dev = [train[i] for i in order[: args.dev_examples]]
     train = [train[i] for i in sorted(order[args.dev_examples :])]
@@ -351,6 +401,15 @@ def search_vera_lr(model, params, axes, train_examples, dev, tokenizer, args):
     trials.append(dict(method="base", lr=0.0, dev_loss=base))
     tqdm.write(f"  search: base dev loss {base:.4f}; chosen {chosen}")
     return chosen, trials
+
+
+def replace_adapters(out: Path) -> None:
+    """Removes ``<out>/adapters`` left by an earlier run, saying so: the folder then holds
+    exactly the adapters of this run (those that ``results.json`` lists)."""
+    folder = out / "adapters"
+    if folder.exists():
+        print(f"replacing {folder} (adapters of an earlier run)", flush=True)
+        shutil.rmtree(folder)
 
 
 def magnitude_change(adapted) -> float | None:
@@ -511,6 +570,10 @@ def plot(rows, claims, tasks, path: Path, title: str) -> None:
         strict=True,
     ):
         these = [c for c in claims if c["metric"] == metric]
+        if not these:  # no pair of methods of a claim ran: nothing to draw
+            cx.set_axis_off()
+            cx.text(0.5, 0.5, f"no claims on {metric}", ha="center", va="center", fontsize=8)
+            continue
         for j, c in enumerate(these):
             est, low, high = (scale * c[k] for k in ("estimate", "ci_low", "ci_high"))
             cx.errorbar(est, j, xerr=[[est - low], [high - est]], fmt="o", capsize=3,
@@ -535,10 +598,16 @@ def plot(rows, claims, tasks, path: Path, title: str) -> None:
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot create the output folder ({e}).") from None
     mesh = None
     if args.mesh is not None:
-        mesh = dora_jax.mesh_from_string(args.mesh)
+        try:
+            mesh = dora_jax.mesh_from_string(args.mesh)
+        except ValueError as e:
+            raise SystemExit(f"--mesh {args.mesh!r}: {e}") from None
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if args.batch % shards:
             raise SystemExit(
@@ -568,18 +637,34 @@ def main(argv=None):
     if args.vera_lr == "search" and {"vera", "dvora"} & set(args.methods):
         vera_lrs, search = search_vera_lr(model, params, axes, train_examples, dev, tokenizer, args)
 
-    runs, eval_seconds = [], []
+    runs, eval_seconds, prompts_cut = [], [], {}
     # Each finished run is appended here at once: a run stopped early keeps what it scored.
     partial = out / "runs.jsonl"
     partial.write_text("")
+    # From here the folder is this run's: adapters of an earlier run would sit next to a
+    # results.json that does not list them.
+    replace_adapters(out)
 
     def keep(run):
         runs.append(run)
         with partial.open("a") as f:
             f.write(json.dumps(run, default=str) + "\n")
 
+    def note_cut(results):
+        # The same examples are cut in every run (data, tokenizer and --seq): said once.
+        for task, res in results.items():
+            if task not in prompts_cut:
+                prompts_cut[task] = res.truncated
+                if res.truncated:
+                    tqdm.write(
+                        f"  {task}: {res.truncated} of {len(held_out[task])} held-out "
+                        f"examples are longer than --seq {args.seq} tokens and are scored "
+                        "with their prompt cut from the left"
+                    )
+
     if "base" in args.methods:
         results, seconds = evaluate(logprob_fn, params, held_out, tokenizer, args, "base")
+        note_cut(results)
         eval_seconds.append(seconds)
         for seed in args.seeds:
             keep(dict(method="base", seed=seed, trainable_params=0, **scores(results),
@@ -594,14 +679,13 @@ def main(argv=None):
             n_train = sum(x.size for x in jax.tree.leaves(dora_jax.partition(adapted)[1]))
             results, seconds = evaluate(logprob_fn, adapted, held_out, tokenizer, args,
                                         f"{method} s{seed}")  # fmt: skip
+            note_cut(results)
             eval_seconds.append(seconds)
             # What training changed (trainable leaves, optimiser state, key, VeRA's shared
             # matrices once), with a fingerprint of the base it belongs to.
             adapter_bytes = None
             try:
-                # This run's adapter replaces one a run before left in the output folder.
                 folder = (out / "adapters" / f"{method}-seed{seed}").absolute()
-                shutil.rmtree(folder, ignore_errors=True)
                 ckpt = dora_jax.checkpoint.manager(folder)
                 dora_jax.checkpoint.save(
                     ckpt, args.steps, adapted, r["opt_state"], key=r["key"],
@@ -651,6 +735,10 @@ def main(argv=None):
         f"{throughput['tokens_trained_per_s']:.0f} tokens/s trained; {total / 60:.1f} min "
         f"on {jax.devices()[0].platform}"
     )
+    if any(prompts_cut.values()):
+        note += f"; held-out examples with prompts cut to --seq {args.seq} tokens: " + ", ".join(
+            f"{t} {n}" for t, n in prompts_cut.items() if n
+        )
     print("\n" + md + "\n\n" + note)
     (out / "results.md").write_text(md + "\n\n" + note + "\n")
     (out / "results.json").write_text(
@@ -661,6 +749,8 @@ def main(argv=None):
                 "summary": rows,
                 "runs": runs,
                 "lr_search": search,
+                # Per task: held-out examples scored with their prompt cut to --seq tokens.
+                "prompts_cut": prompts_cut,
                 "throughput": throughput,
                 "minutes": total / 60,
                 "note": note,

@@ -258,6 +258,15 @@ def split(
     the held-out indices are the first ones of ``default_rng(seed).permutation``.
     Both parts keep the original order. The default of one half keeps the
     held-out sets of the small tasks (ARC-C: 150) from being too noisy.
+
+    A validation file may repeat an example (SIQA does): a held-out example equal to a
+    training one (same contexts, continuations and label) is dropped, so the parts are
+    disjoint by content and the held-out part may hold fewer than ``held_out``. Files
+    without repeats split exactly as by the permutation alone.
+
+    Example::
+
+        train, held_out = split(load_task("arc_e"), 0.5, seed=0)
     """
     n = len(examples)
     k = round(held_out * n) if isinstance(held_out, float) else int(held_out)
@@ -266,7 +275,9 @@ def split(
     perm = np.random.default_rng(seed).permutation(n)
     test_idx = np.sort(perm[:k])
     train_idx = np.sort(perm[k:])
-    return [examples[i] for i in train_idx], [examples[i] for i in test_idx]
+    train = [examples[i] for i in train_idx]
+    seen = set(train)
+    return train, [examples[i] for i in test_idx if examples[i] not in seen]
 
 
 # ---------------------------------------------------------------------- tokenising
@@ -281,9 +292,10 @@ def train_and_held_out(
 ) -> tuple[list[Example], dict[str, list[Example]]]:
     """``(training examples, {task: held-out examples})`` for every experiment.
 
-    Each task's validation split is halved with :func:`split` (``seed=held_out_seed``); the
-    training halves are concatenated in task order (at most ``train_limit`` per task), the
-    held-out halves cut to their first ``eval_examples`` (0: all).
+    Each task's validation split is halved with :func:`split` (``seed=held_out_seed``; a
+    held-out example repeating a training one is dropped); the training halves are
+    concatenated in task order (at most ``train_limit`` per task), the held-out halves cut to
+    their first ``eval_examples`` (0: all).
     """
     train, held_out = [], {}
     for task in tasks:
@@ -542,6 +554,9 @@ class MCResult:
     pred_norm: np.ndarray  # (N,) int
     loglik: tuple[np.ndarray, ...]  # per example: (num_choices,) summed logprobs
     labels: np.ndarray  # (N,) int
+    # Examples whose prompt was cut from the left to fit ``seq_len`` (once per example,
+    # whichever of its choices were cut): they were scored on a shorter context.
+    truncated: int = 0
 
     @property
     def primary(self) -> float:
@@ -591,13 +606,16 @@ def score_multiple_choice(
     equal separate forwards per choice up to float rounding. ``packed=False``: one row
     per choice, logits everywhere (the layout of a plain harness). Every call has the same
     ``(batch_size, T)`` shape (packed) or ``T`` a multiple of 32 (unpacked), so a jitted
-    function compiles rarely. Prompts longer than ``seq_len`` are cut from the left. The
-    primary metric is ``PRIMARY_METRIC[task]`` (``"acc"`` when ``task`` is None).
+    function compiles rarely. Prompts longer than ``seq_len`` (with their choice) are cut
+    from the left; ``MCResult.truncated`` counts the examples that were. The primary
+    metric is ``PRIMARY_METRIC[task]`` (``"acc"`` when ``task`` is None).
     """
     from tqdm.auto import tqdm
 
     pairs = _all_pairs(examples)
-    reqs = [_fit(c, k, seq_len) for c, k in _pair_ids(tokenizer, pairs, bos_id)]
+    pair_ids = _pair_ids(tokenizer, pairs, bos_id)
+    reqs = [_fit(c, k, seq_len) for c, k in pair_ids]
+    cut = np.array([len(c) + len(k) > seq_len for c, k in pair_ids], bool)
     if packed:
         row_len = max(256, seq_len) if row_len is None else row_len
         if row_len < seq_len:
@@ -658,9 +676,10 @@ def score_multiple_choice(
         collect(*pending)
 
     loglik, pred, pred_norm = [], [], []
-    pos = 0
+    pos = truncated = 0
     for e in examples:
         ll = scores[pos : pos + e.num_choices]
+        truncated += bool(cut[pos : pos + e.num_choices].any())
         pos += e.num_choices
         # acc_norm divides by the choice's characters without the joining space,
         # as the harness does (len of doc_to_choice output).
@@ -679,6 +698,7 @@ def score_multiple_choice(
         pred_norm=norm_arr,
         loglik=tuple(loglik),
         labels=labels,
+        truncated=truncated,
     )
 
 

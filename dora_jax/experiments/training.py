@@ -1,4 +1,6 @@
-"""One train-step builder and one evaluation builder, shared by every script.
+"""One train-step builder and one evaluation builder, shared by every script, and the
+command-line checks the scripts share (``comma_list``, ``check_steps``, ``check_positive``,
+``check_out``: an argparse error before a run, not a traceback after one).
 
 A model is given as its Linen-style ``apply_fn(variables, tokens, **kwargs) -> logits``
 (``Llama(config).apply``). Batches are dicts of arrays: a packed batch from
@@ -16,8 +18,10 @@ Example::
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -48,9 +52,17 @@ def load_llama(tiny: bool = False, *, scan_layers: bool = True):
     return config, params, tokenizer
 
 
+# Fewest steps of :func:`optimizer`'s schedule that train: its first step has learning rate 0.
+MIN_STEPS = 2
+
+
 def optimizer(lr: float, steps: int, *, warmup: int | None = None) -> optax.GradientTransformation:
     """AdamW (no weight decay) with linear warm-up (default ``steps // 10``, at least 1) and
-    cosine decay to ``lr / 10``: the schedule every experiment uses."""
+    cosine decay to ``lr / 10``: the schedule every experiment uses.
+
+    The warm-up starts at learning rate 0, so the first step changes nothing: a run needs
+    ``steps >= 2`` to train at all (:data:`MIN_STEPS`; scripts refuse fewer).
+    """
     warmup = max(1, steps // 10) if warmup is None else warmup
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr / 10)
     return optax.adamw(schedule, weight_decay=0.0)
@@ -198,3 +210,61 @@ def evaluate(
         )
         for task, examples in held_out.items()
     }
+
+
+# --- command-line checks shared by the scripts ---------------------------------------------
+
+
+def comma_list(parser, flag: str, text, *, kind: Callable = str, choices=None) -> list:
+    """The entries of a comma-separated flag, each converted by ``kind``.
+
+    Calls ``parser.error`` (an argparse error, exit status 2) on an empty, malformed, unknown
+    (not in ``choices``) or repeated entry: a repeated seed, task or method would be counted
+    as an independent one.
+
+    Example::
+
+        args.seeds = comma_list(parser, "--seeds", args.seeds, kind=int)
+    """
+    values = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            parser.error(f"{flag} {text!r}: an empty entry; pass a comma list without blanks")
+        try:
+            value = kind(item)
+        except ValueError:
+            what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+            parser.error(f"{flag}: {item!r} is not {what}; pass a comma list of them")
+        if choices is not None and value not in choices:
+            parser.error(f"unknown {flag.removeprefix('--').removesuffix('s')} {item!r} in "
+                         f"{flag}; choose from {tuple(choices)}")  # fmt: skip
+        if value in values:
+            parser.error(f"{flag} names {item!r} twice; list each once")
+        values.append(value)
+    return values
+
+
+def check_steps(parser, steps: int, flag: str = "--steps") -> None:
+    """``parser.error`` unless ``steps`` is at least :data:`MIN_STEPS`: the first step of
+    :func:`optimizer`'s warm-up has learning rate 0, so fewer steps train nothing."""
+    if steps < MIN_STEPS:
+        parser.error(f"{flag} {steps}: the first step of the warm-up has learning rate 0, so a "
+                     f"run of fewer than {MIN_STEPS} steps trains nothing; pass {flag} >= "
+                     f"{MIN_STEPS}")  # fmt: skip
+
+
+def check_positive(parser, flag: str, value: float) -> None:
+    """``parser.error`` unless ``value`` is a positive finite number (a learning rate)."""
+    if not 0 < value < math.inf:
+        parser.error(f"{flag} {value}: must be a positive number")
+
+
+def check_out(parser, out: str, flag: str = "--out") -> None:
+    """``parser.error`` when the output folder ``out``, or a folder above it, is a file."""
+    for path in (Path(out), *Path(out).parents):
+        if path.exists():
+            if not path.is_dir():
+                parser.error(f"{flag} {out}: {path} is a file, not a folder; pass a folder path "
+                             "(created if missing)")  # fmt: skip
+            return

