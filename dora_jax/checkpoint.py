@@ -489,7 +489,9 @@ def save(
         leaves, VeRA's shared matrices and any non-parameter NNX state (BatchNorm
         statistics, RNG streams) are written, the base only fingerprinted.
       opt_state: the optimiser state (any pytree of arrays).
-      key: the training RNG key (typed or raw); restored as it was.
+      key: the training RNG key (typed or raw); restored as it was. On several processes
+        a key (or optimiser step count) held by one process's device is saved replicated:
+        it must be equal on every process, as a key made from a shared seed is.
       data_position: where the data stream is: an int, a string or a small dict/list of
         them, numpy scalars included (checked now, so a bad value fails here).
       force: save even if the manager's save interval says otherwise.
@@ -551,6 +553,7 @@ def save(
             key_impl = str(jax.random.key_impl(key))
             key = jax.random.key_data(key)
         state["rng"] = key
+    state = _global(state)
     adapters = _adapters(adapted)
     base = fingerprint(adapted)
     if run.base is not None and run.base[1] != base["sha256"]:
@@ -603,6 +606,25 @@ def save(
                 _EXIT_HOOK.append(_finish_pending_saves)
                 (_register_exit_hook or atexit.register)(_finish_pending_saves)
     return started
+
+
+def _global(state: PyTree) -> PyTree:
+    """On several processes, each array held by this process alone (a key made with
+    ``jax.random.key(seed)`` or an optimiser's step count from an eager ``tx.init``) placed
+    replicated over every device, as orbax needs: it must be equal on every process, as
+    such values are. One process: unchanged."""
+    if jax.process_count() == 1:
+        return state
+    everywhere = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(jax.devices()), ("all",)), jax.sharding.PartitionSpec()
+    )
+
+    def place(x):
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            return jax.make_array_from_process_local_data(everywhere, np.asarray(x))
+        return x
+
+    return jax.tree.map(place, state)
 
 
 def _check_new_step(manager: ocp.CheckpointManager, step: int) -> None:

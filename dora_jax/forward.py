@@ -362,6 +362,32 @@ def _slice_rule(eqn, invals, ctx):
     return [view.replace(node=node)]
 
 
+@_rule("dynamic_slice")
+def _dynamic_slice_rule(eqn, invals, ctx):
+    """``w[i]`` with a traced ``i`` (a ``fori_loop`` over a stack): as ``slice``."""
+    view, *starts = invals
+    if not _is_view(view) or any(_is_view(s) for s in starts):
+        return None
+    node = view.node
+    shape = eqn.invars[0].aval.shape
+    for d, (start, size) in enumerate(zip(starts, eqn.params["slice_sizes"])):
+        if size == shape[d]:
+            continue
+        axis = view.axes[d]
+
+        def cut(x, at, start=start, size=size):
+            return lax.dynamic_slice_in_dim(x, start, size, axis=at)
+
+        if isinstance(node, _Probe):
+            node = _Probe(cut(node.value, axis), node.index, node.origin, node.scanned)
+            continue
+        fields = _cut_fields(node, axis, cut)
+        if fields is None:
+            return None
+        node = dataclasses.replace(node, **fields)
+    return [view.replace(node=node)]
+
+
 @_rule("squeeze")
 def _squeeze_rule(eqn, invals, ctx):
     view = invals[0]
@@ -1388,6 +1414,27 @@ def _unchecked_shard_map_body() -> bool:
     return bool(manual) and flag is not None and not flag.value
 
 
+def _check_fields_fit(path: str, node) -> None:
+    """Refuses a node whose fields no longer fit its axes: ``jax.vmap`` over an adapted tree
+    slices every field along a stack axis that the node's axes still count."""
+    sizes = {"stack": len(node.stack), "in": len(node.inputs), "out": len(node.outputs)}
+    fields = {name: getattr(node, name) for name in type(node).layout}
+    if node.outputs and all(
+        v is None or v.ndim == sum(sizes.get(r, 1) for r in type(node).layout[name])
+        for name, v in fields.items()
+    ):
+        return
+    shapes = ", ".join(f"{n} {tuple(v.shape)}" for n, v in fields.items() if v is not None)
+    raise ValueError(
+        f"Adapter '{path}' ({type(node).__name__}, {node.axes!r}) has fields that do not fit "
+        f"its axes: base {tuple(node.base.shape)}, {shapes}. A transform such as jax.vmap over "
+        f"the adapted params slices every field along a stack axis that the node still counts. "
+        f"Map over the kernel inside the function given to dora_jax.apply (e.g. jax.vmap over "
+        f"p[...] in it), where the node's stack axis is followed, or wrap each member's params "
+        f"on its own."
+    )
+
+
 def _check_nodes(nodes: dict) -> None:
     """Clear errors for adapter nodes ``{path: node}`` :func:`apply` cannot use: one half of
     a partition, or (inside a ``shard_map`` body) a node split across devices whose forward
@@ -1415,6 +1462,7 @@ def _check_nodes(nodes: dict) -> None:
                 stacklevel=4,
             )
     for path, node in nodes.items():
+        _check_fields_fit(path, node)
         split = sorted(varying(node))
         if not split:
             continue

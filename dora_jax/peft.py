@@ -38,6 +38,7 @@ import json
 import math
 import pathlib
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -122,7 +123,8 @@ def save(
     field (see the module docstring): PEFT cannot load it, by design.
 
     Args:
-      directory: created if missing.
+      directory: created if missing. On several processes (a pod), every process calls
+        ``save`` (the adapters are gathered from all of them) and process 0 writes.
       adapted: a tree from :func:`dora_jax.wrap` (trained or not).
       name_map: ``(path, index) -> module name`` (default: the project's Llama).
       use_rslora: write ``use_rslora: true`` with ``lora_alpha = s * sqrt(r)`` instead of
@@ -156,6 +158,23 @@ def save(
             f"{kind.__name__} adapters have no PEFT format (PEFT has LoRA, DoRA and VeRA); "
             f"save them with dora_jax.checkpoint."
         )
+    quantised = [path for path, x in nodes if x.quantised]
+    if quantised:
+        formats = sorted({getattr(x.base, "format", type(x.base).__name__) for _, x in nodes
+                          if x.quantised})  # fmt: skip
+        warnings.warn(
+            f"{len(quantised)} of the {len(nodes)} adapted kernels (e.g. '{quantised[0]}') "
+            f"have a quantised base ({', '.join(formats)}): this adapter was trained on the "
+            f"dequantised kernels, which adapter_config.json cannot record. Loaded by PEFT "
+            f"onto the float base model, its logits differ from dora_jax's by about the "
+            f"quantisation error (a DoRA magnitude holds the dequantised kernel's norms, so "
+            f"even an untrained adapter is not the identity there). To match, load it onto "
+            f"the same quantised base (dora_jax.peft.load, then dora_jax.quantize_base with "
+            f"the same format and block, or the same kernels), or deploy "
+            f"dora_jax.merge(adapted) instead.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     tensors: dict[str, np.ndarray] = {}
     modules: list[tuple[str, Any]] = []  # (module name, node) per written module
@@ -163,7 +182,7 @@ def save(
         n_in, n_out = math.prod(node.in_shape), math.prod(node.out_shape)
         # Host copies once per node: slicing device arrays layer by layer dispatches (and
         # compiles) one op per slice.
-        host = {f: np.asarray(getattr(node, f)) for f in ("a", "b", "d", "magnitude")
+        host = {f: _host(getattr(node, f)) for f in ("a", "b", "d", "magnitude")
                 if hasattr(node, f)}  # fmt: skip
         for index in np.ndindex(*node.stack_shape):
             name = name_map(path, tuple(int(i) for i in index))
@@ -192,8 +211,8 @@ def save(
         config = _lora_config(modules, kind is DoRA, use_rslora)
     else:
         shared_a, shared_b = nodes[0][1].shared_a, nodes[0][1].shared_b
-        tensors["base_model.vera_A"] = np.ascontiguousarray(np.asarray(shared_a).T)
-        tensors["base_model.vera_B"] = np.ascontiguousarray(np.asarray(shared_b).T)
+        tensors["base_model.vera_A"] = np.ascontiguousarray(_host(shared_a).T)
+        tensors["base_model.vera_B"] = np.ascontiguousarray(_host(shared_b).T)
         config = _vera_config(modules, shared_a.shape[-1])
         if kind is DVoRA:
             config["peft_type"] = "DVORA"
@@ -208,10 +227,21 @@ def save(
     config["base_model_name_or_path"] = base_model_name_or_path
     config["task_type"] = task_type
 
+    if jax.process_index() != 0:
+        return  # every process gathered the arrays above; one writes them
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _host(x) -> np.ndarray:
+    """``x`` on the host, whole: an array split across processes is gathered first."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def _number(x: float) -> float | int:

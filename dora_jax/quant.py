@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,7 +45,7 @@ import numpy as np
 
 from dora_jax.adapters import _pytree_dataclass, is_adapter, magnitude_init, static
 from dora_jax.axes import Axes
-from dora_jax.tree import path_str
+from dora_jax.tree import _check_whole, path_str
 
 Array = jax.Array
 PyTree = Any
@@ -167,15 +168,21 @@ def quantize(
       x: a float kernel; its input axes may sit anywhere, its stack axes must lead.
       format: ``"nf4"`` (QLoRA's 4-bit NormalFloat, blockwise absmax), ``"int8"`` (symmetric
         absmax) or ``"q4_1"`` (GGUF's asymmetric 4-bit, float16 scale and min per block).
-      block: weights per block along the flattened input axes (QLoRA uses 64, GGUF Q4_1 32);
-        ``None`` makes one block of each output feature's whole input (per-output-channel
-        absmax). The input is zero-padded to a whole number of blocks.
+      block: weights per block along the flattened input axes, an int ``>= 1`` (even for the
+        4-bit formats; QLoRA uses 64, GGUF Q4_1 32); ``None`` makes one block of each output
+        feature's whole input (per-output-channel absmax). The input is zero-padded to a
+        whole number of blocks. A block longer than the input is clamped to it (rounded up
+        to even for 4-bit formats), as ``None``, so that a small kernel stores no block of
+        padding: for nf4 and int8 this changes no value (zeros never raise a block's
+        absmax); for q4_1 the block's min and max are then those of the weights alone.
       stack, inputs: the kernel's stack and input axes, as in ``dora_jax.Axes``: position
         tuples, or the counts of leading stack axes and of the input axes after them.
 
     Raises:
       ValueError: ``x`` holds NaN or infinite values, or (q4_1) entries beyond float16's
-        range; checked when ``x`` is concrete (not under ``jit``).
+        range; checked when ``x`` is concrete (not under ``jit``). Or ``block`` is below 1,
+        or odd for a 4-bit format.
+      TypeError: ``block`` is not an int or None (a float, a bool).
 
     Returns:
       A :class:`QuantizedArray` of ``x``'s shape and dtype. The round trip errs by at most
@@ -189,6 +196,7 @@ def quantize(
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not one of {FORMATS}.")
+    block = _check_block(block, format)
     if not (hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)):
         raise TypeError(f"quantize needs a float array, got {getattr(x, 'dtype', type(x))}.")
     try:
@@ -214,13 +222,13 @@ def quantize(
         x = jnp.transpose(x, canonical)
         layer_inputs = tuple(p - ns for p in i_pos)
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
-    if block is None:  # one block per output feature, padded to even for 4-bit packing
-        block = n_in + (n_in % 2 if format in _FOUR_BIT else 0)
-    if block < 1 or (format in _FOUR_BIT and block % 2):
-        raise ValueError(
-            f"block={block} must be a positive int, and even for 4-bit formats (two codes "
-            f"share a byte); use 64 (QLoRA) or 32 (GGUF)."
-        )
+    # One block per output feature, padded to even for 4-bit packing: for block=None, and
+    # for a block longer than the input (it would store only more zero padding).
+    whole = n_in + (n_in % 2 if format in _FOUR_BIT else 0)
+    if block is None or block > whole > 0:
+        block = whole
+    if block < 1:
+        raise ValueError(f"The kernel of shape {tuple(x.shape)} has no inputs to quantise.")
     f32 = jnp.float32
     w = jnp.swapaxes(jnp.asarray(x, f32).reshape(*stack_shape, n_in, n_out), -1, -2)
     n_blocks = -(-n_in // block)
@@ -254,6 +262,21 @@ def quantize(
     return QuantizedArray(
         codes, scales, offsets, format, in_shape, out_shape, np.dtype(x.dtype), layer_inputs
     )
+
+
+def _check_block(block, format: str) -> int | None:
+    """``block`` as a plain int (or None); refuses floats, bools, sizes below 1, odd 4-bit."""
+    if block is not None and (isinstance(block, bool) or not isinstance(block, (int, np.integer))):
+        raise TypeError(
+            f"block={block!r} ({type(block).__name__}) must be an int (weights per block) or "
+            f"None (one block per output feature); e.g. block=64 (QLoRA) or 32 (GGUF)."
+        )
+    if block is not None and (block < 1 or (format in _FOUR_BIT and block % 2)):
+        raise ValueError(
+            f"block={block} must be a positive int, and even for 4-bit formats (two codes "
+            f"share a byte); use 64 (QLoRA) or 32 (GGUF)."
+        )
+    return None if block is None else int(block)
 
 
 # float16's largest finite value: q4_1 stores each block's scale and minimum in float16.
@@ -326,19 +349,27 @@ def quantize_base(
 ) -> PyTree:
     """Replaces the base of every adapter node by its quantised form (QLoRA / QDoRA).
 
-    The magnitude of decomposed nodes (DoRA, DVoRA) is re-initialised to the column norm of
-    the *dequantised* kernel, so that right after :func:`dora_jax.wrap` the adapted model
-    equals the dequantised base model exactly. Call it before training, not after.
+    Decomposed nodes (DoRA, DVoRA, magnitude only): each magnitude column still at the
+    value :func:`dora_jax.wrap` gave it, ``||W0||_c`` of the float kernel (to within 2 units
+    in the last place of the magnitude's dtype), is re-initialised to the column norm of the
+    *dequantised* kernel, so that a freshly wrapped model then equals the dequantised base
+    model exactly. Every other column (trained, or loaded by :func:`dora_jax.peft.load` or
+    a checkpoint) is kept: the adapter then runs over the quantised base as it is. Works
+    under ``jit`` and ``eval_shape``.
 
     Args:
-      adapted: a tree from :func:`dora_jax.wrap`.
+      adapted: a tree from :func:`dora_jax.wrap` (the whole tree, not one half of
+        :func:`dora_jax.partition`).
       format: ``"nf4"``, ``"int8"`` or ``"q4_1"`` (see :func:`quantize`), or a mapping from
         each adapted kernel's ``/``-joined path to a ready :class:`QuantizedArray` (e.g. the
-        blocks of a GGUF file, kept as published).
-      block: block size for a string ``format``.
+        blocks of a GGUF file, kept as published) with the kernel's shape, layout (stack and
+        input axes) and dtype.
+      block: block size for a string ``format`` (see :func:`quantize`: an int ``>= 1``, or
+        None; clamped to the kernel's input size).
 
     Returns:
-      ``adapted`` with quantised bases; all other leaves are the same objects.
+      ``adapted`` with quantised bases; all other leaves are the same objects, except the
+      re-initialised magnitudes.
 
     Example::
 
@@ -352,6 +383,9 @@ def quantize_base(
             f"got {type(adapted).__name__} without adapter nodes. Quantise a single kernel with "
             f"dora_jax.quantize(x, format), or wrap the params first."
         )
+    _check_whole(adapted, "quantize_base", plain_ok=True)
+    if not isinstance(format, Mapping):
+        block = _check_block(block, format if isinstance(format, str) else "")
 
     def convert(path, node):
         if not is_adapter(node):
@@ -369,18 +403,68 @@ def quantize_base(
                     f"path, or adapt only those kernels (wrap(..., targets=))."
                 )
             q = format[p]
-            if q.shape != tuple(node.base.shape):
-                raise ValueError(
-                    f"Quantised kernel for '{p}' has shape {q.shape}, the kernel "
-                    f"{tuple(node.base.shape)}; it must be the same kernel in Flax layout (the "
-                    f"kernel's own axis order)."
-                )
+            _check_mapped(p, q, node)
         else:
             _check_values(node.base, format, f"Kernel '{p}'")
             q = _quantize(node.base, format, block=block, stack=node.stack, inputs=node.inputs)
-        return node.with_base(q, lambda: _column_norm(q, node.stack, node.inputs))
+        return node.with_base(q, lambda: _magnitude_over(node, q))
 
     return jax.tree_util.tree_map_with_path(convert, adapted, is_leaf=is_adapter)
+
+
+def _check_mapped(path: str, q, node) -> None:
+    """A ready QuantizedArray must be the node's kernel: shape, axes and dtype alike."""
+    if not isinstance(q, QuantizedArray):
+        raise TypeError(
+            f"The kernel given for '{path}' is of type {type(q).__name__}, not QuantizedArray; "
+            f"pass dora_jax.quantize(kernel, format, ...) or from_gguf_q4_1(...), or a format "
+            f"name to quantise every adapted kernel."
+        )
+    shape = tuple(node.base.shape)
+    if q.shape != shape:
+        raise ValueError(
+            f"Quantised kernel for '{path}' has shape {q.shape}, the kernel {shape}; it must "
+            f"be the same kernel in Flax layout (the kernel's own axis order)."
+        )
+    ns = q.codes.ndim - 3
+    q_inputs = range(len(q.in_shape)) if q.input_axes is None else q.input_axes
+    q_axes = (tuple(range(ns)), tuple(ns + a for a in q_inputs))
+    node_axes = (tuple(node.stack), tuple(node.inputs))
+    if q_axes != node_axes:
+        raise ValueError(
+            f"Quantised kernel for '{path}' (shape {shape}) has stack axes {q_axes[0]} and "
+            f"input axes {q_axes[1]}, the adapted kernel stack axes {node_axes[0]} and input "
+            f"axes {node_axes[1]}: it would be used transposed. Quantise the kernel in its "
+            f"own layout, dora_jax.quantize(kernel, format, stack={node_axes[0]}, "
+            f"inputs={node_axes[1]}), or adapt the kernel in the QuantizedArray's layout "
+            f"(wrap(..., axes=)); from_gguf_q4_1 gives Flax's (in, out) layout."
+        )
+    if np.dtype(q.dtype) != np.dtype(node.base.dtype):
+        raise ValueError(
+            f"Quantised kernel for '{path}' dequantises to {np.dtype(q.dtype)}, the adapted "
+            f"kernel is {np.dtype(node.base.dtype)}: the forward pass and merge would change "
+            f"the model's dtype. Make it in the kernel's dtype (the dtype= argument of "
+            f"from_gguf_q4_1 or of dora_jax.models.smollm2.q4_1_kernels, e.g. "
+            f"dtype=jnp.{np.dtype(node.base.dtype)}), or quantise the kernel itself with "
+            f"dora_jax.quantize (it keeps the kernel's dtype)."
+        )
+
+
+def _magnitude_over(node, q: QuantizedArray) -> Array:
+    """DoRA's magnitude over the quantised base ``q``: columns still at wrap's ``||W0||_c``
+    become ``||dequant(W0)||_c``; trained or loaded columns are kept (per column, so that it
+    traces under ``jit``)."""
+    dtype = node.magnitude.dtype
+    # The same function and dtype as wrap. Within 2 ulp: XLA may round a column norm one
+    # ulp differently in and out of jit; a training step moves a magnitude far more. wrap
+    # has already warned about zero columns.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        initial = magnitude_init(node.base, node.stack, node.inputs, dtype)
+    m, initial = node.magnitude.astype(jnp.float32), initial.astype(jnp.float32)
+    untouched = jnp.abs(m - initial) <= 2 * float(jnp.finfo(dtype).eps) * jnp.abs(initial)
+    fresh = _column_norm(q, node.stack, node.inputs).astype(dtype)
+    return jnp.where(untouched, fresh, node.magnitude)
 
 
 # Jitted whole rather than op by op: one fused program per kernel shape keeps float32

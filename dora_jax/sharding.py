@@ -151,9 +151,24 @@ def _fit(spec: tuple, shape: tuple[int, ...], mesh: Mesh | None) -> P:
     return P(*fitted)
 
 
+def _foreign_axes(mesh: Mesh) -> list[str]:
+    """The mesh's axes of more than one device that :data:`AXES` does not name."""
+    return [a for a, n in mesh.shape.items() if a not in AXES and n > 1]
+
+
 def _check_rule_axes(rules: Rules, mesh: Mesh) -> None:
-    """A user rule naming an axis the mesh lacks is a typo, not a request to replicate."""
+    """A user rule naming an axis the mesh lacks is a typo, not a request to replicate; the
+    default rules on a mesh whose axes they do not name would replicate every leaf."""
     names = tuple(mesh.axis_names)
+    foreign = _foreign_axes(mesh)
+    if foreign and all(rule in DEFAULT_RULES for rule in rules):
+        raise ValueError(
+            f"The default partition rules shard over mesh axes named {AXES}; this mesh's "
+            f"axes {foreign} are not among them, so every parameter would be replicated "
+            f"over their devices. Name the mesh axes data, fsdp and tensor (e.g. "
+            f"dora_jax.mesh_from_string('fsdp=4,tensor=2')), or pass rules= that name "
+            f"yours."
+        )
     for pattern, spec in rules:
         if (pattern, spec) in DEFAULT_RULES:  # defaults adapt to meshes without some axes
             continue
@@ -319,13 +334,22 @@ def opt_state_shardings(opt_state: PyTree, params: PyTree, param_shardings: PyTr
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """The batch's sharding: leading axis over ``(data, fsdp)``, the rest replicated.
+    """The batch's sharding: leading axis over the mesh's ``data`` and ``fsdp`` axes, the
+    rest replicated; a mesh with axes of other names is refused.
 
     Example::
 
       tokens = dora_jax.sharding.put(tokens, dora_jax.sharding.batch_sharding(mesh))
     """
-    return NamedSharding(mesh, P(BATCH_AXES))
+    foreign = _foreign_axes(mesh)
+    if foreign:
+        raise ValueError(
+            f"batch_sharding splits the batch over the mesh axes named {BATCH_AXES}; this "
+            f"mesh also has {foreign}. Name the mesh axes data, fsdp and tensor, or build "
+            f"the batch's NamedSharding(mesh, PartitionSpec(...)) yourself."
+        )
+    present = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return NamedSharding(mesh, P(present or None))
 
 
 def put(tree: PyTree, shardings: PyTree) -> PyTree:

@@ -373,6 +373,112 @@ def test_quantize_base_errors_and_mapping(x):
         )
 
 
+@pytest.mark.parametrize("method", ["dora", "dvora", "magnitude"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_quantize_base_keeps_trained_magnitudes_and_reinitialises_untouched_ones(x, method, jit):
+    model = MLP()
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def trained(params):
+        adapted = dora_jax.wrap(params, rank=4, method=method, key=jax.random.key(1))
+        fc2 = adapted["fc2"]["kernel"]
+        magnitude = fc2.magnitude.at[::2].multiply(1.5)  # even columns "trained", odd untouched
+        fc2 = dataclasses.replace(fc2, magnitude=magnitude)
+        return {**adapted, "fc2": {**adapted["fc2"], "kernel": fc2}}
+
+    quantize = functools.partial(dora_jax.quantize_base, format="int8")
+
+    def both(params):  # wrap and quantize_base both eager or both traced: norms round alike
+        return trained(params), quantize(trained(params))
+
+    adapted, q = (jax.jit(both) if jit else both)(params)
+    trained_magnitude = adapted["fc2"]["kernel"].magnitude
+
+    def dequantised_norm(node):
+        return np.linalg.norm(reference_dequantize(node.base), axis=0)
+
+    # fc1 untouched: magnitude ||dequant(W0)||_c, so at step 0 the node is the dequantised base.
+    fc1 = q["fc1"]["kernel"]
+    np.testing.assert_allclose(fc1.magnitude, dequantised_norm(fc1), rtol=1e-6)
+    np.testing.assert_allclose(
+        dora_jax.merge(q)["fc1"]["kernel"], reference_dequantize(fc1.base), rtol=1e-5, atol=1e-6
+    )
+    # fc2: the trained columns are kept bit for bit, the untouched ones re-initialised.
+    got = q["fc2"]["kernel"].magnitude
+    np.testing.assert_array_equal(got[::2], trained_magnitude[::2])
+    np.testing.assert_allclose(got[1::2], dequantised_norm(q["fc2"]["kernel"])[1::2], rtol=1e-6)
+    # int8 moved every untouched column's norm.
+    assert not np.any(got[1::2] == trained_magnitude[1::2])
+    assert got.dtype == trained_magnitude.dtype
+    # Shapes only: the magnitude's choice traces.
+    shapes = jax.eval_shape(quantize, adapted)["fc2"]["kernel"]
+    assert shapes.magnitude.shape == trained_magnitude.shape
+    assert shapes.base.shape == adapted["fc2"]["kernel"].base.shape
+
+
+def test_mapped_kernels_must_have_the_nodes_layout_and_dtype():
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(32, 32)), jnp.float32)  # torch layout (out, in)
+    axes = {"w": dora_jax.Axes((), (1,))}
+    adapted = dora_jax.wrap({"w": w}, rank=2, targets="w", axes=axes)
+    # GGUF blocks come in Flax's (in, out) layout: the same shape here, used transposed.
+    flax_layout = from_gguf_q4_1(np.zeros((32, 20), np.uint8), (32,), (32,))
+    with pytest.raises(ValueError, match=r"'w' .*input axes \(0,\).*input axes \(1,\).*inputs="):
+        dora_jax.quantize_base(adapted, {"w": flax_layout})
+    with pytest.raises(ValueError, match="input axes"):
+        dora_jax.quantize_base(adapted, {"w": dora_jax.quantize(w, "int8")})  # inputs=1: axis 0
+    own = dora_jax.quantize(w, "q4_1", block=32, inputs=(1,))
+    q = dora_jax.quantize_base(adapted, {"w": own})
+    h = jnp.asarray(rng.normal(size=(3, 32)), jnp.float32)
+    got = dora_jax.apply(lambda p, h: h @ p["w"].T)(q, h)
+    # The test's dequantiser gives the canonical (in, out) kernel: x W0 with W0 = w.T.
+    np.testing.assert_allclose(got, h @ reference_dequantize(own), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, h @ w.T, atol=0.2 * float(jnp.max(jnp.abs(h @ w.T))))
+
+    bf16 = dora_jax.wrap({"w": w.astype(jnp.bfloat16)}, rank=2, targets="w", axes=axes)
+    with pytest.raises(
+        ValueError, match="'w' dequantises to float32, the adapted kernel is bfloat16"
+    ):
+        dora_jax.quantize_base(bf16, {"w": own})
+    own_bf16 = dora_jax.quantize(w.astype(jnp.bfloat16), "q4_1", block=32, inputs=(1,))
+    assert dora_jax.merge(dora_jax.quantize_base(bf16, {"w": own_bf16}))["w"].dtype == jnp.bfloat16
+    with pytest.raises(TypeError, match="not QuantizedArray"):
+        dora_jax.quantize_base(adapted, {"w": w})
+
+
+def test_quantize_base_bad_blocks_and_partition_halves():
+    k = jax.random.normal(jax.random.key(0), (40, 12))
+    adapted = dora_jax.wrap({"k": k}, rank=2, targets="k")
+    for block in (32.0, True, "64"):
+        with pytest.raises(TypeError, match="must be an int"):
+            dora_jax.quantize_base(adapted, "nf4", block=block)
+        with pytest.raises(TypeError, match="must be an int"):
+            dora_jax.quantize(k, "nf4", block=block)
+    assert dora_jax.quantize_base(adapted, "nf4", block=np.int64(32))["k"].base.block == 32
+    frozen, trainable = dora_jax.partition(adapted)
+    with pytest.raises(ValueError, match="quantize_base got the frozen half.*combine"):
+        dora_jax.quantize_base(frozen, "nf4")
+    with pytest.raises(ValueError, match="quantize_base got the trainable half.*combine"):
+        dora_jax.quantize_base(trainable, "nf4")
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_a_block_longer_than_the_input_is_clamped(fmt):
+    """Zero padding never raises an absmax: clamping stores less and changes no value."""
+    k = jax.random.normal(jax.random.key(0), (40, 12))
+    q = dora_jax.quantize(k, fmt, block=1000)
+    whole = dora_jax.quantize(k, fmt, block=None)
+    assert q.block == whole.block == 40 and q.codes.shape == whole.codes.shape
+    assert q.nbytes < k.nbytes
+    np.testing.assert_array_equal(q.dequantize(), whole.dequantize())
+    # The same values as the padded blocks the test builds itself.
+    padded = blocks_of(k, 0, 1, 1000)
+    absmax = np.max(np.abs(padded), axis=-1)[..., 0]  # one block per output feature
+    np.testing.assert_allclose(
+        q.scales[..., 0], absmax if fmt == "nf4" else absmax / 127, rtol=1e-6
+    )
+
+
 # --- values a format cannot hold ----------------------------------------------------------
 
 

@@ -195,3 +195,19 @@ def test_flattened_output_axes_shard_only_by_a_leading_prefix():
     assert sharding._flat_entry((None, "tensor")) is None  # not contiguous once flattened
     assert sharding._flat_entry(("fsdp", "tensor", None)) == ("fsdp", "tensor")
     assert sharding._flat_entry((("data", "fsdp"), None, "tensor")) == ("data", "fsdp")
+
+
+def test_default_rules_on_a_mesh_of_other_axis_names_are_a_clear_error():
+    # Axes named dp/mp are not the default rules' data/fsdp/tensor: every kernel would be
+    # replicated over all devices without a word.
+    mesh = jax.sharding.AbstractMesh((2, 4), ("dp", "mp"))
+    params = {"kernel": jax.ShapeDtypeStruct((8, 8), jnp.float32)}
+    with pytest.raises(ValueError, match=r"\['dp', 'mp'\] are not among them.*rules="):
+        dora_jax.sharding.param_specs(params, mesh)
+    with pytest.raises(ValueError, match=r"also has \['dp', 'mp'\]"):
+        dora_jax.sharding.batch_sharding(mesh)
+    # Rules that name the mesh's axes, and meshes of the default names, work.
+    rules = (("kernel$", P("dp", "mp")),)
+    assert dora_jax.sharding.param_specs(params, mesh, rules=rules) == {"kernel": P("dp", "mp")}
+    tensor_only = jax.sharding.AbstractMesh((4,), ("tensor",))
+    assert dora_jax.sharding.batch_sharding(tensor_only).spec == P(None)

@@ -150,3 +150,79 @@ def test_quantised_base_is_split_over_8_devices_and_trains_like_one():
     down = out["bytes"]["layers/mlp/down_proj/kernel/base/scales"]
     assert down[1] * 8 == down[0], down
     assert all(per_device < total for total, per_device in out["bytes"].values())
+
+
+_TWO_PROCESS_SAVE = """
+import os, sys
+pid, port, d = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+sys.path.insert(0, {root!r})
+import jax
+jax.distributed.initialize(f"127.0.0.1:{{port}}", num_processes=2, process_id=pid)
+import numpy as np, optax, dora_jax
+from dora_jax import checkpoint, sharding
+from tests.helpers import perturb, tiny_llama
+
+_, params = tiny_llama()
+adapted = perturb(dora_jax.wrap(params, rank=4))  # the same on both processes
+mesh = sharding.mesh_from_string("fsdp=4,tensor=2")  # spans both processes
+adapted = sharding.put(adapted, sharding.shardings(adapted, mesh))
+frozen, trainable = dora_jax.partition(adapted)
+tx = optax.adam(1e-3)
+opt_state = tx.init(trainable)  # eager, as the README does: its count on one local device
+manager = checkpoint.manager(d + "/ckpt", async_save=False)
+key = jax.random.key(7)  # made outside jit: on one local device
+assert checkpoint.save(manager, 0, adapted, opt_state, key=key, data_position=0)
+r = checkpoint.restore(manager, adapted, opt_state)
+assert r.step == 0 and r.data_position == 0
+np.testing.assert_array_equal(jax.random.key_data(r.key), jax.random.key_data(key))
+dora_jax.peft.save(d + "/peft", r.adapted)  # gathered from both, written by process 0
+print(f"P{{pid}} ok", flush=True)
+"""
+
+_ONE_PROCESS_PEFT = """
+import sys
+sys.path.insert(0, {root!r})
+import dora_jax
+from tests.helpers import perturb, tiny_llama
+_, params = tiny_llama()
+dora_jax.peft.save(sys.argv[1], perturb(dora_jax.wrap(params, rank=4)))
+"""
+
+
+@pytest.mark.e2e
+def test_two_processes_save_eager_keys_and_export_peft(tmp_path):
+    # A key and an optimiser count made outside jit sit on one local device; saved on two
+    # processes they are placed replicated (orbax refuses host-local arrays), and peft.save
+    # gathers the adapters split over both processes and writes once.
+    from safetensors.numpy import load_file
+
+    script = tmp_path / "two.py"
+    script.write_text(_TWO_PROCESS_SAVE.format(root=str(ROOT)))
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(port), str(tmp_path)], env=env, **pipes
+        )
+        for i in range(2)
+    ]
+    try:
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, (stdout, stderr)) in enumerate(zip(procs, results)):
+        assert p.returncode == 0 and f"P{i} ok" in stdout, stderr[-3000:]
+    one = tmp_path / "one.py"
+    one.write_text(_ONE_PROCESS_PEFT.format(root=str(ROOT)))
+    proc = subprocess.run(
+        [sys.executable, str(one), str(tmp_path / "peft_one")], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    want = load_file(str(tmp_path / "peft_one" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

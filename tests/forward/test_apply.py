@@ -244,3 +244,17 @@ def test_exact_norm_grad_changes_direction_gradients(x):
         grads[exact] = jax.grad(loss)(trainable)["fc1"]["kernel"]
     assert not np.allclose(grads[False].a, grads[True].a, rtol=1e-3)
     np.testing.assert_allclose(grads[False].magnitude, grads[True].magnitude, rtol=1e-5)
+
+
+def test_vmap_over_an_adapted_stack_is_a_clear_error_and_vmap_inside_works():
+    # jax.vmap over the adapted tree slices every field along the stack axis the node
+    # still counts; inside the function the stack axis is followed.
+    params = {"w": {"kernel": jax.random.normal(jax.random.key(0), (3, 16, 8))}}
+    x = jax.random.normal(jax.random.key(1), (5, 16))
+    adapted = perturb(dora_jax.wrap(params, rank=2, axes={"w/kernel": dora_jax.Axes(1, 1)}))
+    f = lambda p, x: jnp.tanh(x @ p["w"]["kernel"])  # noqa: E731
+    with pytest.raises(ValueError, match=r"'w/kernel'.*do not fit its axes.*jax.vmap"):
+        jax.vmap(dora_jax.apply(f), in_axes=(0, None))(adapted, x)
+    inside = lambda p, x: jax.vmap(lambda k: jnp.tanh(x @ k))(p["w"]["kernel"])  # noqa: E731
+    y = dora_jax.apply(inside, strict=True)(adapted, x)
+    np.testing.assert_allclose(y, inside(ref_params(adapted), x), rtol=1e-5, atol=1e-6)

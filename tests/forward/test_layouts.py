@@ -352,6 +352,32 @@ def test_slices_of_output_and_stack_axes_stay_factored(method):
     np.testing.assert_allclose(y, layers(dora_jax.merge(stacked), x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_a_fori_loop_over_a_stacked_kernel_stays_factored(method):
+    # w[i] with a traced i is a dynamic_slice of the stack axis: each field is cut alike.
+    params, x = {"w": rand(0, 3, 16, 16)}, rand(1, 5, 16)
+
+    def fn(p, x):
+        return lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"][i]), x)
+
+    adapted = perturb(
+        dora_jax.wrap(params, rank=2, method=method, targets="w", axes={"w": Axes((0,), (1,))})
+    )
+
+    def loss(a, forward):
+        return jnp.sum(jnp.sin(forward(a, x)))
+
+    for jit in (False, True):
+        f = jax.value_and_grad(loss)
+        value, grads = (jax.jit(f, static_argnums=1) if jit else f)(
+            adapted, dora_jax.apply(fn, strict=True)
+        )
+        want, want_grads = jax.value_and_grad(lambda a: loss(ref_params(a), fn))(adapted)
+        close(value, want)
+        for name in type(adapted["w"]).trainable:
+            close(getattr(grads["w"], name), getattr(want_grads["w"], name))
+
+
 def test_a_slice_the_factored_forward_cannot_cut_forms_the_kernel():
     # An input-axis slice (the norm sums over it) and VeRA's shared matrices: W', warned.
     x = rand(2, 3, 3)
