@@ -29,6 +29,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from _cli import at_least, names
 
 import dora_jax
 from dora_jax.experiments import commonsense, training
@@ -43,7 +44,7 @@ def count_work(args) -> None:
 
     tokenizer = smollm2.tokenizer_from_gguf(gguf.GGUFReader(str(smollm2.find_gguf())))
     pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
-    train, held_out = commonsense.train_and_held_out(args.tasks.split(","),
+    train, held_out = commonsense.train_and_held_out(args.tasks,
                                                      eval_examples=args.examples)  # fmt: skip
     n = sum(len(v) for v in held_out.values())
     for packed, batch_size in ((False, 32), (True, 8)):
@@ -74,22 +75,31 @@ def count_work(args) -> None:
               f"real), {rows / examples:.1f} vocabulary rows per example")  # fmt: skip
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default="winogrande,obqa,arc_e")
-    p.add_argument("--examples", type=int, default=24, help="held-out examples per task")
-    p.add_argument("--steps", type=int, default=3, help="timed training steps per round")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--tasks",
+        type=names(commonsense.TASKS),
+        default="winogrande,obqa,arc_e",
+        help=f"comma-separated, of {','.join(commonsense.TASKS)}",
+    )
+    p.add_argument("--examples", type=at_least(1), default=24, help="held-out examples per task")
+    p.add_argument("--steps", type=at_least(1), default=3, help="timed training steps per round")
+    p.add_argument("--rounds", type=at_least(1), default=2)
     p.add_argument("--json", default=None)
     p.add_argument("--count-only", action="store_true", help="count work, do not time")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if args.count_only:
         return count_work(args)
 
     config, params, tokenizer = training.load_llama(scan_layers=True)
     model = Llama(config)
     pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
-    train, held_out = commonsense.train_and_held_out(args.tasks.split(","),
+    train, held_out = commonsense.train_and_held_out(args.tasks,
                                                      eval_examples=args.examples)  # fmt: skip
     n_eval = sum(len(v) for v in held_out.values())
     logprob_fn = training.make_logprob_fn(model.apply)
@@ -158,7 +168,7 @@ def main(argv=None):
             "examples_trained_per_s": r["examples"] / sum(r["train_s"]),
         }
     print(
-        f"{n_eval} held-out examples ({args.tasks}), {args.rounds} rounds, {args.steps} "
+        f"{n_eval} held-out examples ({','.join(args.tasks)}), {args.rounds} rounds, {args.steps} "
         f"training steps per round, DoRA r=8; {jax.devices()[0].platform}"
     )
     print("| layout | examples/s scored | tokens/s trained | examples/s trained |")

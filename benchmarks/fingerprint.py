@@ -12,6 +12,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from _cli import at_least
 
 from dora_jax import checkpoint
 
@@ -26,10 +27,14 @@ def best_of(fn, n=3):
     return min(times)
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, default=16)
-    args = parser.parse_args()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=at_least(1), default=16, help="4096 x 4096 kernels stacked")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     x = jnp.ones((args.layers, 4096, 4096), jnp.bfloat16)
     tree = {"w": x}
 

@@ -8,14 +8,24 @@ depend on the values), bf16 weights and activations, adapters in float32 (dora_j
 
     python benchmarks/gpu.py                      # writes benchmarks/results/gpu.{json,md}
     python benchmarks/gpu.py --quick --out /tmp/gpu
+    python benchmarks/gpu.py --methods lora,vera,dvora --frameworks jax,torch
+
+Methods: ``full``, ``lora``, ``dora``, ``vera``, ``dvora`` (rank ``--rank`` for all). PEFT's
+side runs LoRA / DoRA with ``LoraConfig`` and VeRA with ``VeraConfig`` (``r`` as dora_jax's,
+shared Kaiming-uniform ``A``/``B`` sized by the largest projection, ``d`` 0.1, ``b`` 0, float32
+adapters, as dora_jax's ``wrap``); PEFT has no DVoRA, so that method has dora_jax rows only.
 
 Each (framework, model, layout) runs in its own process, so one framework's allocator
 never holds memory while the other measures. dora_jax's memory is XLA's accounting of
 the compiled step (temporaries + arguments + outputs - aliased); PEFT's is
-``torch.cuda.max_memory_allocated`` during its steps. MFU is ``6 N tokens / step time /
-peak`` with ``N`` all parameters of the base model and the peak of ``PEAK_BF16`` (dense
-bf16, no sparsity): the conventional figure, although an adapter step does about two
-thirds of full fine-tuning's matmul work (no weight gradients of the frozen base).
+``torch.cuda.max_memory_allocated`` during its steps (both in MiB, 2**20 bytes, although the
+JSON keys say ``mb``). MFU is ``6 N tokens / step time / peak`` with ``N`` all parameters of
+the base model and the peak the GPU's dense bf16 rate from NVIDIA's data sheet (no sparsity;
+benchmarks/_gpu_peaks.py, matched by exact device name: an L40S is not an L4, an H100 PCIe
+not an H100 SXM): the conventional figure, although an adapter step does about two thirds
+of full fine-tuning's matmul work (no weight gradients of the frozen base). Each row states
+the peak it used (``peak_flops``, ``peak_flops_source``); a GPU not in that table gets no
+MFU, and neither does a CPU. Without a GPU the script warns and measures the CPU.
 """
 
 from __future__ import annotations
@@ -28,13 +38,20 @@ import subprocess
 import sys
 import time
 
+import _gpu_peaks
+from _cli import at_least, names
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # transformers' module names of the Llama projections (PEFT's target_modules); the jax side
 # takes its targets from dora_jax.models.llama.projection_regex.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LR, WEIGHT_DECAY = 1e-4, 0.01
-# Dense bf16 peak FLOP/s (NVIDIA data sheets, SXM parts).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12}
+METHODS = ("full", "lora", "dora", "vera", "dvora")
+FRAMEWORKS = ("jax", "torch")
+LAYOUTS = ("unscanned", "scanned")
+NO_PEFT = ("dvora",)  # methods PEFT lacks: dora_jax rows only
+# Values of the size flags the user leaves unset: (default, with --quick).
+SIZES = {"batch": (8, 2), "seq": (1024, 64), "steps": (20, 2), "warmup": (3, 1)}
 MODELS = {
     "bench": dict(
         vocab=8000, hidden=512, ffn=1408, layers=4, heads=8, kv_heads=8, theta=1e4
@@ -45,8 +62,14 @@ MODELS = {
 }  # fmt: skip
 
 
-def peak_flops(device_name: str) -> float | None:
-    return next((p for name, p in PEAK_BF16.items() if name in device_name), None)
+def peak_flops(device_name: str) -> tuple[float | None, str]:
+    """(dense bf16 peak FLOP/s of the device, where it comes from); ``None`` when unknown."""
+    if device_name.lower() == "cpu":
+        return None, "CPU: no MFU"
+    peak = _gpu_peaks.peak(device_name)
+    if peak is None:
+        return None, f"{device_name} is not in benchmarks/_gpu_peaks.py: no MFU"
+    return peak.bf16, f"{peak.gpu} bf16, {_gpu_peaks.SOURCE}"
 
 
 # --- dora_jax ------------------------------------------------------------------------------
@@ -104,7 +127,7 @@ def jax_worker(model_name: str, scanned: bool, args) -> list[dict]:
         ) / 2**20  # fmt: skip
         for _ in range(args.warmup):
             state, loss = compiled(state, frozen, tokens)
-        loss.block_until_ready()
+        jax.block_until_ready(state)
         times = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
@@ -159,8 +182,17 @@ def torch_worker(model_name: str, args) -> list[dict]:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows = []
     for method in args.methods:
+        if method in NO_PEFT:
+            continue
         if method == "full":
             model = copy.deepcopy(base)
+        elif method == "vera":
+            # As dora_jax's VeRA: r, shared A/B (Kaiming-uniform, largest shape), d 0.1, b 0.
+            vera = peft.VeraConfig(
+                r=args.rank, target_modules=list(PROJECTIONS), d_initial=0.1,
+                projection_prng_key=0,
+            )  # fmt: skip
+            model = peft.get_peft_model(copy.deepcopy(base), vera)
         else:
             lora = peft.LoraConfig(
                 r=args.rank, lora_alpha=2 * args.rank, target_modules=list(PROJECTIONS),
@@ -225,10 +257,12 @@ def jobs(args) -> list[tuple[str, str, str]]:
 
 
 def summarise(rows: list[dict], args) -> str:
+    """Adds throughput, MFU and ratios to each row; returns the Markdown."""
     for r in rows:
-        peak = peak_flops(r["device"])
+        peak, source = peak_flops(r["device"])
         tokens = args.batch * args.seq
         r["tokens_per_s"] = tokens / r["step_s"]
+        r["peak_flops"], r["peak_flops_source"] = peak, source
         r["mfu"] = None if peak is None else 6 * r["n_params"] * tokens / r["step_s"] / peak
         ref = next(
             (
@@ -254,9 +288,19 @@ def summarise(rows: list[dict], args) -> str:
         if twin is not None:
             r["time_vs_peft"] = r["step_s"] / twin["step_s"]
     f = lambda x, spec: "–" if x is None else format(x, spec)  # noqa: E731
-    lines = [
+    lines = []
+    for framework, device in dict.fromkeys((r["framework"], r["device"]) for r in rows):
+        peak, source = peak_flops(device)
+        used = "–" if peak is None else f"{peak / 1e12:g} TFLOP/s"
+        lines.append(f"{framework} ran on {device}; MFU peak: {used} ({source}).  ")
+    if any(r["device"].lower() == "cpu" for r in rows):
+        lines.append("**No GPU: these are CPU figures.**  ")
+    if any(m in NO_PEFT for m in args.methods) and "torch" in args.frameworks:
+        lines.append(f"PEFT has no {', '.join(NO_PEFT)}: no PEFT rows for it.  ")
+    lines += [
+        "",
         "| framework | model | layout | method | step ms | x LoRA | tokens/s | MFU | "
-        "memory MB | x LoRA | vs PEFT |",
+        "memory MiB | x LoRA | vs PEFT |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -270,26 +314,52 @@ def summarise(rows: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="bench,smollm2")
-    p.add_argument("--layouts", default="unscanned,scanned", help="dora_jax layouts")
-    p.add_argument("--frameworks", default="jax,torch")
-    p.add_argument("--methods", default="full,lora,dora")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="tiny batch, few steps (CPU check)")
+    p.add_argument(
+        "--models", type=names(MODELS), default="bench,smollm2",
+        help=f"comma-separated, of {','.join(MODELS)}",
+    )  # fmt: skip
+    p.add_argument(
+        "--layouts", type=names(LAYOUTS), default="unscanned,scanned",
+        help=f"dora_jax layouts, comma-separated, of {','.join(LAYOUTS)} (PEFT: unscanned)",
+    )  # fmt: skip
+    p.add_argument(
+        "--frameworks", type=names(FRAMEWORKS), default="jax,torch",
+        help="comma-separated, of jax (dora_jax), torch (PEFT)",
+    )  # fmt: skip
+    p.add_argument(
+        "--methods", type=names(METHODS), default="full,lora,dora",
+        help=f"comma-separated, of {','.join(METHODS)} (PEFT has no dvora)",
+    )  # fmt: skip
+    p.add_argument("--rank", type=at_least(1), default=16)
+    for name, (default, quick) in SIZES.items():
+        p.add_argument(
+            f"--{name}", type=at_least(0 if name == "warmup" else 1), default=None,
+            help=f"default {default}; {quick} with --quick",
+        )  # fmt: skip
+    p.add_argument(
+        "--quick", action="store_true",
+        help="tiny batch, few steps (CPU check): fills the size flags not given",
+    )  # fmt: skip
     p.add_argument("--budget-s", type=float, default=420.0, help="skip jobs after this")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "gpu"))
     p.add_argument("--_job", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.quick:
-        args.batch, args.seq, args.steps, args.warmup = 2, 64, 2, 1
-    args.models, args.layouts = args.models.split(","), args.layouts.split(",")
-    args.frameworks, args.methods = args.frameworks.split(","), args.methods.split(",")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, the size flags left unset filled (from --quick's values if given)."""
+    args = parser().parse_args(argv)
+    for name, (default, quick) in SIZES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else default)
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
 
     if args._job:
         fw, model_name, layout = args._job.split(":")
@@ -300,27 +370,34 @@ def main():
         print(json.dumps(rows))
         return
 
+    if "torch" in args.frameworks:
+        for method in NO_PEFT:
+            if method in args.methods:
+                print(f"note: PEFT has no {method}: its rows are dora_jax only", flush=True)
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    rows, errors, t_start = [], [], time.perf_counter()
+    rows, errors, failed, t_start = [], [], [], time.perf_counter()
     for job in jobs(args):
         if time.perf_counter() - t_start > args.budget_s:
             errors.append(f"{':'.join(job)}: skipped (over --budget-s)")
             continue
-        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--_job", ":".join(job)]
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--_job", ":".join(job)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         print(f"{':'.join(job)}: {time.perf_counter() - t0:.0f} s", flush=True)
         if proc.returncode != 0:
             errors.append(f"{':'.join(job)}: exit {proc.returncode}: {proc.stderr[-1500:]}")
+            failed.append(errors[-1])
             print(errors[-1], flush=True)
             continue
         rows.extend(json.loads(proc.stdout.strip().splitlines()[-1]))
     table = summarise(rows, args)
     meta = dict(
-        date=time.strftime("%Y-%m-%d"), command="python benchmarks/gpu.py " + " ".join(
-            sys.argv[1:]), batch=args.batch, seq=args.seq, rank=args.rank,
-        peak_bf16=PEAK_BF16, wall_s=time.perf_counter() - t_start, errors=errors,
+        date=time.strftime("%Y-%m-%d"), command="python benchmarks/gpu.py " + " ".join(argv),
+        batch=args.batch, seq=args.seq, rank=args.rank, steps=args.steps, warmup=args.warmup,
+        devices=sorted({r["device"] for r in rows}), peak_source=_gpu_peaks.SOURCE,
+        no_peft=[m for m in args.methods if m in NO_PEFT and "torch" in args.frameworks],
+        wall_s=time.perf_counter() - t_start, errors=errors,
     )  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as fh:
@@ -328,8 +405,17 @@ def main():
     with open(args.out + ".md", "w") as fh:
         fh.write(table)
     print(table)
+    cpu = sorted({r["framework"] for r in rows if r["device"].lower() == "cpu"})
+    if cpu:
+        print(
+            f"WARNING: no GPU found: {' and '.join(cpu)} ran on the CPU. These are CPU figures, "
+            "not GPU ones, and no MFU is computed.",
+            file=sys.stderr,
+        )
     for e in errors:
         print("ERROR", e)
+    if failed or not rows:
+        sys.exit(f"{len(failed)} job(s) failed" if failed else "no rows measured")
 
 
 if __name__ == "__main__":

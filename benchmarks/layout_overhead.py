@@ -7,17 +7,20 @@ A layout should cost nothing: the two columns should agree. One process, interle
 rounds, medians; a training step is forward, backward and AdamW on the adapter leaves.
 
     taskset -c 1 python benchmarks/layout_overhead.py --rounds 7
+    python benchmarks/layout_overhead.py --rounds 1 --tokens 64 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _cli import at_least
 
 import dora_jax
 
@@ -81,11 +84,30 @@ def step_fn(params, block, x, method: str, axes):
     return step, state
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--tokens", type=int, default=1024, help="batch x sequence")
-    args = parser.parse_args()
+def tokens(text: str) -> int:
+    """An argparse ``type``: tokens per batch, a positive multiple of the batch of 8."""
+    n = at_least(8)(text)
+    if n % 8:
+        raise argparse.ArgumentTypeError(f"a multiple of 8 (8 sequences per batch), got {n}")
+    return n
+
+
+tokens.__name__ = "multiple of 8"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=at_least(1), default=7)
+    p.add_argument(
+        "--tokens", type=tokens, default=1024,
+        help="batch x sequence: 8 sequences of tokens/8 each, so a multiple of 8",
+    )  # fmt: skip
+    p.add_argument("--json", default=None, help="write the medians and ratios here")
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     x = jax.random.normal(jax.random.key(1), (8, args.tokens // 8, D))
     runs = {}
     for layout in LAYOUTS:
@@ -102,9 +124,14 @@ def main() -> None:
     med = {k: float(np.median(v)) for k, v in times.items()}
     print("| layout | LoRA step s | DoRA step s | DoRA/LoRA |")
     print("|---|---|---|---|")
+    results = {}
     for layout in LAYOUTS:
         lora, dora = med[layout, "lora"], med[layout, "dora"]
+        results[layout] = {"lora_step_s": lora, "dora_step_s": dora, "dora_vs_lora": dora / lora}
         print(f"| {layout} | {lora:.3f} | {dora:.3f} | {dora / lora:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

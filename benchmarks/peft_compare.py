@@ -41,6 +41,9 @@ import sys
 import time
 from collections.abc import Callable
 
+import _gpu_peaks
+from _cli import at_least, int_list, names, probability_list
+
 # On a GPU, jax would otherwise take 75% of its memory up front and starve torch.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -51,13 +54,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # jax into the torch-only memory process).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LR, WEIGHT_DECAY = 1e-4, 0.01
-# Nominal dense peaks (FLOP/s) by GPU name: (fp32 without tensor cores, tf32 tensor cores).
-GPU_PEAKS = {
-    "H200": (67e12, 495e12),
-    "H100": (67e12, 495e12),
-    "A100": (19.5e12, 156e12),
-    "L4": (30.3e12, 60e12),
-}
+# MFU divides by the GPU's dense peak (benchmarks/_gpu_peaks.py, matched by exact name): fp32
+# without tensor cores, or tf32 tensor cores with --tf32. An unknown GPU gets no MFU.
 FRAMEWORKS = {"jax": "dora_jax", "torch": "PEFT"}
 
 
@@ -393,8 +391,8 @@ def _torch_state_from_flax(params, num_layers: int, torch) -> dict:
     }
     for i in range(num_layers):
         layer, prefix = params[f"layers_{i}"], f"model.layers.{i}."
-        for group, names in (("self_attn", PROJECTIONS[:4]), ("mlp", PROJECTIONS[4:])):
-            for name in names:
+        for group, modules in (("self_attn", PROJECTIONS[:4]), ("mlp", PROJECTIONS[4:])):
+            for name in modules:
                 kernel = np.asarray(layer[group][name]["kernel"]).T
                 state[f"{prefix}{group}.{name}.weight"] = t(kernel)
         for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -622,9 +620,17 @@ def summarise(cases, results, args, meta) -> dict:
         res["flops"] = flops
         res["tflops_per_s"] = flops / res["step_s"] / 1e12
         device = meta.get(f"{case.framework}_device", "")
-        peak = next((p for name, p in GPU_PEAKS.items() if name in device), None)
-        if peak is not None and not device.startswith("cpu"):
-            res["mfu"] = res["tflops_per_s"] * 1e12 / peak[1 if args.tf32 else 0]
+        if device.startswith("cpu"):
+            continue
+        peak = _gpu_peaks.peak(device.split(":", 1)[-1])
+        precision = "tf32" if args.tf32 else "fp32"
+        if peak is None:
+            res["peak_flops"] = None
+            res["peak_flops_source"] = f"unknown GPU {device!r}: no MFU"
+        else:
+            res["peak_flops"] = getattr(peak, precision)
+            res["peak_flops_source"] = f"{peak.gpu} {precision}, {_gpu_peaks.SOURCE}"
+            res["mfu"] = res["tflops_per_s"] * 1e12 / res["peak_flops"]
     return results
 
 
@@ -669,7 +675,7 @@ def markdown(cases, results, args, meta) -> str:
         head += " jax/PEFT |"
         rule += "---:|"
     for fw in fws:
-        head += f" {name[fw]} peak RSS MB | x LoRA |"
+        head += f" {name[fw]} peak RSS MiB | x LoRA |"
         rule += "---:|---:|"
     if gpu:
         head += "".join(f" {name[fw]} MFU |" for fw in fws)
@@ -704,7 +710,7 @@ def markdown(cases, results, args, meta) -> str:
     if any("peak_rss_mb" in v for v in results.values()):
         lines += [
             "",
-            "### Memory in detail (MB)",
+            "### Memory in detail (MiB)",
             "",
             "Resident before the timed steps (runtime, weights, compiled program), growth "
             "during them (activations, gradients, optimiser temporaries), and for dora_jax "
@@ -775,6 +781,13 @@ def markdown(cases, results, args, meta) -> str:
             f"Same model: both frameworks load the same random weights; max |logit difference| "
             f"= {meta['max_abs_logit_diff_jax_vs_torch']:.1e}.",
         ]
+    peaks = {}
+    for key, v in results.items():
+        if "peak_flops_source" in v:
+            peaks[Case.from_key(key).framework] = (v["peak_flops"], v["peak_flops_source"])
+    for fw, (flops, source) in peaks.items():
+        used = "none" if flops is None else f"{flops / 1e12:g} TFLOP/s"
+        lines += ["", f"MFU of {name[fw]}: analytic FLOPs / step time / peak {used} ({source})."]
     return "\n".join(lines) + "\n"
 
 
@@ -795,7 +808,7 @@ def plot(cases, results, args, path: str) -> None:
     infer = [c for c in cases if c.inference and c.framework == fws[0]]
     panels = [(train, "step_s", "training step, s (median)")]
     if any("peak_rss_mb" in v for v in results.values()):
-        panels.append((train, "peak_rss_mb", "peak RSS during training, MB"))
+        panels.append((train, "peak_rss_mb", "peak RSS during training, MiB"))
     panels.append((infer, "step_s", "inference forward, s (median)"))
     rows = [len(group) * len(fws) + 2 for group, _, _ in panels]
     fig, axes = plt.subplots(
@@ -848,51 +861,84 @@ def versions(args) -> dict:
     return out
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--full", action="store_true", help="the whole grid: r=8,32 x dropout 0,0.05"
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    grid = p.add_mutually_exclusive_group()
+    grid.add_argument(
+        "--full", action="store_true",
+        help="the whole grid: --ranks and --dropouts not given default to 8,32 and 0,0.05",
+    )  # fmt: skip
+    grid.add_argument(
+        "--quick", action="store_true",
+        help="--ranks and --dropouts not given default to 8 and 0 (the default anyway)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ranks",
+        type=int_list(1),
+        default=None,
+        help="LoRA/DoRA ranks, comma-separated (default 8; 8,32 with --full)",
     )
-    parser.add_argument("--quick", action="store_true", help="r=8, dropout 0 (the default)")
-    parser.add_argument("--ranks", default="8")
-    parser.add_argument("--dropouts", default="0")
-    parser.add_argument("--vera-rank", type=int, default=256, help="VeRA/DVoRA r; 0 skips")
-    parser.add_argument("--frameworks", default="jax,torch")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--tf32", action="store_true", help="GPU: allow TF32 matmuls")
-    parser.add_argument(
+    p.add_argument(
+        "--dropouts",
+        type=probability_list,
+        default=None,
+        help="comma-separated, each in [0, 1) (default 0; 0,0.05 with --full)",
+    )
+    p.add_argument("--vera-rank", type=at_least(0), default=256, help="VeRA/DVoRA r; 0 skips")
+    p.add_argument(
+        "--frameworks",
+        type=names(FRAMEWORKS),
+        default="jax,torch",
+        help="comma-separated, of jax (dora_jax), torch (PEFT)",
+    )
+    p.add_argument("--batch", type=at_least(1), default=4)
+    p.add_argument("--seq", type=at_least(2), default=256)
+    p.add_argument("--steps", type=at_least(1), default=3, help="timed steps per round")
+    p.add_argument("--rounds", type=at_least(1), default=5)
+    p.add_argument("--threads", type=at_least(1), default=2, help="torch.set_num_threads")
+    p.add_argument("--tf32", action="store_true", help="GPU: allow TF32 matmuls")
+    p.add_argument(
         "--pin",
         action="store_true",
         help="run on --threads CPUs only (Linux affinity), jax and torch alike, and time "
         "every batch: a fair comparison when other jobs keep the machine busy (use with "
-        "--threads 1)",
+        "--threads 1; then XLA:CPU's Eigen thread pool is off too)",
     )
-    parser.add_argument(
-        "--max-rounds", type=int, default=15, help="give up on clean batches after this"
+    p.add_argument(
+        "--max-rounds", type=at_least(1), default=15, help="give up on clean batches after this"
     )
-    parser.add_argument(
+    p.add_argument(
         "--quiet-wait",
         type=float,
         default=20.0,
         help="before each batch, wait up to this many s for other jobs to leave the CPU",
     )
-    parser.add_argument(
+    p.add_argument(
         "--quiet-threshold",
         type=float,
         default=0.15,
         help="a batch is clean when other processes used at most this many cores",
     )
-    parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--out", default=None, help="output path without suffix (.json, .md, .png)")
-    parser.add_argument(
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--out", default=None, help="output path without suffix (.json, .md, .png)")
+    p.add_argument(
         "--from-json", default=None, help="rewrite .md and .png from a saved .json; no runs"
     )
-    parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with --full / --quick filling the grid flags the user left unset."""
+    args = parser().parse_args(argv)
+    grid = ([8, 32], [0.0, 0.05]) if args.full else ([8], [0.0])
+    args.ranks = args.ranks if args.ranks is not None else grid[0]
+    args.dropouts = args.dropouts if args.dropouts is not None else grid[1]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.from_json:
         path = args.from_json
         with open(path) as f:
@@ -906,16 +952,11 @@ def main():
         os.sched_setaffinity(0, cpus)
         # Both frameworks then share the same CPUs' slowdown alike: no waiting for quiet.
         args.quiet_wait, args.quiet_threshold = 0.0, float("inf")
-        if args.threads == 1:  # XLA's CPU thread pool too, as torch.set_num_threads(1)
-            flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        if args.threads == 1:
+            # XLA:CPU has no flag for its intra-op pool's size; this one turns off Eigen's
+            # multi-threaded matmuls. Beyond that, the affinity above is what pins XLA.
+            flags = "--xla_cpu_multi_thread_eigen=false"
             os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
-    if args.full:
-        args.ranks, args.dropouts = "8,32", "0,0.05"
-    elif args.quick:
-        args.ranks, args.dropouts = "8", "0"
-    args.ranks = [int(x) for x in args.ranks.split(",")]
-    args.dropouts = [float(x) for x in args.dropouts.split(",")]
-    args.frameworks = args.frameworks.split(",")
 
     if args._memory:
         print(json.dumps(memory_of(Case.from_key(args._memory), args)))

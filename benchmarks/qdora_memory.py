@@ -29,12 +29,13 @@ import time
 
 import jax
 import optax
+from _cli import at_least, names
 
 import dora_jax
 from dora_jax.experiments import training
 from dora_jax.memory import PeakRSS, release_free_heap, rss_mb
 from dora_jax.models import smollm2
-from dora_jax.models.llama import Llama, projection_regex
+from dora_jax.models.llama import PROJECTIONS, Llama, projection_regex
 
 METHODS = ("dora", "qdora_nf4", "qdora_int8", "qdora_q4_1")
 
@@ -43,7 +44,7 @@ def setup(method: str, args):
     """(model, frozen, trainable): the float kernels that were quantised are released."""
     config, variables, _ = smollm2.load_smollm2(scan_layers=True)
     model = Llama(config)
-    targets = projection_regex(args.targets.split(","))
+    targets = projection_regex(args.targets)
     adapted = dora_jax.wrap(
         variables["params"], rank=args.rank, targets=targets, axes={"^layers/": (1, 1)}
     )
@@ -111,34 +112,54 @@ def measure(method: str, args) -> dict:
     }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--targets", default="q,k,v,o,gate,up,down")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=5, help="measured steps per method")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--methods",
+        type=names(METHODS),
+        default=",".join(METHODS),
+        help=f"comma-separated, of {','.join(METHODS)} (default: all)",
+    )
+    p.add_argument(
+        "--targets",
+        type=names(PROJECTIONS),
+        default=",".join(PROJECTIONS),
+        help=f"projections, comma-separated, of {','.join(PROJECTIONS)}",
+    )
+    p.add_argument("--rank", type=at_least(1), default=8)
+    p.add_argument("--batch", type=at_least(1), default=8)
+    p.add_argument("--seq", type=at_least(2), default=64)
+    p.add_argument("--steps", type=at_least(1), default=5, help="measured steps per method")
+    p.add_argument("--json", default=None, help="write results here (memory keys: MiB)")
+    p.add_argument("--_one", default=None, choices=METHODS, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if args._one:
         print(json.dumps(measure(args._one, args)))
         return
 
     results = {}
-    for m in args.methods.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--_one", m, "--targets", args.targets]
+    targets = ",".join(args.targets)
+    for m in args.methods:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_one", m, "--targets", targets]
         cmd += ["--rank", str(args.rank), "--batch", str(args.batch), "--seq", str(args.seq)]
         cmd += ["--steps", str(args.steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results[m] = json.loads(out.strip().splitlines()[-1])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(
+                f"{m}: {' '.join(cmd)} exited {proc.returncode}; its stderr ends:\n"
+                f"{proc.stderr[-3000:]}"
+            )
+        results[m] = json.loads(proc.stdout.strip().splitlines()[-1])
     print(
         f"SmolLM2-135M, jax {jax.__version__} {jax.devices()[0].platform}, DoRA r={args.rank} "
-        f"on {args.targets}, batch {args.batch}x{args.seq}, AdamW, float32 compute"
+        f"on {targets}, batch {args.batch}x{args.seq}, AdamW, float32 compute; memory in MiB"
     )
     ref = results.get("dora")
-    cols = ("base MB", "B/param", "frozen MB", "RSS setup", "peak RSS", "/DoRA", "XLA temp",
+    cols = ("base MiB", "B/param", "frozen MiB", "RSS setup", "peak RSS", "/DoRA", "XLA temp",
             "step s", "/DoRA")  # fmt: skip
     print(f"{'method':<12}" + "".join(f"{c:>11}" for c in cols))
     for m, r in results.items():

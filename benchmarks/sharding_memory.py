@@ -21,6 +21,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import optax
+from _cli import at_least
 
 import dora_jax
 from dora_jax import checkpoint, sharding
@@ -32,6 +33,7 @@ CONFIGS = {
     "bench": LlamaConfig.bench,
     "smollm2": LlamaConfig.smollm2_135m,
 }
+DTYPES = ("bfloat16", "float16", "float32")
 MESHES_8 = ("data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2")
 
 
@@ -97,13 +99,19 @@ def measure(args, spec: str) -> dict:
     return row
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="smollm2", choices=sorted(CONFIGS))
-    parser.add_argument("--dtype", default="bfloat16", help="base dtype (adapters: float32)")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="smollm2", choices=sorted(CONFIGS))
+    p.add_argument(
+        "--dtype", default="bfloat16", choices=DTYPES, help="base dtype (adapters: float32)"
+    )
+    p.add_argument("--rank", type=at_least(1), default=16)
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
 
     if args._worker is not None:
         print("ROWS" + json.dumps([measure(args, s) for s in args._worker.split(";")]))
@@ -113,8 +121,13 @@ def main():
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", ";".join(MESHES_8)]
     cmd += ["--config", args.config, "--dtype", args.dtype, "--rank", str(args.rank)]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-    rows += json.loads(next(ln for ln in out.splitlines() if ln.startswith("ROWS"))[4:])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(
+            f"the 8-device worker ({' '.join(cmd)}) exited {proc.returncode}; its stderr "
+            f"ends:\n{proc.stderr[-3000:]}"
+        )
+    rows += json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("ROWS"))[4:])
 
     mib = 2**20
     print(

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _cli import at_least, names, probability
 from scipy import stats
 
 import dora_jax
@@ -49,6 +49,7 @@ from dora_jax.memory import PeakRSS
 from dora_jax.models.llama import Llama, LlamaConfig, next_token_loss, projection_regex
 
 METHODS = ("full", "lora", "dora", "dora_merge", "dora_exact", "vera", "dvora")
+LAYOUTS = ("unscanned", "scanned")
 PROJECTIONS = projection_regex()
 
 
@@ -138,15 +139,17 @@ def setup(args, scanned: bool = False):
 
 
 def xla_step_mb(step, state, frozen, tokens) -> float:
-    """XLA's accounting of one compiled step: temporaries + arguments + outputs - aliased."""
+    """XLA's accounting of one compiled step in MiB: temporaries + arguments + outputs -
+    aliased."""
     m = step.lower(state, frozen, tokens, jax.random.key(0)).compile().memory_analysis()
     total = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
     return (total - m.alias_size_in_bytes) / 2**20
 
 
 def memory_of(method: str, args) -> dict:
-    """Runs in a fresh process: compile, a few steps, then peak RSS and XLA's accounting."""
-    _, model, params, tokens, axes = setup(args, args.layouts == "scanned")
+    """Runs in a fresh process: compile, a few steps, then peak RSS and XLA's accounting
+    (MiB, though the keys say ``mb``: the names the saved results use)."""
+    _, model, params, tokens, axes = setup(args, args.layouts == ["scanned"])
     step, state, frozen, _ = make_step(
         method, model, params, args.rank, args.dropout, axes=axes, vera_rank=args.vera_rank
     )
@@ -164,7 +167,6 @@ def memory_of(method: str, args) -> dict:
     return {
         "peak_rss_mb": peak.mb,
         "rss_before_steps_mb": peak.before_mb,
-        "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "xla_temp_mb": analysis.temp_size_in_bytes / 2**20,
         "xla_args_mb": analysis.argument_size_in_bytes / 2**20,
     }
@@ -192,32 +194,55 @@ def step_ratio_stats(rounds: list[float], reference_rounds: list[float]) -> dict
     }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--json", default=None, help="write results here")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
-    parser.add_argument("--layouts", default="unscanned", help="unscanned,scanned")
-    parser.add_argument("--vera-rank", type=int, default=256)
-    parser.add_argument(
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--methods",
+        type=names(METHODS),
+        default=",".join(METHODS),
+        help=f"comma-separated, of {','.join(METHODS)} (default: all)",
+    )
+    p.add_argument("--rank", type=at_least(1), default=8)
+    p.add_argument("--dropout", type=probability, default=0.0)
+    p.add_argument("--batch", type=at_least(1), default=4)
+    p.add_argument("--seq", type=at_least(2), default=256)
+    p.add_argument("--steps", type=at_least(1), default=5, help="timed steps per round")
+    p.add_argument("--rounds", type=at_least(1), default=5)
+    p.add_argument("--json", default=None, help="write results here (memory keys: MiB)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
+    p.add_argument(
+        "--layouts",
+        type=names(LAYOUTS),
+        default="unscanned",
+        help=f"comma-separated, of {','.join(LAYOUTS)} (default: unscanned)",
+    )
+    p.add_argument("--vera-rank", type=at_least(1), default=256)
+    p.add_argument(
         "--model", default="bench", choices=("bench", "smollm2"),
         help="the bench Llama, or SmolLM2-135M's shape (random weights)",
     )  # fmt: skip
-    parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    p.add_argument("--_memory", default=None, choices=METHODS, help=argparse.SUPPRESS)
+    return p
+
+
+def run_child(cmd: list[str]) -> str:
+    """Runs ``cmd``; its stdout, or a RuntimeError with the tail of its stderr."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(
+            f"{' '.join(cmd)} exited {proc.returncode}; its stderr ends:\n{proc.stderr[-3000:]}"
+        )
+    return proc.stdout
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
 
     if args._memory:
         print(json.dumps(memory_of(args._memory, args)))
         return
 
-    methods = args.methods.split(",")
-    layouts = args.layouts.split(",")
+    methods, layouts = args.methods, args.layouts
     runs = {}
     for layout in layouts:
         cfg, model, params, tokens, axes = setup(args, layout == "scanned")
@@ -277,13 +302,13 @@ def main():
                 cmd += ["--batch", str(args.batch), "--seq", str(args.seq)]
                 cmd += ["--layouts", layout, "--vera-rank", str(args.vera_rank)]
                 cmd += ["--model", args.model]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                out = run_child(cmd)
                 results[f"{layout}/{m}"].update(json.loads(out.strip().splitlines()[-1]))
 
     header = f"{'layout/method':<20}{'trainable':>12}{'step s':>9}{'ratio':>7}{'95% CI':>14}"
-    header += f"{'XLA step MB':>13}{'ratio':>7}"
+    header += f"{'XLA step MiB':>13}{'ratio':>7}"
     if not args.no_memory:
-        header += f"{'RSS MB':>9}{'ratio':>7}"
+        header += f"{'RSS MiB':>9}{'ratio':>7}"
     print(header + "   (ratio: to LoRA; DVoRA to VeRA)")
     for name, r in results.items():
         layout, m = name.split("/")

@@ -22,22 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from _cli import at_least, names
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
-import dora_jax  # noqa: E402
-from dora_jax.models.llama import next_token_loss  # noqa: E402
+import dora_jax
+from dora_jax.models.llama import next_token_loss
 
 METHODS = ("lora", "dora", "dora_merge")
+MODELS = ("gemma", "conv")
 
 
 class Einsum(nn.Module):
@@ -156,7 +154,7 @@ def make_step(method, fn, params, loss_of, targets, axes, rank, lr=1e-4):
 def run(name: str, args) -> dict:
     fn, params, batch, loss_of, targets, axes = setup(name, args)
     runs = {}
-    for m in args.methods.split(","):
+    for m in args.methods:
         step, state, frozen = make_step(m, fn, params, loss_of, targets, axes, args.rank)
         t0 = time.perf_counter()
         state, value = step(state, frozen, batch)
@@ -183,25 +181,39 @@ def run(name: str, args) -> dict:
     }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="gemma,conv")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=4, help="gemma: sequences per batch")
-    parser.add_argument("--seq", type=int, default=256, help="gemma: tokens per sequence")
-    parser.add_argument("--images", type=int, default=32, help="conv: images per batch")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--json", default=None, help="write results here")
-    args = parser.parse_args()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--models",
+        type=names(MODELS),
+        default=",".join(MODELS),
+        help=f"comma-separated, of {','.join(MODELS)} (default: both)",
+    )
+    p.add_argument(
+        "--methods",
+        type=names(METHODS),
+        default=",".join(METHODS),
+        help=f"comma-separated, of {','.join(METHODS)} (default: all)",
+    )
+    p.add_argument("--rank", type=at_least(1), default=8)
+    p.add_argument("--batch", type=at_least(1), default=4, help="gemma: sequences per batch")
+    p.add_argument("--seq", type=at_least(2), default=256, help="gemma: tokens per sequence")
+    p.add_argument("--images", type=at_least(1), default=32, help="conv: images per batch")
+    p.add_argument("--steps", type=at_least(1), default=3, help="timed steps per round")
+    p.add_argument("--rounds", type=at_least(1), default=5)
+    p.add_argument("--json", default=None, help="write results here")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform}: rank {args.rank}; gemma batch "
         f"{args.batch}x{args.seq}; conv batch {args.images}x32x32x3; medians of "
         f"{args.rounds} rounds x {args.steps} steps"
     )
     results = {}
-    for name in args.models.split(","):
+    for name in args.models:
         results[name] = run(name, args)
         base = results[name].get("lora")
         print(f"{name}:")

@@ -20,7 +20,7 @@ def test_gpu_script_quick_run_writes_both_frameworks_rows(tmp_path):
     cmd = [
         sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--quick",
         "--models", "bench", "--frameworks", "jax,torch", "--layouts", "scanned",
-        "--methods", "lora,dora", "--out", out,
+        "--methods", "lora,dora,vera,dvora", "--out", out,
     ]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
@@ -29,13 +29,20 @@ def test_gpu_script_quick_run_writes_both_frameworks_rows(tmp_path):
     with open(out + ".json") as fh:
         result = json.load(fh)
     assert result["meta"]["errors"] == []
+    assert "WARNING: no GPU found" in proc.stderr
+    assert "note: PEFT has no dvora" in proc.stdout
     rows = {(r["framework"], r["method"]): r for r in result["rows"]}
-    assert set(rows) == {(f, m) for f in ("dora_jax", "PEFT") for m in ("lora", "dora")}
+    methods = ("lora", "dora", "vera", "dvora")
+    # DVoRA has no PEFT counterpart: no PEFT row stands in for it.
+    assert set(rows) == {("dora_jax", m) for m in methods} | {
+        ("PEFT", m) for m in methods if m != "dvora"
+    }
     for row in rows.values():
         assert row["device"] == "cpu"
         assert row["step_s"] > 0 and math.isfinite(row["loss"])
         assert row["mfu"] is None  # no known peak for a CPU: no figure is made up
-    for method in ("lora", "dora"):
+        assert row["peak_flops"] is None and "no MFU" in row["peak_flops_source"]
+    for method in ("lora", "dora", "vera"):
         jax_row, peft_row = rows["dora_jax", method], rows["PEFT", method]
         assert jax_row["layout"] == "scanned" and jax_row["xla_step_mb"] > 0
         # Both frameworks build the same architecture.
@@ -48,4 +55,5 @@ def test_gpu_script_quick_run_writes_both_frameworks_rows(tmp_path):
     with open(out + ".md") as fh:
         table = fh.read()
     assert "| framework | model | layout | method |" in table
-    assert table.count("| dora_jax | bench | scanned |") == 2
+    assert table.count("| dora_jax | bench | scanned |") == 4
+    assert "dora_jax ran on cpu" in table and "No GPU: these are CPU figures" in table
