@@ -531,7 +531,9 @@ class LoRA(Adapter):
                    assumed_layout=assumed_layout)  # fmt: skip
 
     def factors(self) -> tuple[Array, Array]:
-        return self.a, self.b * jnp.asarray(self.scale, self.b.dtype)
+        # The scale in float32: rounded to a bfloat16 B's dtype it would bias every update
+        # (alpha 16 at rank 3: 5.3333 as 5.34375).
+        return self.a, self.b * jnp.asarray(self.scale, jnp.float32)
 
 
 @_pytree_dataclass
@@ -568,7 +570,9 @@ class DoRA(_Decomposed):
                    exact_norm_grad=exact_norm_grad, assumed_layout=assumed_layout)  # fmt: skip
 
     def factors(self) -> tuple[Array, Array]:
-        return self.a, self.b * jnp.asarray(self.scale, self.b.dtype)
+        # The scale in float32: rounded to a bfloat16 B's dtype it would bias every update
+        # (alpha 16 at rank 3: 5.3333 as 5.34375).
+        return self.a, self.b * jnp.asarray(self.scale, jnp.float32)
 
 
 class _SharedRandomFactors(Adapter):

@@ -376,21 +376,23 @@ def _wrap(params, rank, axes, layers, *, method, alpha, targets, key, dropout, r
             f"targets=."
         )
     new_leaves = [leaf for _, leaf in leaves_with_path]
-    # Kinds with shared leaves (VeRA's matrices) draw them once from `key`, over every
-    # kernel of those kinds; the others draw one key per kernel.
+    # Kinds with shared leaves (VeRA's and DVoRA's matrices) draw one pair from `key`, over
+    # every kernel of those kinds (one pair per tree); the others draw one key per kernel.
     shared = {}
-    for kind in {KINDS[cfg["method"]] for cfg in settings}:
-        if not kind.shared:
-            continue
-        mine = [(c, cfg) for c, cfg in zip(chosen, settings) if KINDS[cfg["method"]] is kind]
+    kinds = sorted({KINDS[cfg["method"]] for cfg in settings if KINDS[cfg["method"]].shared},
+                   key=lambda kind: kind.__name__)  # fmt: skip
+    if kinds:
+        mine = [(c, cfg) for c, cfg in zip(chosen, settings) if KINDS[cfg["method"]].shared]
         ranks = sorted({cfg["rank"] for _, cfg in mine})
         if len(ranks) > 1:
+            names = " and ".join(kind.__name__ for kind in kinds)
             raise ValueError(
-                f"{kind.__name__} kernels share one pair of random matrices, so they need "
-                f"one rank; the rules give {ranks}. Give every such kernel the same rank."
+                f"{names} kernels share one pair of random matrices, so they need one "
+                f"rank; the rules give {ranks}. Give every such kernel the same rank."
             )
         sizes = [_in_out(new_leaves[i].shape, ax) for (i, _, ax, _, _), _ in mine]
-        shared[kind] = kind.init_shared(sizes, ranks[0], key, dtype)
+        pair = kinds[0].init_shared(sizes, ranks[0], key, dtype)
+        shared = dict.fromkeys(kinds, pair)
     # Without rules the keys are those of a single-method wrap (same initialisation).
     keys = jax.random.split(jax.random.fold_in(key, 1) if shared else key, len(chosen))
     for k, (i, p, ax, assumed, _), cfg in zip(keys, chosen, settings):

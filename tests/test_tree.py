@@ -1,5 +1,6 @@
 """wrap, partition, combine, merge; per-kernel rules, the magnitude-only adapter; bad input."""
 
+import dataclasses
 import math
 import re
 
@@ -393,3 +394,28 @@ def test_magnitude_only_nodes_shard_and_quantise(rules_setup):
     node = quantised["up_proj"]["kernel"]
     w = node.base.dequantize()
     np.testing.assert_allclose(node.magnitude, np.linalg.norm(w, axis=0), rtol=1e-6)
+
+
+def test_vera_and_dvora_mixed_by_rules_share_one_pair_and_one_rank():
+    # One pair of shared matrices per tree (the conventions): a checkpoint stores it once.
+    params = {"a": {"kernel": ref.rand(1, 16, 32)}, "b": {"kernel": ref.rand(2, 16, 16)}}
+    adapted = dora_jax.wrap(params, rank=4, method="dvora", rules=[("^b/", dict(method="vera"))])
+    a, b = adapted["a"]["kernel"], adapted["b"]["kernel"]
+    assert isinstance(a, dora_jax.DVoRA) and isinstance(b, dora_jax.VeRA)
+    assert a.shared_a is b.shared_a and a.shared_b is b.shared_b
+    assert a.shared_a.shape == (16, 4) and a.shared_b.shape == (4, 32)
+    with pytest.raises(ValueError, match=r"DVoRA and VeRA kernels share one pair.*\[4, 8\]"):
+        dora_jax.wrap(params, rank=4, method="dvora", rules=[("^b/", dict(method="vera", rank=8))])
+
+
+def test_a_bfloat16_adapters_scale_is_not_rounded_to_bfloat16():
+    # s = 16 / 3 = 5.3333 is 5.34375 in bfloat16: rounded before multiplying B it would
+    # bias every update by +0.2%.
+    params = {"kernel": ref.rand(0, 32, 24)}
+    adapted = dora_jax.wrap(params, rank=3, alpha=16.0, method="lora", dtype=jnp.bfloat16)
+    node = adapted["kernel"]
+    node = dataclasses.replace(node, b=ref.rand(1, *node.b.shape).astype(jnp.bfloat16))
+    delta = dora_jax.merge({"kernel": node})["kernel"] - params["kernel"]
+    want = (16.0 / 3.0) * node.a.astype(jnp.float32) @ node.b.astype(jnp.float32)
+    ratio = float(jnp.sum(delta * want) / jnp.sum(want * want))
+    assert abs(ratio - 1.0) < 5e-4, ratio
