@@ -8,6 +8,7 @@ import functools
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -54,6 +55,25 @@ def _default_target(path: str, leaf: Any) -> bool:
     return path.rsplit("/", 1)[-1] == "kernel" and _is_float_array(leaf) and leaf.ndim >= 2
 
 
+def _compile(pattern, where: str) -> re.Pattern:
+    """``pattern`` compiled; a pattern that is not a valid regex is an error naming the
+    argument it came from (``where``)."""
+    if not isinstance(pattern, (str, re.Pattern)) or isinstance(
+        getattr(pattern, "pattern", pattern), bytes
+    ):
+        raise TypeError(
+            f"{where} must be a regex string (searched in the '/'-joined path), got "
+            f"{pattern!r} ({type(pattern).__name__})."
+        )
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(
+            f"{where} {pattern!r} is not a valid regex: {e}. It is searched (re.search) in "
+            f"the '/'-joined path; escape literal characters with re.escape."
+        ) from None
+
+
 def _target_predicate(targets) -> Callable[[str, Any], bool]:
     if targets is None:
         return _default_target
@@ -62,7 +82,7 @@ def _target_predicate(targets) -> Callable[[str, Any], bool]:
     if isinstance(targets, str):
         targets = [targets]
     if isinstance(targets, (list, tuple)):
-        patterns = [re.compile(t) for t in targets]
+        patterns = [_compile(t, "targets=") for t in targets]
         # A regex picks among matrices: "q_proj" means the kernel, not its bias.
         return lambda path, leaf: (
             getattr(leaf, "ndim", 0) >= 2 and any(p.search(path) for p in patterns)
@@ -124,9 +144,45 @@ def _given_axes(path: str, leaf, axes) -> Axes | None:
     if path in axes:
         return _as_axes(axes[path])
     for pattern, value in axes.items():
-        if re.search(pattern, path):
+        try:
+            found = re.search(pattern, path)
+        except (re.error, TypeError):
+            if hasattr(axes, "unread"):
+                continue  # infer_axes's keys are paths, looked up above
+            _compile(pattern, "axes= key")  # raises, naming the key
+        if found:
             return _as_axes(value)
     return None
+
+
+def _check_axes_keys(axes, leaves_with_path) -> None:
+    """Warns of a key of a user's ``axes`` dict that names no leaf of ``params`` (a typo
+    would leave its kernel to the default layout silently). A warning, not an error: one
+    axes dict may serve several trees (``{'^layers/': Axes(1, 1)}`` for a scanned and an
+    unscanned model) or several target sets; :func:`infer_axes`'s keys are the model's
+    own paths. A key that is not a valid regex is an error."""
+    if not isinstance(axes, Mapping) or hasattr(axes, "unread"):
+        return
+    paths = [path_str(path) for path, _ in leaves_with_path]
+    exact = set(paths)
+    unused = [
+        key
+        for key in axes
+        if key not in exact and not any(_compile(key, "axes= key").search(p) for p in paths)
+    ]
+    if unused:
+        kernels = [
+            path_str(path)
+            for path, leaf in leaves_with_path
+            if _is_float_array(leaf) and leaf.ndim >= 2
+        ] or paths
+        warnings.warn(
+            f"axes keys {unused} match no leaf of params, so they give no kernel its axes; "
+            f"a key is a path or a regex searched (re.search) in the '/'-joined path, e.g. "
+            f"{kernels[:4]}{'...' if len(kernels) > 4 else ''}. Fix or remove those keys.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _layer_axes(model: nnx.Module) -> dict[str, Axes]:
@@ -280,15 +336,21 @@ def wrap(
         precedence over what an NNX model's layers say. Without either, a 2-D kernel is
         taken as Flax's ``(in, out)`` (a Flax Embed ``embedding`` table ``(vocab,
         features)`` likewise: input the vocabulary), and any other kernel is an error that
-        says how to give its axes. The adapter leaves always have the layout
+        says how to give its axes. A key of the dict that matches no leaf of ``params``
+        (a typo) is warned of. The adapter leaves always have the layout
         ``A (*stack, *in, r)``, ``B (*stack, r, *out)``, ``magnitude (*stack, *out)``.
-      key: PRNG key for the initialisation of ``A`` (default ``jax.random.key(0)``).
+      key: PRNG key for the initialisation of ``A``: a ``jax.random.key`` (or a raw
+        ``uint32[2]`` key); default ``jax.random.key(0)``.
       dropout: dropout rate on the input of the low-rank branch (active when
         :func:`dora_jax.apply` gets a ``key``).
-      rslora: use ``s = alpha / sqrt(rank)``.
+      rslora: use ``s = alpha / sqrt(rank)`` (a bool, as is ``exact_norm_grad``).
       exact_norm_grad: DoRA only: differentiate through ``||W0 + dW||_c`` instead of
         treating it as a constant (the paper's Sec. 4.3 ablation; costs more).
-      dtype: dtype of the trainable leaves (float32 keeps updates exact on bf16 bases).
+      dtype: a floating dtype, of the trainable leaves (float32 keeps updates exact on bf16
+        bases). With ``jnp.bfloat16`` the DoRA/DVoRA magnitude ``||W0||_c`` is stored in
+        bfloat16, so an untrained node equals the base only to bfloat16 rounding (up to
+        ~0.4% per column; about 2e-3 relative on the merged ``W'``), as with PEFT's bf16
+        adapters; float32 adapters (the default) are exact.
       rules: per-kernel settings, as PEFT's ``rank_pattern``/``alpha_pattern`` and more: an
         ordered list of ``(regex, settings)``; for each targeted kernel the first rule whose
         regex is found in its path overrides the arguments above with ``settings``, a dict
@@ -296,7 +358,8 @@ def wrap(
         ``exact_norm_grad`` (a kernel no rule matches takes the arguments as they are).
         An ``alpha`` given by neither the rule nor the call is ``2 * rank`` of the kernel.
         Rules choose settings, not targets (``targets`` does that); a rule that matches no
-        targeted kernel is an error, as is a key outside that list. VeRA/DVoRA kernels
+        targeted kernel is an error, as is one shadowed by earlier rules (each kernel it
+        matches is taken by an earlier one) and a key outside that list. VeRA/DVoRA kernels
         share one pair of random matrices, so all of them must have the same rank.
 
     Returns:
@@ -327,7 +390,12 @@ def _wrap(params, rank, axes, layers, *, method, alpha, targets, key, dropout, r
           exact_norm_grad, dtype, rules, any_rank=False):  # fmt: skip
     """:func:`wrap`'s body; ``any_rank`` lets a rank exceed ``min(in, out)`` (adapters
     trained elsewhere, e.g. PEFT's, which allows it)."""
-    _check_settings(dict(method=method, rank=rank, alpha=alpha, dropout=dropout))
+    _check_settings(
+        dict(method=method, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora,
+             exact_norm_grad=exact_norm_grad)
+    )  # fmt: skip
+    _check_dtype(dtype)
+    _check_key(key)
     if any(is_adapter(x) for x in jax.tree.leaves(params, is_leaf=is_adapter)):
         raise ValueError(
             "params already holds adapters: wrapping twice would adapt the adapters. Call "
@@ -341,6 +409,7 @@ def _wrap(params, rank, axes, layers, *, method, alpha, targets, key, dropout, r
     predicate = _target_predicate(targets)
 
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    _check_axes_keys(axes, leaves_with_path)
     chosen = []
     for i, (path, leaf) in enumerate(leaves_with_path):
         p = path_str(path)
@@ -350,6 +419,14 @@ def _wrap(params, rank, axes, layers, *, method, alpha, targets, key, dropout, r
                     f"Kernel '{p}' has dtype {getattr(leaf, 'dtype', type(leaf))}; only "
                     f"floating kernels can be adapted (for a quantised base use the "
                     f"quantised wrappers). Exclude it with targets=."
+                )
+            if leaf.ndim < 2:
+                raise ValueError(
+                    f"targets= picked '{p}' with shape {tuple(leaf.shape)}, which is not a "
+                    f"kernel: a kernel needs at least 2 axes (inputs and outputs), and a bias "
+                    f"or scale is not adapted. Pass a narrower targets= (a regex, which only "
+                    f"considers leaves with 2 or more axes, or a predicate that checks "
+                    f"leaf.ndim >= 2)."
                 )
             ax, assumed = _resolve_axes(p, leaf, axes, layers)
             chosen.append((i, p, ax, assumed, _check_axes(p, leaf, ax)))
@@ -410,60 +487,142 @@ def _wrap(params, rank, axes, layers, *, method, alpha, targets, key, dropout, r
 
 def _resolve_rules(rules, paths: list[str], defaults: dict) -> list[dict]:
     """The settings of each targeted kernel: the first matching rule over ``defaults``."""
+    if isinstance(rules, Mapping):
+        raise TypeError(
+            "rules must be an ordered list of (regex, dict of settings) pairs, e.g. "
+            "[(r'mlp/', dict(rank=16))]; got a dict (list(rules.items()) keeps its order)."
+        )
     compiled = []
     for n, rule in enumerate(rules or ()):
-        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+        if not (
+            isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[1], Mapping)
+        ):
             raise TypeError(
-                f"rules[{n}] must be a (regex, settings) pair, e.g. "
+                f"rules[{n}] must be a (regex, settings) pair, settings a dict, e.g. "
                 f"(r'mlp/', dict(method='dora', rank=16)); got {rule!r}."
             )
         pattern, overrides = rule
+        regex = _compile(pattern, f"rules[{n}]")
         unknown = sorted(set(overrides) - set(RULE_KEYS))
         if unknown:
             raise ValueError(
                 f"rules[{n}] ({pattern!r}) sets {unknown}, which a rule cannot set; allowed "
                 f"keys: {RULE_KEYS}."
             )
-        compiled.append((re.compile(pattern), dict(overrides)))
-    used = [False] * len(compiled)
+        compiled.append((regex, dict(overrides)))
+    winner = {}  # path -> the index of the rule it takes
     settings = []
     for path in paths:
         cfg = dict(defaults)
         for n, (regex, overrides) in enumerate(compiled):
             if regex.search(path):
                 cfg.update(overrides)
-                used[n] = True
+                winner[path] = n
                 break
         _check_settings(cfg, path)
         settings.append(cfg)
-    unused = [compiled[n][0].pattern for n, u in enumerate(used) if not u]
-    if unused:
-        raise ValueError(
-            f"rules {unused} match no targeted kernel (targeted: {paths[:6]}...); a rule "
+    used = set(winner.values())
+    unused = [n for n in range(len(compiled)) if n not in used]
+    shadowed = {n: [p for p in paths if compiled[n][0].search(p)] for n in unused}
+    problems = []
+    nothing = [compiled[n][0].pattern for n in unused if not shadowed[n]]
+    if nothing:
+        problems.append(
+            f"rules {nothing} match no targeted kernel (targeted: {paths[:6]}...); a rule "
             f"regex is searched in the '/'-joined path of kernels chosen by targets=."
         )
+    for n in unused:
+        if shadowed[n]:
+            taken = "; ".join(
+                f"'{p}' by rules[{winner[p]}] ({compiled[winner[p]][0].pattern!r})"
+                for p in shadowed[n][:6]
+            )
+            problems.append(
+                f"rules[{n}] ({compiled[n][0].pattern!r}) is shadowed: the first matching "
+                f"rule wins, and each kernel it matches is taken by an earlier rule: {taken}. "
+                f"Put the narrower rule first, or narrow the earlier one."
+            )
+    if problems:
+        raise ValueError(" ".join(problems))
     return settings
 
 
+def _scalar(value):
+    """A concrete 0-d numeric array (``jnp.float32(4)``, ``np.array(4)``) as the Python
+    number it holds; anything else (a tracer, a bool array, a non-number) as it is."""
+    if not isinstance(value, (jax.Array, np.ndarray)) or np.ndim(value) != 0:
+        return value
+    if not jnp.issubdtype(value.dtype, jnp.number):
+        return value
+    try:
+        return value.item()
+    except jax.errors.ConcretizationTypeError:
+        return value
+
+
 def _check_settings(cfg: dict, path: str | None = None) -> None:
-    """Refuses a method, rank, alpha or dropout rate that makes no sensible adapter."""
+    """Refuses a method, rank, alpha, dropout rate or boolean option that makes no sensible
+    adapter; turns 0-d numeric arrays and numpy bools into Python numbers and bools."""
     where = f" (kernel '{path}')" if path else ""
     if cfg["method"] not in METHODS:
         raise ValueError(f"method={cfg['method']!r} is not one of {METHODS}{where}.")
-    rank = cfg["rank"]
+    rank = _scalar(cfg["rank"])
     if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}{where}.")
+        raise ValueError(f"rank must be a positive int, got {cfg['rank']!r}{where}.")
     cfg["rank"] = int(rank)  # numpy integers too (a rank read from a config array)
     real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)  # noqa: E731
+    if isinstance(cfg.get("alpha"), (jax.Array, np.ndarray)):
+        cfg["alpha"] = _scalar(cfg["alpha"])
     alpha = cfg.get("alpha")
     if alpha is not None and not (real(alpha) and math.isfinite(alpha) and alpha > 0):
         raise ValueError(
             f"alpha must be a finite positive number (the update's scale is alpha / rank), "
             f"got {alpha!r}{where}."
         )
+    if isinstance(cfg["dropout"], (jax.Array, np.ndarray)):
+        cfg["dropout"] = _scalar(cfg["dropout"])  # a float: the node keeps it as static data
     dropout = cfg["dropout"]
     if not (real(dropout) and 0.0 <= dropout < 1.0):
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}{where}.")
+    for name in ("rslora", "exact_norm_grad"):
+        value = cfg[name]
+        if not isinstance(value, (bool, np.bool_)):
+            # A string is truthy: exact_norm_grad="no" would turn the option on.
+            raise TypeError(f"{name} must be True or False, got {value!r}{where}.")
+        cfg[name] = bool(value)
+
+
+def _check_dtype(dtype) -> None:
+    """Refuses a ``dtype`` the trainable leaves cannot have (None: float32)."""
+    if dtype is None:
+        return
+    try:
+        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise TypeError(
+            f"dtype must be a floating dtype for the trainable leaves (jnp.float32, the "
+            f"default, or jnp.bfloat16), got {getattr(dtype, '__name__', dtype)!r}."
+        )
+
+
+def _check_key(key) -> None:
+    """Refuses a ``key`` that is not one PRNG key (a typed key, or raw ``uint32`` data)."""
+    if key is None:
+        return
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    if typed and shape == ():
+        return
+    if not typed and dtype == np.uint32 and len(shape) == 1:
+        return  # raw key data, jax.random.PRNGKey(0); jax checks the size for its impl
+    got = f"{type(key).__name__} {key!r}" if dtype is None else f"shape {shape} dtype {dtype}"
+    raise TypeError(
+        f"key must be one JAX PRNG key, e.g. key=jax.random.key(0) (or raw uint32 key data "
+        f"from jax.random.PRNGKey(0)); got {got}. Not a batch of keys: wrap draws what it "
+        f"needs from one."
+    )
 
 
 def _in_out(shape, ax: Axes) -> tuple[int, int]:

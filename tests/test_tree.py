@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import re
+import warnings
 
 import flax.linen as nn
 import jax
@@ -419,3 +420,131 @@ def test_a_bfloat16_adapters_scale_is_not_rounded_to_bfloat16():
     want = (16.0 / 3.0) * node.a.astype(jnp.float32) @ node.b.astype(jnp.float32)
     ratio = float(jnp.sum(delta * want) / jnp.sum(want * want))
     assert abs(ratio - 1.0) < 5e-4, ratio
+
+
+# Clear errors for settings wrap used to misread or report unhelpfully.
+TWO = {"attn": {"q": {"kernel": ref.rand(0, 8, 8)}}, "mlp": {"up": {"kernel": ref.rand(1, 8, 8)}}}
+
+
+def test_a_shadowed_rule_is_refused_naming_the_earlier_rule_that_wins():
+    with pytest.raises(ValueError, match=r"rules\[1\] \('attn/q'\) is shadowed.*first matching "
+                       r"rule wins.*'attn/q/kernel' by rules\[0\] \('attn'\)"):  # fmt: skip
+        dora_jax.wrap(TWO, rank=2, rules=[("attn", dict(rank=4)), ("attn/q", dict(rank=1))])
+    # In the other order both rules are used.
+    adapted = dora_jax.wrap(TWO, rank=2, rules=[("attn/q", dict(rank=1)), ("attn|mlp", {})])
+    assert adapted["attn"]["q"]["kernel"].rank == 1 and adapted["mlp"]["up"]["kernel"].rank == 2
+
+
+@pytest.mark.parametrize(
+    "rules, match",
+    [
+        (
+            [("mlp", 4)],
+            r"rules\[0\] must be a \(regex, settings\) pair, settings a dict.*\('mlp', 4\)",
+        ),
+        ({"mlp": dict(rank=4)}, r"ordered list of \(regex, dict of settings\) pairs.*dict"),
+    ],
+)
+def test_rules_that_are_not_regex_and_settings_pairs_are_refused(rules, match):
+    with pytest.raises(TypeError, match=match):
+        dora_jax.wrap(TWO, rank=2, rules=rules)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rules=[("mlp(", dict(rank=4))]), r"rules\[0\] 'mlp\(' is not a valid regex"),
+        (dict(targets="mlp("), r"targets= 'mlp\(' is not a valid regex"),
+        (dict(targets=["attn", "[q"]), r"targets= '\[q' is not a valid regex"),
+        (dict(axes={"mlp(": dora_jax.Axes(0, 1)}), r"axes= key 'mlp\(' is not a valid regex"),
+    ],
+)
+def test_a_bad_regex_is_refused_naming_the_argument_and_pattern(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dora_jax.wrap(TWO, rank=2, **kwargs)
+
+
+def test_a_leaf_with_fewer_than_two_axes_picked_by_targets_is_not_a_kernel():
+    params = {"dense": {"kernel": ref.rand(0, 8, 4), "bias": jnp.zeros(4)}, "scale": jnp.ones(())}
+    for picked, shape in (("dense/bias", r"\(4,\)"), ("scale", r"\(\)")):
+        targets = lambda path, leaf, p=picked: path in (p, "dense/kernel")  # noqa: E731
+        match = f"'{picked}' with shape {shape}.*at least 2 axes.*narrower targets="
+        with pytest.raises(ValueError, match=match):
+            dora_jax.wrap(params, rank=2, targets=targets)
+
+
+def test_zero_d_numeric_arrays_are_numbers_but_bools_and_floats_for_rank_are_not():
+    plain = dora_jax.wrap(TWO, rank=4, alpha=4.0, dropout=0.25)["mlp"]["up"]["kernel"]
+    node = dora_jax.wrap(TWO, rank=jnp.int32(4), alpha=jnp.float32(4), dropout=np.array(0.25))
+    node = node["mlp"]["up"]["kernel"]
+    assert (node.rank, node.scale, node.dropout) == (plain.rank, plain.scale, plain.dropout)
+    assert type(node.dropout) is float  # static data: hashable
+    ruled = dora_jax.wrap(TWO, rank=2, rules=[("mlp", dict(rank=np.int64(4), alpha=jnp.array(4)))])
+    assert ruled["mlp"]["up"]["kernel"].scale == plain.scale
+    refused = [dict(rank=jnp.float32(4)), dict(rank=jnp.array(True))]
+    refused += [dict(alpha=jnp.array(True)), dict(alpha=jnp.float32(-1)), dict(alpha="4")]
+    for kwargs in refused:
+        with pytest.raises(ValueError, match="rank must be|alpha must be"):
+            dora_jax.wrap(TWO, **{"rank": 4, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(dtype=jnp.int32), "dtype must be a floating dtype.*int32"),
+        (dict(dtype="not-a-dtype"), "dtype must be a floating dtype"),
+        (dict(key=0), r"key must be one JAX PRNG key, e.g. key=jax.random.key\(0\).*int 0"),
+        (dict(key=jnp.array([0, 1])), "key must be one JAX PRNG key.*int32"),
+        (dict(key=jax.random.split(jax.random.key(0))), r"key must be one.*shape \(2,\)"),
+    ],
+)
+def test_a_bad_dtype_or_key_is_refused_naming_the_argument(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        dora_jax.wrap(TWO, rank=2, **kwargs)
+
+
+def test_valid_dtypes_and_keys_still_work():
+    typed = dora_jax.wrap(TWO, rank=2, key=jax.random.key(3))["mlp"]["up"]["kernel"]
+    raw = dora_jax.wrap(TWO, rank=2, key=jax.random.PRNGKey(3))["mlp"]["up"]["kernel"]
+    np.testing.assert_array_equal(typed.a, raw.a)
+    for dtype, want in ((None, jnp.float32), ("bfloat16", jnp.bfloat16), (np.float16, jnp.float16)):
+        assert dora_jax.wrap(TWO, rank=2, dtype=dtype)["mlp"]["up"]["kernel"].a.dtype == want
+    jitted = jax.jit(lambda k: dora_jax.wrap(TWO, rank=2, key=k))(jax.random.key(3))
+    np.testing.assert_allclose(jitted["mlp"]["up"]["kernel"].a, typed.a)
+
+
+@pytest.mark.parametrize("name", ["rslora", "exact_norm_grad"])
+def test_boolean_settings_must_be_bools_not_truthy_values(name):
+    for value in ("no", "yes", 1, None):
+        with pytest.raises(TypeError, match=f"{name} must be True or False, got {value!r}"):
+            dora_jax.wrap(TWO, rank=2, **{name: value})
+        with pytest.raises(TypeError, match=f"{name} must be True or False.*'mlp/up/kernel'"):
+            dora_jax.wrap(TWO, rank=2, rules=[("mlp", {name: value})])
+    # A numpy bool is a bool: the same node (its static settings are in the treedef).
+    node = dora_jax.wrap(TWO, rank=2, **{name: np.bool_(True)})
+    want = dora_jax.wrap(TWO, rank=2, **{name: True})
+    assert jax.tree.structure(node) == jax.tree.structure(want)
+    assert jax.tree.structure(node) != jax.tree.structure(dora_jax.wrap(TWO, rank=2))
+
+
+def test_axes_keys_that_match_no_leaf_are_warned_of():
+    params = {"q": {"kernel": ref.rand(0, 8, 2, 4)}, "o": {"kernel": ref.rand(1, 2, 4, 8)}}
+    axes = {"q/kernel": dora_jax.Axes(0, 1), "o/kernel": dora_jax.Axes(0, 2)}
+    with pytest.warns(UserWarning, match=r"axes keys \['k_proj'\] match no leaf of params.*"
+                      r"regex searched.*'q/kernel'"):  # fmt: skip
+        dora_jax.wrap(params, rank=2, axes={**axes, "k_proj": dora_jax.Axes(0, 1)})
+    # One axes dict for the model serves any targets: keys of kernels left out are fine.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapted = dora_jax.wrap(params, rank=2, targets="^q/", axes=axes)
+    assert dora_jax.is_adapter(adapted["q"]["kernel"]) and not dora_jax.is_adapter(
+        adapted["o"]["kernel"]
+    )
+    # infer_axes's result names every kernel the model uses, targeted or not: never refused.
+    inferred = dora_jax.infer_axes(
+        lambda p, x: jnp.einsum("bnh,nhd->bd", jnp.einsum("bd,dnh->bnh", x, p["q"]["kernel"]),
+                                p["o"]["kernel"]),
+        params, ref.rand(2, 3, 8),
+    )  # fmt: skip
+    inferred["unused/kernel"] = dora_jax.Axes(0, 1)
+    assert dora_jax.is_adapter(dora_jax.wrap(params, rank=2, axes=inferred)["q"]["kernel"])
