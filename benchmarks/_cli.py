@@ -4,7 +4,7 @@ lists what is allowed, never a run of something else under the wrong label.
 Scripts run as ``python benchmarks/<name>.py`` have this folder on ``sys.path`` and import
 it as ``_cli``. Example::
 
-    parser.add_argument("--methods", type=names(("lora", "dora")), default="lora,dora")
+    add_names(parser, "--methods", ("lora", "dora"))
     parser.add_argument("--rounds", type=at_least(1), default=5)
 """
 
@@ -31,6 +31,20 @@ def names(valid: Iterable[str]) -> Callable[[str], list[str]]:
 
     parse.__name__ = "comma-separated list"  # argparse names the type in its messages
     return parse
+
+
+def add_names(
+    parser: argparse.ArgumentParser, flag: str, valid: Iterable[str], default: str | None = None
+) -> None:
+    """Adds ``flag``: a comma-separated list of ``valid`` names, default all of them."""
+    valid = tuple(valid)
+    default = ",".join(valid) if default is None else default
+    parser.add_argument(
+        flag,
+        type=names(valid),
+        default=default,
+        help=f"comma-separated, of {','.join(valid)} (default: {default})",
+    )
 
 
 def at_least(low: int) -> Callable[[str], int]:

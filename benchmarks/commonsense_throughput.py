@@ -29,7 +29,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from _cli import at_least, names
+from _cli import add_names, at_least
 
 import dora_jax
 from dora_jax.experiments import commonsense, training
@@ -77,12 +77,7 @@ def count_work(args) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--tasks",
-        type=names(commonsense.TASKS),
-        default="winogrande,obqa,arc_e",
-        help=f"comma-separated, of {','.join(commonsense.TASKS)}",
-    )
+    add_names(p, "--tasks", commonsense.TASKS, "winogrande,obqa,arc_e")
     p.add_argument("--examples", type=at_least(1), default=24, help="held-out examples per task")
     p.add_argument("--steps", type=at_least(1), default=3, help="timed training steps per round")
     p.add_argument("--rounds", type=at_least(1), default=2)

@@ -29,7 +29,7 @@ import time
 
 import jax
 import optax
-from _cli import at_least, names
+from _cli import add_names, at_least
 
 import dora_jax
 from dora_jax.experiments import training
@@ -114,18 +114,8 @@ def measure(method: str, args) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--methods",
-        type=names(METHODS),
-        default=",".join(METHODS),
-        help=f"comma-separated, of {','.join(METHODS)} (default: all)",
-    )
-    p.add_argument(
-        "--targets",
-        type=names(PROJECTIONS),
-        default=",".join(PROJECTIONS),
-        help=f"projections, comma-separated, of {','.join(PROJECTIONS)}",
-    )
+    add_names(p, "--methods", METHODS)
+    add_names(p, "--targets", PROJECTIONS)
     p.add_argument("--rank", type=at_least(1), default=8)
     p.add_argument("--batch", type=at_least(1), default=8)
     p.add_argument("--seq", type=at_least(2), default=64)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _cli import at_least, names, probability
+from _cli import add_names, at_least, probability
 from scipy import stats
 
 import dora_jax
@@ -196,12 +196,7 @@ def step_ratio_stats(rounds: list[float], reference_rounds: list[float]) -> dict
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--methods",
-        type=names(METHODS),
-        default=",".join(METHODS),
-        help=f"comma-separated, of {','.join(METHODS)} (default: all)",
-    )
+    add_names(p, "--methods", METHODS)
     p.add_argument("--rank", type=at_least(1), default=8)
     p.add_argument("--dropout", type=probability, default=0.0)
     p.add_argument("--batch", type=at_least(1), default=4)
@@ -210,12 +205,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=at_least(1), default=5)
     p.add_argument("--json", default=None, help="write results here (memory keys: MiB)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
-    p.add_argument(
-        "--layouts",
-        type=names(LAYOUTS),
-        default="unscanned",
-        help=f"comma-separated, of {','.join(LAYOUTS)} (default: unscanned)",
-    )
+    add_names(p, "--layouts", LAYOUTS, "unscanned")
     p.add_argument("--vera-rank", type=at_least(1), default=256)
     p.add_argument(
         "--model", default="bench", choices=("bench", "smollm2"),

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from _cli import at_least, names
+from _cli import add_names, at_least
 
 import dora_jax
 from dora_jax.models.llama import next_token_loss
@@ -183,18 +183,8 @@ def run(name: str, args) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--models",
-        type=names(MODELS),
-        default=",".join(MODELS),
-        help=f"comma-separated, of {','.join(MODELS)} (default: both)",
-    )
-    p.add_argument(
-        "--methods",
-        type=names(METHODS),
-        default=",".join(METHODS),
-        help=f"comma-separated, of {','.join(METHODS)} (default: all)",
-    )
+    add_names(p, "--models", MODELS)
+    add_names(p, "--methods", METHODS)
     p.add_argument("--rank", type=at_least(1), default=8)
     p.add_argument("--batch", type=at_least(1), default=4, help="gemma: sequences per batch")
     p.add_argument("--seq", type=at_least(2), default=256, help="gemma: tokens per sequence")

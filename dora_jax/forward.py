@@ -346,20 +346,13 @@ def _slice_rule(eqn, invals, ctx):
     p = eqn.params
     if p["strides"] is not None and any(s != 1 for s in p["strides"]):
         return None
-    node = view.node
-    for d, (start, stop) in enumerate(zip(p["start_indices"], p["limit_indices"])):
-        if start == 0 and stop == eqn.invars[0].aval.shape[d]:
-            continue
-        axis = view.axes[d]
-        cut = lambda x, at, start=start, stop=stop: lax.slice_in_dim(x, start, stop, axis=at)  # noqa: E731
-        if isinstance(node, _Probe):
-            node = _Probe(cut(node.value, axis), node.index, node.origin, node.scanned)
-            continue
-        fields = _cut_fields(node, axis, cut)
-        if fields is None:
-            return None
-        node = dataclasses.replace(node, **fields)
-    return [view.replace(node=node)]
+    shape = eqn.invars[0].aval.shape
+    cuts = {
+        d: lambda x, at, start=start, stop=stop: lax.slice_in_dim(x, start, stop, axis=at)
+        for d, (start, stop) in enumerate(zip(p["start_indices"], p["limit_indices"]))
+        if (start, stop) != (0, shape[d])
+    }
+    return _cut_view(view, cuts)
 
 
 @_rule("dynamic_slice")
@@ -368,16 +361,21 @@ def _dynamic_slice_rule(eqn, invals, ctx):
     view, *starts = invals
     if not _is_view(view) or any(_is_view(s) for s in starts):
         return None
-    node = view.node
     shape = eqn.invars[0].aval.shape
-    for d, (start, size) in enumerate(zip(starts, eqn.params["slice_sizes"])):
-        if size == shape[d]:
-            continue
+    cuts = {
+        d: lambda x, at, start=start, size=size: lax.dynamic_slice_in_dim(x, start, size, at)
+        for d, (start, size) in enumerate(zip(starts, eqn.params["slice_sizes"]))
+        if size != shape[d]
+    }
+    return _cut_view(view, cuts)
+
+
+def _cut_view(view: _View, cuts: dict) -> list | None:
+    """``[view]`` with program axis ``d`` cut by ``cuts[d](x, axis)`` in every field that
+    holds it; None when the node cannot be cut there (see :func:`_cut_fields`)."""
+    node = view.node
+    for d, cut in cuts.items():
         axis = view.axes[d]
-
-        def cut(x, at, start=start, size=size):
-            return lax.dynamic_slice_in_dim(x, start, size, axis=at)
-
         if isinstance(node, _Probe):
             node = _Probe(cut(node.value, axis), node.index, node.origin, node.scanned)
             continue
