@@ -67,14 +67,10 @@ def parse_args(argv=None):
     training.check_steps(p, args.steps)
     for flag, value in (("--lr", args.lr), ("--full-lr", args.full_lr)):
         training.check_positive(p, flag, value)
-    counts = {"--rank": args.rank, "--batch": args.batch, "--n-boot": args.n_boot}
-    for flag, value in counts.items():
-        if value < 1:
-            p.error(f"{flag} {value}: must be >= 1")
-    if args.seq < 2:
-        p.error(f"--seq {args.seq}: pass --seq >= 2 (a prompt token and an answer token)")
-    if args.seed < 0:
-        p.error(f"--seed {args.seed}: must be >= 0")
+    training.check_at_least(p, 1, {"--rank": args.rank, "--batch": args.batch,
+                                   "--n-boot": args.n_boot})  # fmt: skip
+    training.check_at_least(p, 2, {"--seq": args.seq}, " (a prompt token and an answer token)")
+    training.check_at_least(p, 0, {"--seed": args.seed})
     if not 1 <= args.checkpoints <= args.steps:
         p.error("--checkpoints must be between 1 and --steps")
     training.check_out(p, args.out)

@@ -52,15 +52,10 @@ def parse_args(argv=None):
     args.targets = training.comma_list(p, "--targets", args.targets, choices=sorted(PROJECTIONS))
     training.check_steps(p, args.steps)
     training.check_positive(p, "--lr", args.lr)
-    for flag, value in (("--rank", args.rank), ("--batch", args.batch)):
-        if value < 1:
-            p.error(f"{flag} {value}: must be >= 1")
-    if args.seq < 2:
-        p.error(f"--seq {args.seq}: pass --seq >= 2 (a prompt token and an answer token)")
-    if args.eval_examples < 0:
-        p.error(f"--eval-examples {args.eval_examples}: must be >= 0 (0 scores all)")
-    if args.seed < 0:
-        p.error(f"--seed {args.seed}: must be >= 0")
+    training.check_at_least(p, 1, {"--rank": args.rank, "--batch": args.batch})
+    training.check_at_least(p, 2, {"--seq": args.seq}, " (a prompt token and an answer token)")
+    training.check_at_least(p, 0, {"--eval-examples": args.eval_examples}, " (0 scores all)")
+    training.check_at_least(p, 0, {"--seed": args.seed})
     return args
 
 

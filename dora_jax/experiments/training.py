@@ -254,6 +254,13 @@ def check_steps(parser, steps: int, flag: str = "--steps") -> None:
                      f"{MIN_STEPS}")  # fmt: skip
 
 
+def check_at_least(parser, low: int, values: Mapping[str, int], why: str = "") -> None:
+    """``parser.error`` for the first ``{flag: value}`` below ``low`` (``why`` says why)."""
+    for flag, value in values.items():
+        if value < low:
+            parser.error(f"{flag} {value}: pass {flag} >= {low}{why}")
+
+
 def check_positive(parser, flag: str, value: float) -> None:
     """``parser.error`` unless ``value`` is a positive finite number (a learning rate)."""
     if not 0 < value < math.inf:

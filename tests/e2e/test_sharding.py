@@ -67,6 +67,22 @@ def test_meshes_of_8_devices_match_one_device(reference):
     assert out["data=2,fsdp=2,tensor=2"]["a_spec"] == "P('fsdp', None)"
 
 
+def _run_together(cmds: list[list[str]], env: dict) -> list[tuple[str, str]]:
+    """Runs the processes of one distributed job at once; ``[(stdout, stderr)]`` of each,
+    after asserting that each exited with 0."""
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen(cmd, env=env, **pipes) for cmd in cmds]
+    try:
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr[-3000:]
+    return results
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,22 +94,14 @@ def test_two_processes_of_4_devices_match_one_device(reference, tmp_path):
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     out = tmp_path / "run.npz"
-    procs = []
+    cmds = []
     for i in range(2):
         cmd = [sys.executable, str(ROOT / "experiments" / "train_sharded.py")]
         cmd += ["--mesh", "data=2,fsdp=2,tensor=2", "--steps", str(STEPS), "--seq", "16"]
         cmd += ["--distributed", "--coordinator", f"127.0.0.1:{port}"]
         cmd += ["--num-processes", "2", "--process-id", str(i), "--out", str(out)]
-        pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(subprocess.Popen(cmd, env=env, **pipes))
-    try:
-        results = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, stderr) in zip(procs, results):
-        assert p.returncode == 0, stderr[-3000:]
+        cmds.append(cmd)
+    results = _run_together(cmds, env)
     assert "2 processes, 8 devices" in results[0][0]
     losses = json.loads(Path(str(out) + ".json").read_text())
     params = dict(np.load(out))
@@ -200,21 +208,9 @@ def test_two_processes_save_eager_keys_and_export_peft(tmp_path):
     script.write_text(_TWO_PROCESS_SAVE.format(root=str(ROOT)))
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(i), str(port), str(tmp_path)], env=env, **pipes
-        )
-        for i in range(2)
-    ]
-    try:
-        results = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, (stdout, stderr)) in enumerate(zip(procs, results)):
-        assert p.returncode == 0 and f"P{i} ok" in stdout, stderr[-3000:]
+    cmds = [[sys.executable, str(script), str(i), str(port), str(tmp_path)] for i in range(2)]
+    for i, (stdout, stderr) in enumerate(_run_together(cmds, env)):
+        assert f"P{i} ok" in stdout, stderr[-3000:]
     one = tmp_path / "one.py"
     one.write_text(_ONE_PROCESS_PEFT.format(root=str(ROOT)))
     proc = subprocess.run(

@@ -148,8 +148,9 @@ def test_plot_without_claims_warns_nothing(tmp_path):
         (["--steps", "1"], "--steps 1: the first step of the warm-up has learning rate 0"),
         (["--tasks", "foo"], "unknown task 'foo'"),
         (["--targets", "x"], "unknown target 'x'"),
-        (["--eval-examples", "-1"], "must be >= 0 (0 scores all)"),
+        (["--eval-examples", "-1"], "pass --eval-examples >= 0 (0 scores all)"),
         (["--lr", "0"], "--lr 0.0: must be a positive number"),
+        (["--seq", "1"], "--seq 1: pass --seq >= 2 (a prompt token and an answer token)"),
     ],
 )  # fmt: skip
 def test_qdora_commonsense_refuses(capsys, argv, message):
@@ -175,8 +176,9 @@ def test_qdora_commonsense_defaults_and_adapt_refuses_unknown_method():
         (["--methods", "vera"], "unknown method 'vera'"),
         (["--steps", "1", "--checkpoints", "1"], "--steps 1: the first step of the warm-up"),
         (["--tiny", "--steps", "1", "--checkpoints", "1"], "pass --steps >= 2"),
-        (["--batch", "0"], "--batch 0: must be >= 1"),
-        (["--n-boot", "0"], "--n-boot 0: must be >= 1"),
+        (["--batch", "0"], "--batch 0: pass --batch >= 1"),
+        (["--n-boot", "0"], "--n-boot 0: pass --n-boot >= 1"),
+        (["--seed", "-1"], "--seed -1: pass --seed >= 0"),
         (["--steps", "3"], "--checkpoints must be between 1 and --steps"),
     ],
 )
