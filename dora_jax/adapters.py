@@ -288,6 +288,9 @@ class Adapter:
     layout: ClassVar[dict[str, tuple[str, ...]]] = {}
     # Whether the rank may exceed min(in, out) (VeRA's shared matrices: not bounded).
     rank_bounded: ClassVar[bool] = True
+    # The settings of dora_jax.wrap beyond ``rank`` that this kind uses (one it does not use
+    # is refused there rather than ignored).
+    options: ClassVar[frozenset[str]] = frozenset({"alpha", "rslora", "dropout"})
     base: Array
     stack: tuple[int, ...]
     inputs: tuple[int, ...]
@@ -545,6 +548,7 @@ class DoRA(_Decomposed):
     """
 
     trainable: ClassVar[tuple[str, ...]] = ("a", "b", "magnitude")
+    options: ClassVar[frozenset[str]] = frozenset({"alpha", "rslora", "dropout", "exact_norm_grad"})
     layout: ClassVar[dict[str, tuple[str, ...]]] = {
         "a": ("stack", "in", "rank"),
         "b": ("stack", "rank", "out"),
@@ -640,6 +644,7 @@ class VeRA(_SharedRandomFactors):
     """
 
     trainable: ClassVar[tuple[str, ...]] = ("d", "b")
+    options: ClassVar[frozenset[str]] = frozenset({"dropout"})  # VeRA has no alpha
     layout: ClassVar[dict[str, tuple[str, ...]]] = {
         "d": ("stack", "rank"),
         "b": ("stack", "out"),
@@ -671,6 +676,7 @@ class DVoRA(_SharedRandomFactors, _Decomposed):
     """
 
     trainable: ClassVar[tuple[str, ...]] = ("d", "b", "magnitude")
+    options: ClassVar[frozenset[str]] = frozenset({"dropout", "exact_norm_grad"})
     layout: ClassVar[dict[str, tuple[str, ...]]] = {
         "d": ("stack", "rank"),
         "b": ("stack", "out"),
@@ -714,6 +720,8 @@ class Magnitude(_Decomposed):
     """
 
     trainable: ClassVar[tuple[str, ...]] = ("magnitude",)
+    # No low-rank branch: no scale, nothing to drop out of.
+    options: ClassVar[frozenset[str]] = frozenset({"exact_norm_grad"})
     layout: ClassVar[dict[str, tuple[str, ...]]] = {"magnitude": ("stack", "out")}
     rank_bounded: ClassVar[bool] = False
     base: Array

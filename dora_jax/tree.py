@@ -360,7 +360,10 @@ def wrap(
         Rules choose settings, not targets (``targets`` does that); a rule that matches no
         targeted kernel is an error, as is one shadowed by earlier rules (each kernel it
         matches is taken by an earlier one) and a key outside that list. VeRA/DVoRA kernels
-        share one pair of random matrices, so all of them must have the same rank.
+        share one pair of random matrices, so all of them must have the same rank. A
+        setting that no kernel's method uses (``alpha`` or ``rslora`` for VeRA, DVoRA or
+        magnitude-only nodes, ``dropout`` for magnitude-only nodes, ``exact_norm_grad`` for
+        LoRA or VeRA) is an error rather than ignored, in the call and in a rule.
 
     Returns:
       A tree of the same structure whose targeted kernels are ``LoRA``/``DoRA``/``VeRA``/
@@ -433,6 +436,7 @@ def _wrap(params, rank, axes, layers, *, method, alpha, targets, key, dropout, r
     if not chosen:
         raise _no_target_error(targets, leaves_with_path)
     settings = _resolve_rules(rules, [p for _, p, *_ in chosen], defaults)
+    _check_applies(defaults, {cfg["method"] for cfg in settings}, "wrap was given")
 
     too_small = [
         (p, limit, cfg["rank"])
@@ -509,6 +513,9 @@ def _resolve_rules(rules, paths: list[str], defaults: dict) -> list[dict]:
                 f"rules[{n}] ({pattern!r}) sets {unknown}, which a rule cannot set; allowed "
                 f"keys: {RULE_KEYS}."
             )
+        method = overrides.get("method", defaults["method"])
+        if method in KINDS:  # an unknown one is named by _check_settings below
+            _check_applies(overrides, {method}, f"rules[{n}] ({pattern!r}) sets")
         compiled.append((regex, dict(overrides)))
     winner = {}  # path -> the index of the rule it takes
     settings = []
@@ -590,6 +597,41 @@ def _check_settings(cfg: dict, path: str | None = None) -> None:
             # A string is truthy: exact_norm_grad="no" would turn the option on.
             raise TypeError(f"{name} must be True or False, got {value!r}{where}.")
         cfg[name] = bool(value)
+
+
+def _check_applies(cfg: Mapping[str, Any], methods: set[str], who: str) -> None:
+    """Refuses a setting given in ``cfg`` that none of ``methods`` uses (it would be ignored
+    without a word): an ``alpha`` or ``rslora`` for VeRA, DVoRA or magnitude-only nodes
+    (they have no scale), a dropout for magnitude-only nodes (no low-rank branch), an
+    ``exact_norm_grad`` for LoRA or VeRA (no norm)."""
+    given = {
+        name: value for name, value in cfg.items()
+        if name in _OPTIONS and (value is not None if name == "alpha" else bool(value))
+    }  # fmt: skip
+    unused = sorted(set(given) - set().union(*(KINDS[m].options for m in methods)))
+    if unused:
+        listed = ", ".join(f"{name}={given[name]!r}" for name in unused)
+        why = (
+            _WHY_UNUSED[next(iter(methods))] if len(methods) == 1
+            else f"none of the methods {sorted(methods)} of the targeted kernels uses it"
+        )  # fmt: skip
+        raise ValueError(
+            f"{who} {listed}, which would be ignored: {why}. Leave "
+            f"{'them' if len(unused) > 1 else 'it'} out."
+        )
+
+
+# The settings beyond method and rank, which some methods do not use.
+_OPTIONS = ("alpha", "rslora", "dropout", "exact_norm_grad")
+_WHY_UNUSED = dict(
+    lora="LoRA has no norm, so no norm gradient (method='lora')",
+    vera="VeRA has no alpha (nor rsLoRA scale): its vectors d and b train the update's scale "
+    "(method='vera')",
+    dvora="DVoRA has no alpha (nor rsLoRA scale): its vectors d and b train the update's scale "
+    "(method='dvora')",
+    magnitude="a magnitude-only node has no low-rank update, so no scale and no dropout "
+    "(method='magnitude')",
+)
 
 
 def _check_dtype(dtype) -> None:

@@ -548,3 +548,38 @@ def test_axes_keys_that_match_no_leaf_are_warned_of():
     )  # fmt: skip
     inferred["unused/kernel"] = dora_jax.Axes(0, 1)
     assert dora_jax.is_adapter(dora_jax.wrap(params, rank=2, axes=inferred)["q"]["kernel"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(method="vera", alpha=16), r"alpha=16, which would be ignored: VeRA has no alpha"),
+        (dict(method="dvora", rslora=True), r"rslora=True, which would be ignored: DVoRA"),
+        (dict(method="magnitude", alpha=4), r"alpha=4, which would be ignored: a magnitude-only"),
+        (dict(method="magnitude", dropout=0.1), r"dropout=0.1, which would be ignored"),
+        (dict(method="lora", exact_norm_grad=True), r"exact_norm_grad=True.*LoRA has no norm"),
+        (dict(method="vera", rules=[("up", dict(alpha=2))]), r"rules\[0\] \('up'\) sets alpha=2"),
+        (
+            dict(rules=[("up", dict(method="magnitude", dropout=0.1))]),
+            r"rules\[0\] \('up'\) sets dropout=0.1, which would be ignored: a magnitude-only",
+        ),
+        (
+            dict(method="vera", alpha=8, rules=[("up", dict(method="magnitude"))]),
+            r"alpha=8.*none of the methods \['magnitude', 'vera'\]",
+        ),
+    ],
+)
+def test_a_setting_the_method_does_not_use_is_refused_not_ignored(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dora_jax.wrap(TWO, rank=2, **kwargs)
+
+
+def test_a_setting_used_by_some_of_the_kernels_methods_is_accepted():
+    # alpha goes to the DoRA kernel; the VeRA one has none. Unset options are never refused.
+    adapted = dora_jax.wrap(
+        TWO, rank=2, method="vera", alpha=8, rules=[("up", dict(method="dora"))]
+    )
+    assert adapted["mlp"]["up"]["kernel"].scale == 4.0
+    assert isinstance(adapted["attn"]["q"]["kernel"], dora_jax.VeRA)
+    for method in dora_jax.tree.METHODS:
+        dora_jax.wrap(TWO, rank=2, method=method, alpha=None, dropout=0.0, rslora=False)
