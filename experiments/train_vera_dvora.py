@@ -177,18 +177,19 @@ def parse_args(argv=None):
     for flag, value in (("--seeds", args.seeds), ("--held-out-seed", [args.held_out_seed])):
         if min(value) < 0:
             p.error(f"{flag} {min(value)}: seeds are integers >= 0")
-    counts = {"--batch": args.batch, "--rank": args.rank, "--vera-rank": args.vera_rank,
-              "--eval-batch": args.eval_batch}  # fmt: skip
-    for flag, value in counts.items():
-        if value < 1:
-            p.error(f"{flag} {value}: must be >= 1")
-    if args.seq < 2:
-        p.error(f"--seq {args.seq}: a row needs at least a prompt token and an answer token; "
-                "pass --seq >= 2")  # fmt: skip
-    if args.eval_examples < 0:
-        p.error(f"--eval-examples {args.eval_examples}: must be >= 0 (0 scores all)")
-    if args.dev_examples < 0:
-        p.error(f"--dev-examples {args.dev_examples}: must be >= 0")
+    training.check_at_least(
+        p,
+        1,
+        {
+            "--batch": args.batch,
+            "--rank": args.rank,
+            "--vera-rank": args.vera_rank,
+            "--eval-batch": args.eval_batch,
+        },
+    )
+    training.check_at_least(p, 2, {"--seq": args.seq}, " (a prompt token and an answer token)")
+    training.check_at_least(p, 0, {"--eval-examples": args.eval_examples}, " (0 scores all)")
+    training.check_at_least(p, 0, {"--dev-examples": args.dev_examples})
     positive = [("--lr", args.lr), *(("--vera-lr-grid", x) for x in args.vera_lr_grid)]
     if args.vera_lr != "search":
         positive.append(("--vera-lr", args.vera_lr))
@@ -207,8 +208,8 @@ def parse_args(argv=None):
     derived = args.search_steps is None
     if derived:
         args.search_steps = max(1, args.steps // 4)
-    elif args.search_steps < 1:
-        p.error(f"--search-steps {args.search_steps}: must be >= 1")
+    else:
+        training.check_at_least(p, 1, {"--search-steps": args.search_steps})
     if args.vera_lr == "search" and {"vera", "dvora"} & set(args.methods):
         if args.search_steps < training.MIN_STEPS:
             given, more = f"--search-steps {args.search_steps}", ""
