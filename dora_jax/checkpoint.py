@@ -270,7 +270,9 @@ def _remember(flat: list[tuple[str, Any]], fp: dict) -> None:
     del _FINGERPRINTS[4:]
 
 
-def _host(x) -> np.ndarray:
+def _replicated_value(x) -> np.ndarray:
+    """``x``, replicated on every process (a PRNG key's data), as a host array: the local
+    copy, with no communication (compare ``peft._gathered``, which gathers a split array)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = x.addressable_data(0)  # replicated: every process holds the whole value
     return np.asarray(x)
@@ -325,7 +327,7 @@ def fingerprint(params: PyTree) -> dict[str, Any]:
         return copy.deepcopy(known)
     sums = _checksums([x for _, x in flat]) if flat else []
     per_leaf = [
-        [key, list(np.shape(x)), _dtype_name(x), _host(s).astype(">u4").tobytes().hex()]
+        [key, list(np.shape(x)), _dtype_name(x), _replicated_value(s).astype(">u4").tobytes().hex()]
         for (key, x), s in zip(flat, sums)
     ]
     digest = hashlib.sha256(json.dumps(per_leaf).encode()).hexdigest()

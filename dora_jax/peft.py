@@ -182,7 +182,7 @@ def save(
         n_in, n_out = math.prod(node.in_shape), math.prod(node.out_shape)
         # Host copies once per node: slicing device arrays layer by layer dispatches (and
         # compiles) one op per slice.
-        host = {f: _host(getattr(node, f)) for f in ("a", "b", "d", "magnitude")
+        host = {f: _gathered(getattr(node, f)) for f in ("a", "b", "d", "magnitude")
                 if hasattr(node, f)}  # fmt: skip
         for index in np.ndindex(*node.stack_shape):
             name = name_map(path, tuple(int(i) for i in index))
@@ -211,8 +211,8 @@ def save(
         config = _lora_config(modules, kind is DoRA, use_rslora)
     else:
         shared_a, shared_b = nodes[0][1].shared_a, nodes[0][1].shared_b
-        tensors["base_model.vera_A"] = np.ascontiguousarray(_host(shared_a).T)
-        tensors["base_model.vera_B"] = np.ascontiguousarray(_host(shared_b).T)
+        tensors["base_model.vera_A"] = np.ascontiguousarray(_gathered(shared_a).T)
+        tensors["base_model.vera_B"] = np.ascontiguousarray(_gathered(shared_b).T)
         config = _vera_config(modules, shared_a.shape[-1])
         if kind is DVoRA:
             config["peft_type"] = "DVORA"
@@ -235,7 +235,7 @@ def save(
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def _host(x) -> np.ndarray:
+def _gathered(x) -> np.ndarray:
     """``x`` on the host, whole: an array split across processes is gathered first."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
