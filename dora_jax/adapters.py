@@ -39,9 +39,14 @@ from dora_jax.axes import Axes
 
 Array = jax.Array
 
-# Clamp for the squared column norm before the sqrt: keeps the division finite if a
-# column of W0 + dW is (numerically) zero.
-NORM_EPS = 1e-12
+# Clamp for the squared column norm before the sqrt (float32's smallest normal number): keeps
+# the division finite, and the sqrt's gradient too, if a column of W0 + dW is zero. Being no
+# larger, it leaves every representable norm as it is (a clamp at 1e-12 scaled columns of
+# norm 1e-7 by 0.79: kernels of tiny weights, pruned units).
+NORM_EPS = float(jnp.finfo(jnp.float32).tiny)
+# Squared norms below this go to the scaled direct sum: the expansion's squares of entries
+# near 1e-19 reach float32's subnormal range, where precision is lost.
+_SMALL_NORM_SQ = 1e-30
 
 
 def _pytree_dataclass(cls):
@@ -137,10 +142,12 @@ def column_norm(base: Array, left: Array, right: Array, stack=0, inputs=1) -> Ar
     LAPACK's ``nrm2``; no ``W0 + L R`` temporary): when the update nearly cancels the base
     (the terms exceed the squared norm by more than :data:`CANCELLATION_LIMIT`, e.g.
     ``dW = -0.999 W0``, where the expansion loses ~13%; the cancellation the factored norm
-    of Zelenin & Zhuravlyova, "Scaling DoRA", 2026, guards against), or when a squared
-    norm overflows float32 (entries beyond ~1e18). The check costs ``O(out)``; the direct
-    path runs only for a kernel that needs it (a kernel stored in another layout than
-    ``(*stack, *in, *out)`` is read there through a canonical-order copy).
+    of Zelenin & Zhuravlyova, "Scaling DoRA", 2026, guards against), when a squared
+    norm overflows float32 (entries beyond ~1e18), or when it is below 1e-30 but not zero
+    (norms below 1e-15, whose squares near float32's subnormals lose precision). The check
+    costs ``O(out)``; the direct path runs only for a kernel that needs it (a kernel
+    stored in another layout than ``(*stack, *in, *out)`` is read there through a
+    canonical-order copy).
 
     Args: as :func:`column_norm_sq`.
 
@@ -150,7 +157,11 @@ def column_norm(base: Array, left: Array, right: Array, stack=0, inputs=1) -> Ar
     w_sq, cross, quad = _norm_terms(base, left, right, stack, inputs)
     norm_sq = w_sq + 2.0 * cross + quad
     size = w_sq + 2.0 * jnp.abs(cross) + quad
-    accurate = jnp.all(jnp.isfinite(size) & (size <= CANCELLATION_LIMIT * jnp.maximum(norm_sq, 0)))
+    accurate = jnp.all(
+        jnp.isfinite(size)
+        & (size <= CANCELLATION_LIMIT * jnp.maximum(norm_sq, 0))
+        & ((norm_sq >= _SMALL_NORM_SQ) | (size == 0))  # a zero column is exact as it is
+    )
     norm = lax.cond(
         accurate,
         lambda: jnp.sqrt(jnp.maximum(norm_sq, NORM_EPS)),
@@ -205,13 +216,14 @@ def _direct_column_norm(base, left, right, stack, inputs) -> Array:
 
 def safe_norm(x: Array, axis: tuple[int, ...]) -> Array:
     """The L2 norm over ``axis`` in float32, scaled by the largest entry where squaring
-    would overflow (kernels with entries beyond ~1e18)."""
+    would overflow or lose precision (entries beyond ~1e18, norms below ~1e-15)."""
     x = x.astype(jnp.float32)
     plain = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis))
     peak = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
     peak = jnp.where(peak > 0, peak, 1.0)
     scaled = jnp.squeeze(peak, axis) * jnp.sqrt(jnp.sum(jnp.square(x / peak), axis=axis))
-    return jnp.where(jnp.isfinite(plain), plain, scaled)
+    fine = jnp.isfinite(plain) & (plain >= math.sqrt(_SMALL_NORM_SQ))
+    return jnp.where(fine, plain, scaled)
 
 
 def to_kernel_layout(x: Array, ndim: int, stack, inputs) -> Array:
@@ -471,6 +483,8 @@ class _Decomposed(Adapter):
             functools.partial(column_norm, stack=self.stack, inputs=self.inputs),
             self.magnitude, base, left, right,
         )  # fmt: skip
+        # A zero column of W0 + dW (its output is 0 whatever the scale) divides by ~1e-19, not
+        # 0; every column with a weight above that (wrap warns of the others) keeps its norm.
         norm = jnp.maximum(norm, math.sqrt(NORM_EPS))
         return norm if self.exact_norm_grad else lax.stop_gradient(norm)
 
@@ -490,7 +504,27 @@ def magnitude_init(base: Array, stack, inputs, dtype, path: str = "") -> Array:
     norm = jnp.transpose(norm, [kept.index(p) for p in s + o])
     magnitude = norm.astype(dtype)
     warn_zero_columns(magnitude, path)
+    _warn_underflowing_columns(base, i, path)
     return magnitude
+
+
+def _warn_underflowing_columns(base: Array, inputs: tuple[int, ...], path: str) -> None:
+    """Warns if a column is non-zero but every weight in it is below ~1e-19: their float32
+    squares underflow, so the factored norm (which sums squares) takes it as zero."""
+    if isinstance(base, jax.core.Tracer):
+        return
+    peak = jnp.max(jnp.abs(base.astype(jnp.float32)), axis=inputs)
+    count = int(jnp.sum((peak > 0) & (peak < math.sqrt(NORM_EPS))))
+    if count:
+        warnings.warn(
+            f"Kernel '{path}' has {count} output feature(s) whose weights are all below "
+            f"{math.sqrt(NORM_EPS):.1e} in magnitude: their float32 squares underflow, so the "
+            f"DoRA norm takes those columns as zero and the adapted kernel does not equal the "
+            f"base there. Rescale the kernel (fold a constant into the next layer), or adapt "
+            f"it with LoRA (wrap(..., method='lora', targets=...)).",
+            UserWarning,
+            stacklevel=5,
+        )
 
 
 def _lora_leaves(base, axes: Axes, rank, key, dtype):

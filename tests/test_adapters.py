@@ -1,5 +1,5 @@
 """The adapter nodes' column norm: factored norm against the formed kernel in any layout,
-accuracy where the update cancels the base, overflow, zero columns."""
+accuracy where the update cancels the base, overflow, tiny weights, zero columns."""
 
 import dataclasses
 import warnings
@@ -145,6 +145,60 @@ def test_a_kernel_of_huge_magnitude_does_not_overflow_the_norm():
     x = jnp.ones((2, 32))
     y = dora_jax.apply(lambda p, x: x @ p["kernel"])(adapted, x)
     np.testing.assert_allclose(y, np.asarray(x, np.float64) @ np.asarray(w, np.float64), rtol=1e-4)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("scale", [1e-7, 1e-12, 1e-16])
+def test_a_kernel_of_tiny_weights_keeps_its_norm_and_gradients(scale, jit):
+    # Column norms far below 1: pruned units, kernels behind a normalisation layer. An
+    # untrained node is the base; a trained one matches the float64 formula.
+    w = scale * jax.random.normal(jax.random.key(0), (64, 8))
+    w = w.at[:, 0].multiply(1e-2)  # one near-dead unit among them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no column is zero: no zero-column warning
+        adapted = dora_jax.wrap({"kernel": w}, rank=2)
+    node = adapted["kernel"]
+    w64 = np.asarray(w, np.float64)
+    np.testing.assert_allclose(node.magnitude, np.linalg.norm(w64, axis=0), rtol=1e-5)
+    x = jax.random.normal(jax.random.key(1), (3, 64))
+    forward = dora_jax.apply(lambda p, x: x @ p["kernel"])
+    forward = jax.jit(forward) if jit else forward
+    np.testing.assert_allclose(dora_jax.merge(adapted)["kernel"], w, rtol=1e-5)
+    np.testing.assert_allclose(forward(adapted, x), np.asarray(x, np.float64) @ w64, rtol=1e-4)
+
+    # Trained: B moved by the kernel's own scale, the magnitude by 10%.
+    b = scale * jax.random.normal(jax.random.key(2), node.b.shape) / node.scale
+    node = dataclasses.replace(node, b=b, magnitude=1.1 * node.magnitude)
+
+    def loss(n):
+        return jnp.sum(jnp.sin(forward({"kernel": n}, x) / scale))
+
+    def loss_ref(n):  # the formula, formed, stop_gradient on the norm
+        v = n.base + n.scale * n.a @ n.b
+        norm = jnp.sqrt(jnp.sum(jnp.square(v / scale), axis=0)) * scale
+        # m / ||V||_c first: m * V would reach float32's subnormals at these scales.
+        return jnp.sum(jnp.sin(x @ (v * (n.magnitude / jax.lax.stop_gradient(norm))) / scale))
+
+    (value, grads), (want, want_grads) = (jax.value_and_grad(f)(node) for f in (loss, loss_ref))
+    np.testing.assert_allclose(value, want, rtol=1e-4)
+    for name in ("a", "b", "magnitude"):
+        got, expected = getattr(grads, name), getattr(want_grads, name)
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+
+
+def test_columns_of_weights_whose_squares_underflow_are_warned_of():
+    # Entries below ~1e-19: float32 squares underflow, so the norm takes the column as zero.
+    w = 1e-17 * jax.random.normal(jax.random.key(0), (64, 8))
+    w = w.at[:, 3].multiply(1e-4)
+    with pytest.warns(
+        UserWarning, match=r"'kernel' has 1 output feature\(s\) whose weights are all"
+    ):
+        dora_jax.wrap({"kernel": w}, rank=2)
+    # An all-zero column gets the zero-column warning only.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dora_jax.wrap({"kernel": w.at[:, 3].set(0.0)}, rank=2)
+    assert [str(c.message) for c in caught if "below" in str(c.message)] == []
 
 
 @pytest.mark.parametrize("jit", [False, True])
