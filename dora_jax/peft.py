@@ -7,6 +7,9 @@ whose keys are ``base_model.model.<module>.<tensor>``, in torch's ``(out, in)`` 
   ``s = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), per module ``r`` and alpha
   from ``rank_pattern`` / ``alpha_pattern``;
 - DoRA: the same with ``use_dora: true`` and ``lora_magnitude_vector (out,)``;
+- an embedding table ``(vocab, features)`` (PEFT's ``lora.Embedding``): ``lora_embedding_A
+  (r, vocab)``, ``lora_embedding_B (features, r)`` (DoRA: ``lora_magnitude_vector
+  (features,)``, the norm over the vocabulary), the vocabulary being its input axis;
 - VeRA: ``vera_lambda_b (out,)``, ``vera_lambda_d (r,)`` per module and the shared
   ``base_model.vera_A (r, in_max)``, ``base_model.vera_B (out_max, r)``
   (``save_projection: true``).
@@ -39,7 +42,7 @@ import math
 import pathlib
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -63,7 +66,10 @@ _METADATA = {
     "inference_mode", "auto_mapping", "target_modules", "exclude_modules",
     "layers_to_transform", "layers_pattern",
 }  # fmt: skip
-_LORA_HANDLED = {"r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"}
+_LORA_HANDLED = {
+    "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
+    "ensure_weight_tying",  # checked against the model's tying where an embedding is adapted
+}  # fmt: skip
 _LORA_INIT_ONLY = {
     "lora_dropout", "init_lora_weights", "loftq_config", "eva_config", "corda_config",
     "lora_ga_config", "qalora_group_size", "megatron_core",
@@ -78,8 +84,11 @@ _MUST_BE_DEFAULT = {
     "modules_to_save": None,
 }
 # init_lora_weights values that initialise only A and B (PiSSA, OLoRA, LoftQ, CorDA and
-# LoRA-GA also rewrite the base weights, so their adapters need that rewritten base).
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# LoRA-GA also rewrite the base weights, so their adapters need that rewritten base). MiCA
+# sets B from the base's minor singular vectors and A = 0, leaves the base as it is and
+# computes plain LoRA (PEFT's MiCALinearVariant/MiCAEmbeddingVariant); only its training
+# differs (B frozen), which dora_jax leaves to the user (partition out b).
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 
 class PeftFormatError(ValueError):
@@ -89,7 +98,27 @@ class PeftFormatError(ValueError):
 def _llama_name_map() -> NameMap:
     from dora_jax.models.llama import hf_module_name
 
-    return hf_module_name
+    def name_map(path: str, index: tuple) -> str | None:
+        if path == "embed_tokens/embedding" and not index:
+            return "model.embed_tokens"  # an embedding table: PEFT's lora.Embedding
+        return hf_module_name(path, index)
+
+    return name_map
+
+
+def _llama_tied(leaves) -> dict[str, str]:
+    """The project's Llama ties ``lm_head`` to ``embed_tokens`` when it has no ``lm_head``
+    kernel: its logits are ``h @ embedding.T`` (``attend``)."""
+    if "embed_tokens/embedding" in leaves and "lm_head/kernel" not in leaves:
+        return {"model.embed_tokens": "lm_head"}
+    return {}
+
+
+def _is_table(path: str, embeddings) -> bool:
+    """Whether the kernel at ``path`` is an embedding table the model looks up: a leaf named
+    ``embedding`` (Flax ``nn.Embed``/``nnx.Embed``) or one ``embeddings`` names."""
+    patterns = [embeddings] if isinstance(embeddings, str) else list(embeddings or ())
+    return path.rsplit("/", 1)[-1] == "embedding" or any(re.search(e, path) for e in patterns)
 
 
 def _llama_axes(path: str, leaf) -> Axes | None:
@@ -107,7 +136,10 @@ def save(
     adapted: PyTree,
     *,
     name_map: NameMap | None = None,
+    embeddings: str | Sequence[str] = (),
+    tied: Mapping[str, str] | None = None,
     use_rslora: bool = False,
+    fan_in_fan_out: bool = False,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
 ) -> None:
@@ -122,14 +154,42 @@ def save(
     format). DVoRA is written with ``peft_type: "DVORA"`` and a ``dora_jax_extension``
     field (see the module docstring): PEFT cannot load it, by design.
 
+    Embedding tables (a kernel the model looks up, ``W0[ids]``) are written in PEFT's
+    ``lora.Embedding`` format, ``lora_embedding_A (r, vocab)`` and ``lora_embedding_B
+    (features, r)`` (DoRA: ``lora_magnitude_vector (features,)``, the norm over the
+    vocabulary, as dora_jax's). A table the model also uses transposed as its output layer
+    (a tied ``lm_head``, ``attend``) is written for LoRA with ``ensure_weight_tying: true``
+    and the output layer's tensors, so that PEFT's tied ``lm_head`` sees the same update;
+    a tied DoRA table is refused (PEFT gives the tied ``lm_head`` a magnitude of its own,
+    one per vocabulary row, which computes something else), as are VeRA tables (PEFT's VeRA
+    has no embedding layer).
+
     Args:
       directory: created if missing. On several processes (a pod), every process calls
         ``save`` (the adapters are gathered from all of them) and process 0 writes.
       adapted: a tree from :func:`dora_jax.wrap` (trained or not).
-      name_map: ``(path, index) -> module name`` (default: the project's Llama).
+      name_map: ``(path, index) -> module name`` (default: the project's Llama, whose
+        ``embed_tokens/embedding`` is ``model.embed_tokens``). It is called with each
+        adapted kernel's own stack indices. With a ``name_map``, ``target_modules`` lists
+        the adapted modules by full name (PEFT matches a name or a ``.``-suffix of one, and
+        only the project's Llama's modules are all known to dora_jax).
+      embeddings: regex (or regexes) searched in the ``/``-joined path of adapted kernels
+        that are embedding tables looked up by the model, besides the leaves named
+        ``embedding`` (Flax's ``nn.Embed``), which are always taken as tables; e.g.
+        ``r"wte/weight$"`` for an Equinox ``Embedding``. A table saved as a linear layer
+        would be ignored by PEFT's ``lora.Embedding``, so say which they are.
+      tied: ``{embedding module: output module}`` for adapted embedding tables that the
+        model also uses transposed as its output layer (``tie_word_embeddings``), e.g.
+        ``{"transformer.wte": "lm_head"}``, ``{}`` when none is. Required with a
+        ``name_map`` when an embedding table is adapted; the project's Llama says it
+        itself (tied when ``params`` have no ``lm_head`` kernel).
       use_rslora: write ``use_rslora: true`` with ``lora_alpha = s * sqrt(r)`` instead of
         ``lora_alpha = s * r``; the same scale ``s`` either way (set it when the adapter
         was wrapped with ``rslora=True``, so PEFT trains it on as rsLoRA).
+      fan_in_fan_out: written to the config as given; set it for a base whose weights are
+        stored ``(in, out)`` (GPT-2's ``Conv1D``), where PEFT warns and sets it itself
+        otherwise. The tensors are the same either way (``lora_A (r, in)``, ``lora_B
+        (out, r)``).
       base_model_name_or_path, task_type: written to the config as given (e.g. a hub id
         and ``"CAUSAL_LM"`` for ``AutoPeftModelForCausalLM``).
 
@@ -140,6 +200,7 @@ def save(
     """
     from safetensors.numpy import save_file
 
+    builtin = name_map is None  # the project's Llama
     name_map = name_map or _llama_name_map()
     flat = jax.tree_util.tree_flatten_with_path(adapted, is_leaf=is_adapter)[0]
     nodes = [(path_str(p), x) for p, x in flat if is_adapter(x)]
@@ -158,6 +219,31 @@ def save(
             f"{kind.__name__} adapters have no PEFT format (PEFT has LoRA, DoRA and VeRA); "
             f"save them with dora_jax.checkpoint."
         )
+    tables = {path for path, _ in nodes if _is_table(path, embeddings)}
+    for path, node in nodes:
+        if path not in tables:
+            continue
+        if kind not in (LoRA, DoRA):
+            raise PeftFormatError(
+                f"'{path}' is an embedding table with a {kind.__name__} adapter: PEFT's "
+                f"{'VeRA' if kind is VeRA else 'DVoRA'} has no embedding layer. Leave it "
+                f"out with wrap(targets=...)."
+            )
+        if len(node.in_shape) != 1:
+            raise PeftFormatError(
+                f"'{path}' is taken as an embedding table but has input axes {node.in_shape} "
+                f"(a table is looked up by one vocabulary axis): check embeddings= and axes=."
+            )
+    if tables and tied is None:
+        if not builtin:
+            raise PeftFormatError(
+                f"the embedding tables {sorted(tables)[:4]} are adapted: say whether the "
+                f"model also uses one transposed as its output layer (tie_word_embeddings), "
+                f"which changes what PEFT computes: tied={{'<embedding module>': 'lm_head'}} "
+                f"if so, tied={{}} if not."
+            )
+        tied = _llama_tied({path_str(p) for p, _ in flat})
+    tied = dict(tied or {})
     quantised = [path for path, x in nodes if x.quantised]
     if quantised:
         formats = sorted({getattr(x.base, "format", type(x.base).__name__) for _, x in nodes
@@ -193,10 +279,32 @@ def save(
                 )
             key = PREFIX + name
             if kind in (LoRA, DoRA):
-                a = host["a"][index].reshape(n_in, -1)
-                tensors[key + ".lora_A.weight"] = np.ascontiguousarray(a.T)
-                b = host["b"][index].reshape(-1, n_out)
-                tensors[key + ".lora_B.weight"] = np.ascontiguousarray(b.T)
+                # PEFT's Linear and Embedding hold the same (r, in) and (out, r) matrices.
+                a = np.ascontiguousarray(host["a"][index].reshape(n_in, -1).T)
+                b = np.ascontiguousarray(host["b"][index].reshape(-1, n_out).T)
+                table = path in tables
+                tensors[key + (".lora_embedding_A" if table else ".lora_A.weight")] = a
+                tensors[key + (".lora_embedding_B" if table else ".lora_B.weight")] = b
+                if table and name in tied:
+                    if kind is DoRA or node.stack_shape:
+                        raise PeftFormatError(
+                            f"'{path}' ('{name}') is a DoRA embedding table that the model "
+                            f"also uses as its output layer '{tied[name]}' (tied): dora_jax "
+                            f"scales the shared table per feature (norm over the vocabulary) "
+                            f"in both uses, while PEFT gives the tied '{tied[name]}' a "
+                            f"magnitude of its own, one per vocabulary row, so PEFT would "
+                            f"compute other logits. Adapt the table with LoRA, leave it out "
+                            f"(wrap(targets=...)), or untie the model."
+                            if kind is DoRA
+                            else f"'{path}' ('{name}') is a stacked embedding table tied to "
+                            f"'{tied[name]}': PEFT ties one table to one output layer."
+                        )
+                    # ensure_weight_tying: PEFT's tied Linear holds the table's B^T and A^T,
+                    # so its update is the table's, transposed.
+                    output = PREFIX + tied[name]
+                    tensors[output + ".lora_A.weight"] = np.ascontiguousarray(b.T)
+                    tensors[output + ".lora_B.weight"] = np.ascontiguousarray(a.T)
+                    modules.append((tied[name], node))
             else:
                 tensors[key + ".vera_lambda_b"] = host["b"][index].reshape(n_out)
                 tensors[key + ".vera_lambda_d"] = host["d"][index]
@@ -209,6 +317,8 @@ def save(
 
     if kind in (LoRA, DoRA):
         config = _lora_config(modules, kind is DoRA, use_rslora)
+        if any(name in tied for name, _ in modules):  # an output layer tied to a table
+            config["ensure_weight_tying"] = True
     else:
         shared_a, shared_b = nodes[0][1].shared_a, nodes[0][1].shared_b
         tensors["base_model.vera_A"] = np.ascontiguousarray(_gathered(shared_a).T)
@@ -223,7 +333,9 @@ def save(
                 "keep VeRA's layout plus lora_magnitude_vector and are read by dora_jax "
                 "only.",
             }
-    config["target_modules"] = _compact_names([n for n, _ in modules], adapted, name_map)
+    config["fan_in_fan_out"] = bool(fan_in_fan_out)
+    names = [n for n, _ in modules]
+    config["target_modules"] = _compact_names(names, flat, name_map) if builtin else sorted(names)
     config["base_model_name_or_path"] = base_model_name_or_path
     config["task_type"] = task_type
 
@@ -322,18 +434,25 @@ def _patterns(values: dict[str, Any], default) -> dict[str, Any]:
     return out
 
 
-def _compact_names(names: list[str], tree: PyTree, name_map: NameMap) -> list[str]:
-    """PEFT ``target_modules``: a module's last name where that selects exactly the adapted
-    modules of the model, else full module names (PEFT matches names exactly or by the
-    ``.``-separated suffix)."""
+def _compact_names(names: list[str], flat, name_map: NameMap) -> list[str]:
+    """PEFT ``target_modules`` for the project's Llama: a module's last name where that
+    selects exactly the adapted modules of the model, else full module names (PEFT matches
+    names exactly or by the ``.``-separated suffix). ``flat`` is the adapted tree flattened
+    with paths (adapter nodes as leaves); the Llama's name map knows all its modules."""
     every = set()
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapter)[0]
     for p, leaf in flat:
-        if is_adapter(leaf) or getattr(leaf, "ndim", 0) < 2:
-            continue
         path = path_str(p)
-        candidates = [()] + [(i,) for i in range(leaf.shape[0])]
-        every.update(n for idx in candidates if (n := name_map(path, idx)) is not None)
+        if is_adapter(leaf):
+            stack = leaf.stack_shape
+        elif getattr(leaf, "ndim", 0) >= 2:
+            ax = _llama_axes(path, leaf)
+            stack = tuple(leaf.shape[i] for i in ax.stack) if ax is not None else ()
+        else:
+            continue
+        for index in np.ndindex(*stack):
+            name = name_map(path, tuple(int(i) for i in index))
+            if name is not None:
+                every.add(name)
     adapted = set(names)
     by_suffix = collections.defaultdict(list)
     for n in names:
@@ -354,13 +473,16 @@ def load(
     *,
     name_map: NameMap | None = None,
     axes: Mapping[str, Axes] | Callable[[str, Any], Axes | None] | None = None,
+    tied: Mapping[str, str] | None = None,
     dtype: Any = jnp.float32,
 ) -> PyTree:
     """Reads a PEFT adapter directory (LoRA, rsLoRA, DoRA, VeRA) onto ``params``.
 
     Returns the adapted tree (``LoRA``/``DoRA``/``VeRA`` nodes, per-module ranks and alphas
     from ``rank_pattern``/``alpha_pattern``) that computes exactly what PEFT computes on the
-    same base; train it on, ``merge`` it or ``save`` it back. The modules that get adapters
+    same base; train it on, ``merge`` it or ``save`` it back. Embedding adapters
+    (``lora_embedding_A/B``) load onto the table ``name_map`` names (the project's Llama:
+    ``embed_tokens/embedding``). The modules that get adapters
     are those with weights in the file. In a scanned stack, layers the file has no weights
     for get an identity adapter (``B = 0``, VeRA's ``b = 0``, DoRA's magnitude
     ``||W0||_c``), which is what PEFT's initialisation gives those layers. A base weight
@@ -374,7 +496,10 @@ def load(
     project's Llama, whose projections are ``nn.Linear`` (with a ``name_map`` for a model
     with Conv1D weights it is accepted: it only says how the base stores its weight),
     ``modules_to_save``, an ``init_lora_weights`` that rewrites the base such as PiSSA or
-    LoftQ, embedding adapters, any other set option dora_jax does not know), tensors for
+    LoftQ (MiCA, which leaves the base as it is and computes plain LoRA, loads), an
+    embedding adapter on a table ``params`` also use as their output layer (tied) unless
+    PEFT tied it too (LoRA with ``ensure_weight_tying``), any other set option dora_jax does
+    not know), tensors for
     modules ``name_map`` cannot place, tensors whose shapes do not fit ``params`` (an
     adapter for another base), VeRA without saved projections and DVoRA files.
 
@@ -385,6 +510,10 @@ def load(
       name_map: ``(path, index) -> module name`` (default: the project's Llama).
       axes: stack/input axes of kernels with more than 2 axes, as for
         :func:`dora_jax.wrap` (default: the project's Llama's scanned layers).
+      tied: ``{embedding module: output module}`` for tables that ``params`` also use
+        transposed as their output layer, ``{}`` for none; required with a ``name_map``
+        when the file adapts an embedding (PEFT's adapter of a tied table changes the
+        logits only if PEFT tied it too). The project's Llama says it itself.
       dtype: dtype of the adapter leaves.
 
     Example::
@@ -427,7 +556,13 @@ def load(
         raw = {k: f.get_tensor(k) for k in f.keys()}
     shared = {k: raw.pop(k) for k in ("base_model.vera_A", "base_model.vera_B") if k in raw}
     suffixes = (
-        (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
+        (
+            ".lora_A.weight",
+            ".lora_B.weight",
+            ".lora_magnitude_vector",
+            ".lora_embedding_A",
+            ".lora_embedding_B",
+        )
         if peft_type == "LORA"
         else (".vera_lambda_b", ".vera_lambda_d")
     )
@@ -438,6 +573,7 @@ def load(
     # Whole weights of modules without an adapter (lm_head, embed_tokens): what
     # save_embedding_layers writes, by default after resize_token_embeddings.
     whole_weights: dict[str, np.ndarray] = {}
+    embedded: set[str] = set()  # modules with PEFT's lora.Embedding tensors
     for key, value in raw.items():
         if key.startswith(PREFIX) and key.endswith(".base_layer.weight"):
             base_weights[key[len(PREFIX) : -len(".base_layer.weight")]] = value
@@ -450,12 +586,18 @@ def load(
         if key.endswith(".lora_magnitude_vector.weight"):  # older PEFT wrote the suffix
             suffix, key = ".lora_magnitude_vector", key[: -len(".weight")]
         if suffix is None or not key.startswith(PREFIX):
-            raise PeftFormatError(
-                f"{WEIGHTS_NAME} holds '{key}', which dora_jax does not read"
-                + (" (embedding adapters are not supported)" if "embedding" in key else "")
-                + "."
-            )
-        weights[key[len(PREFIX) : -len(suffix)]][suffix[1:]] = value
+            raise PeftFormatError(f"{WEIGHTS_NAME} holds '{key}', which dora_jax does not read.")
+        module, tensor = key[len(PREFIX) : -len(suffix)], suffix[1:]
+        if tensor.startswith("lora_embedding_"):
+            # An embedding's lora_embedding_A (r, vocab) and lora_embedding_B (features, r)
+            # are a linear layer's lora_A (r, in) and lora_B (out, r) with in = vocab.
+            embedded.add(module)
+            tensor = f"lora_{tensor[-1]}.weight"
+            if tensor in weights[module]:
+                raise PeftFormatError(
+                    f"module '{module}' has both linear and embedding LoRA tensors."
+                )
+        weights[module][tensor] = value
     if not weights:
         raise PeftFormatError(f"{directory / WEIGHTS_NAME} holds no adapter weights.")
     use_dora = bool(config.get("use_dora"))
@@ -484,18 +626,47 @@ def load(
             name = name_map(path, tuple(int(i) for i in index))
             if name is not None:
                 where[name] = (path, tuple(int(i) for i in index), ax)
-    for module, value in whole_weights.items():
-        if module in where:  # a kernel: loaded over the base, as PEFT does
-            base_weights[module] = value
-        elif not _equals_base_embedding(module, value, leaves, llama):
+    # Embedding tables: the lora.Embedding modules, and the leaves named "embedding".
+    tables = {m for m, (path, _, _) in where.items()
+              if m in embedded or path.rsplit("/", 1)[-1] == "embedding"}  # fmt: skip
+    for module in embedded & set(where):
+        path, index, ax = where[module]
+        if leaves[path].ndim != len(index) + 2 or ax.inputs != (len(index),):
             raise PeftFormatError(
-                f"{WEIGHTS_NAME} holds the whole weight of '{module}' {value.shape}, which PEFT "
-                f"writes with save_embedding_layers=True, and by default after "
-                f"resize_token_embeddings, and loads over the base. dora_jax loads such "
-                f"weights for kernels, not for embeddings that differ from the base's: save "
-                f"the resized base model (save_pretrained), read it with from_hf and load the "
-                f"adapter onto it, or save the adapter with save_embedding_layers=False."
+                f"module '{module}' is an embedding adapter (lora_embedding_A/B), but name_map "
+                f"places it on '{path}' {tuple(leaves[path].shape)} with input axes "
+                f"{ax.inputs}: a table (vocab, features) is looked up by its first axis."
             )
+    if tied is None:
+        if not llama and embedded:
+            raise PeftFormatError(
+                f"the adapter adapts the embeddings {sorted(embedded)[:4]}: say whether the "
+                f"model also uses one transposed as its output layer (tie_word_embeddings), "
+                f"which changes what PEFT computes: tied={{'<embedding module>': 'lm_head'}} "
+                f"if so, tied={{}} if not."
+            )
+        tied = _llama_tied(leaves) if llama else {}
+    for module in sorted(embedded & set(tied) & set(where)):
+        output = tied[module]
+        for value in _drop_tied_output(
+            module, output, config, weights, base_weights, whole_weights
+        ):
+            if not _equals_table(value, where, leaves, module):
+                raise _resized_error(output, value)
+    for module, value in whole_weights.items():
+        if module in where and module not in tables:  # a kernel: over the base, as PEFT does
+            base_weights[module] = value
+        elif not (
+            _equals_table(value, where, leaves, module)
+            if module in where
+            else _equals_base_embedding(module, value, leaves, llama)
+        ):
+            raise _resized_error(module, value)
+    for module in sorted(tables & set(base_weights)):
+        # PEFT saves an adapted embedding's table too (save_embedding_layers="auto").
+        value = base_weights.pop(module)
+        if not _equals_table(value, where, leaves, module):
+            raise _resized_error(module, value)
     unplaced = sorted((set(weights) | set(base_weights)) - set(where))
     if unplaced:
         raise PeftFormatError(
@@ -602,6 +773,63 @@ def _read_config(directory: pathlib.Path) -> dict:
             f"{path} holds a JSON {type(config).__name__}, not the object PEFT writes."
         )
     return config
+
+
+def _resized_error(module: str, value: np.ndarray) -> PeftFormatError:
+    return PeftFormatError(
+        f"{WEIGHTS_NAME} holds the whole weight of '{module}' {value.shape}, which PEFT "
+        f"writes with save_embedding_layers=True, and by default after "
+        f"resize_token_embeddings, and loads over the base. dora_jax loads such "
+        f"weights for kernels, not for embeddings that differ from the base's: save "
+        f"the resized base model (save_pretrained), read it with from_hf and load the "
+        f"adapter onto it, or save the adapter with save_embedding_layers=False."
+    )
+
+
+def _equals_table(value: np.ndarray, where: dict, leaves: dict, module: str) -> bool:
+    """Whether a saved table (torch's ``(vocab, features)``, as Flax's) equals the base's."""
+    path, index, _ = where[module]
+    table = np.asarray(leaves[path][index])
+    return table.shape == value.shape and bool(
+        np.array_equal(table, np.asarray(value).astype(table.dtype))
+    )
+
+
+def _drop_tied_output(module, output, config, weights, base_weights, whole_weights) -> list:
+    """Checks that PEFT computes what dora_jax does for the embedding ``module`` the model
+    also uses transposed as its output layer ``output``, and drops ``output``'s tensors
+    (the table's own, transposed: they load as the table's adapter). Returns the base
+    weights saved for ``output``."""
+    if not config.get("ensure_weight_tying"):
+        raise PeftFormatError(
+            f"the adapter adapts the embedding '{module}', which these params also use "
+            f"(transposed) as their output layer '{output}' (tied). PEFT saved it without "
+            f"ensure_weight_tying, so its '{output}' keeps the base table while only the "
+            f"lookup is adapted; dora_jax adapts the shared table in both uses and cannot "
+            f"compute that. Load onto an untied base (tie_word_embeddings=False, with the "
+            f"table copied to lm_head), or train the adapter with ensure_weight_tying=True."
+        )
+    if config.get("use_dora"):
+        raise PeftFormatError(
+            f"the adapter is DoRA on the embedding '{module}', tied to the output layer "
+            f"'{output}': PEFT gives the tied '{output}' a magnitude of its own, one per "
+            f"vocabulary row, while dora_jax scales the shared table per feature in both "
+            f"uses. Load onto an untied base (tie_word_embeddings=False)."
+        )
+    w, tied_w = weights[module], weights.pop(output, None)
+    if tied_w is not None and not (
+        set(tied_w) == {"lora_A.weight", "lora_B.weight"}
+        and np.array_equal(tied_w["lora_A.weight"], w["lora_B.weight"].T)
+        and np.array_equal(tied_w["lora_B.weight"], w["lora_A.weight"].T)
+        and _module_settings(config, "LORA", output, tied_w)
+        == _module_settings(config, "LORA", module, w)
+    ):
+        raise PeftFormatError(
+            f"'{output}' is tied to the embedding '{module}' but its adapter tensors or its "
+            f"rank/alpha are not the embedding's, transposed: PEFT's tied layer shares them."
+        )
+    # The output layer's base weight is the table itself: the caller checks it as such.
+    return [saved.pop(output) for saved in (base_weights, whole_weights) if output in saved]
 
 
 def _equals_base_embedding(module: str, value: np.ndarray, leaves: dict, llama: bool) -> bool:

@@ -1,6 +1,7 @@
 """PEFT adapter files both ways, checked against PEFT itself on a tiny random Llama."""
 
 import json
+import re
 import warnings
 
 import jax
@@ -338,12 +339,6 @@ def test_load_of_a_folder_that_is_not_an_adapter_says_why(base, tmp_path):
 def test_load_refuses_unmappable_modules_and_another_base(base, tmp_path):
     directory, _ = base
     _, params = from_hf(directory)
-    model = peft.get_peft_model(
-        hf_llama(directory), peft.LoraConfig(r=2, target_modules=["embed_tokens"])
-    )
-    model.save_pretrained(tmp_path / "embed")
-    with pytest.raises(dora_jax.peft.PeftFormatError, match="embedding adapters"):
-        dora_jax.peft.load(tmp_path / "embed", params)
     # An adapter trained on a wider model does not fit this one.
     other = tiny_hf_model(tied=False, hidden_size=48, intermediate_size=64)
     peft.get_peft_model(other, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
@@ -431,3 +426,275 @@ def test_name_map_carries_adapters_of_any_model_both_ways(tmp_path, use_dora):
     np.testing.assert_allclose(
         torch_out(loaded), forward({"params": mine}, x), atol=1e-5, rtol=1e-5
     )
+
+
+# --- embedding tables, target_modules, name_map indices, fan_in_fan_out, MiCA -------------
+
+
+def peft_loads_cleanly(base_model, directory):
+    """PEFT's model of ``directory`` over ``base_model``; asserts that PEFT reads every tensor
+    of the file into a module and misses none (no warnings about keys, fan_in_fan_out or
+    tying)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft.PeftModel.from_pretrained(base_model, directory).eval()
+    noisy = ("missing adapter keys", "fan_in_fan_out", "tie_word_embeddings", "inconsistency")
+    assert not [str(w.message) for w in caught if any(n in str(w.message) for n in noisy)]
+    with safe_open(str(directory / "adapter_model.safetensors"), "numpy") as f:
+        written = set(f.keys())
+    assert not written - set(peft.get_peft_model_state_dict(model))  # no unexpected keys
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_embedding_adapters_use_peft_embedding_format_both_ways(base, tmp_path, method):
+    directory, tokens = base  # untied: the table is only looked up
+    config, params = from_hf(directory)
+    targets = r"(embed_tokens/embedding|q_proj/kernel)$"
+    adapted = perturb(dora_jax.wrap(params, rank=2, method=method, targets=targets), size=0.3)
+    expected = adapted_logits(config, adapted, tokens)
+    dora_jax.peft.save(tmp_path / "mine", adapted)
+    with safe_open(str(tmp_path / "mine" / "adapter_model.safetensors"), "numpy") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys() if "embed" in k}
+    embed = "base_model.model.model.embed_tokens."
+    vocab, dim = SIZES["vocab_size"], SIZES["hidden_size"]
+    want = {embed + "lora_embedding_A": [2, vocab], embed + "lora_embedding_B": [dim, 2]}
+    if method == "dora":
+        want[embed + "lora_magnitude_vector"] = [dim]
+    assert shapes == want
+    model = peft_loads_cleanly(hf_llama(directory), tmp_path / "mine")
+    np.testing.assert_allclose(torch_logits(model, tokens), expected, **TOL)
+    back = dora_jax.peft.load(tmp_path / "mine", params)
+    np.testing.assert_allclose(adapted_logits(config, back, tokens), expected, **TOL)
+
+    # PEFT's own embedding adapter (with the table it saves beside it) loads to its logits.
+    lora = peft.LoraConfig(r=3, lora_alpha=5, use_dora=method == "dora",
+                           target_modules=["embed_tokens", "v_proj"])  # fmt: skip
+    theirs = peft.get_peft_model(hf_llama(directory), lora)
+    randomise_peft(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    got = adapted_logits(config, dora_jax.peft.load(tmp_path / "theirs", params), tokens)
+    np.testing.assert_allclose(got, torch_logits(theirs.eval(), tokens), **TOL)
+
+
+def test_tied_embedding_lora_is_saved_with_weight_tying_and_dora_refused(tmp_path):
+    """The tied Llama's logits use the adapted table (attend); PEFT's tied lm_head sees the
+    embedding's update only with ensure_weight_tying, and only for LoRA."""
+    tiny_hf_model(tied=True).save_pretrained(tmp_path / "base")
+    tokens = token_batch(5)
+    config, params = from_hf(tmp_path / "base")
+    targets = r"(embed_tokens/embedding|q_proj/kernel)$"
+    lora = perturb(dora_jax.wrap(params, rank=2, method="lora", targets=targets), size=0.3)
+    expected = adapted_logits(config, lora, tokens)
+    dora_jax.peft.save(tmp_path / "lora", lora)
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())[
+        "ensure_weight_tying"
+    ]
+    model = peft_loads_cleanly(hf_llama(tmp_path / "base"), tmp_path / "lora")
+    np.testing.assert_allclose(torch_logits(model, tokens), expected, **TOL)
+    back = dora_jax.peft.load(tmp_path / "lora", params)
+    np.testing.assert_allclose(adapted_logits(config, back, tokens), expected, **TOL)
+    dora = dora_jax.wrap(params, rank=2, method="dora", targets=targets)
+    with pytest.raises(dora_jax.peft.PeftFormatError, match="magnitude of its own"):
+        dora_jax.peft.save(tmp_path / "dora", dora)
+
+    def peft_file(name, **kw):
+        lora_config = peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"], **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT's own warning about tying
+            theirs = peft.get_peft_model(hf_llama(tmp_path / "base"), lora_config)
+        randomise_peft(theirs)
+        theirs.save_pretrained(tmp_path / name)
+        return theirs.eval()
+
+    theirs = peft_file("tied", ensure_weight_tying=True)
+    got = adapted_logits(config, dora_jax.peft.load(tmp_path / "tied", params), tokens)
+    np.testing.assert_allclose(got, torch_logits(theirs, tokens), **TOL)
+    peft_file("untied_lookup")  # PEFT's lm_head keeps the base table: not dora_jax's maths
+    with pytest.raises(dora_jax.peft.PeftFormatError, match="ensure_weight_tying"):
+        dora_jax.peft.load(tmp_path / "untied_lookup", params)
+    peft_file("tied_dora", ensure_weight_tying=True, use_dora=True)
+    with pytest.raises(dora_jax.peft.PeftFormatError, match="magnitude of its own"):
+        dora_jax.peft.load(tmp_path / "tied_dora", params)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_embedding_tables_of_any_model_with_a_name_map(tmp_path, use_dora):
+    """A torch Embedding + Linear and a plain-jnp twin whose table is not named embedding."""
+
+    class TorchEmbed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)  # every instance has the same weights
+            self.tok, self.out = torch.nn.Embedding(10, 6), torch.nn.Linear(6, 4)
+
+        def forward(self, ids):
+            return self.out(torch.tanh(self.tok(ids)))
+
+    net = TorchEmbed().eval()
+    params = {"tok": {"weight": jnp.asarray(net.tok.weight.detach().numpy())},
+              "out": {"kernel": jnp.asarray(net.out.weight.detach().numpy().T),
+                      "bias": jnp.asarray(net.out.bias.detach().numpy())}}  # fmt: skip
+    ids = np.random.default_rng(0).integers(0, 10, (3, 5))
+    forward = dora_jax.apply(
+        lambda p, i: jnp.tanh(p["tok"]["weight"][i]) @ p["out"]["kernel"] + p["out"]["bias"]
+    )
+    name_map = lambda path, index: path.split("/")[0]  # noqa: E731
+    method = "dora" if use_dora else "lora"
+    mine = perturb(
+        dora_jax.wrap(params, rank=2, method=method, targets="(weight|kernel)$"), size=0.3
+    )
+    with pytest.raises(dora_jax.peft.PeftFormatError, match="tied="):
+        dora_jax.peft.save(tmp_path / "mine", mine, name_map=name_map, embeddings="tok/weight$")
+    dora_jax.peft.save(
+        tmp_path / "mine", mine, name_map=name_map, embeddings="tok/weight$", tied={}
+    )
+    loaded = peft_loads_cleanly(TorchEmbed().eval(), tmp_path / "mine")
+    with torch.no_grad():
+        torch_out = loaded(torch.tensor(ids)).numpy()
+    np.testing.assert_allclose(torch_out, forward(mine, ids), atol=1e-5, rtol=1e-5)
+
+    theirs = peft.get_peft_model(
+        net, peft.LoraConfig(r=2, use_dora=use_dora, target_modules=["tok", "out"])
+    )
+    randomise_peft(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    with pytest.raises(dora_jax.peft.PeftFormatError, match="tied="):
+        dora_jax.peft.load(tmp_path / "theirs", params, name_map=name_map)
+    adapted = dora_jax.peft.load(tmp_path / "theirs", params, name_map=name_map, tied={})
+    with torch.no_grad():
+        expected = theirs.eval()(torch.tensor(ids)).numpy()
+    np.testing.assert_allclose(forward(adapted, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+class Blocks(torch.nn.Module):
+    """Two residual blocks, each a projection and an nn.Sequential MLP, and a head whose
+    name ends like the projections'."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        linear = torch.nn.Linear
+        block = lambda: torch.nn.ModuleDict(dict(  # noqa: E731
+            proj=linear(8, 8),
+            mlp=torch.nn.Sequential(linear(8, 16), torch.nn.Tanh(), linear(16, 8)),
+        ))  # fmt: skip
+        self.blocks = torch.nn.ModuleList([block(), block()])
+        self.head = torch.nn.ModuleDict(dict(proj=torch.nn.Linear(8, 3)))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b["proj"](x)
+            x = x + b["mlp"](x)
+        return self.head["proj"](x)
+
+
+def blocks_params(net):
+    """Blocks' weights as a Flax-layout tree: blocks_0/mlp_2/kernel is blocks.0.mlp.2."""
+    out = {}
+    for name, module in net.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            node = out
+            for part in name.replace("blocks.", "blocks_").replace("mlp.", "mlp_").split("."):
+                node = node.setdefault(part, {})
+            node["kernel"] = jnp.asarray(module.weight.detach().numpy().T)
+            node["bias"] = jnp.asarray(module.bias.detach().numpy())
+    return out
+
+
+def blocks_forward(p, x):
+    dense = lambda q, h: h @ q["kernel"] + q["bias"]  # noqa: E731
+    for i in (0, 1):
+        b = p[f"blocks_{i}"]
+        x = x + dense(b["proj"], x)
+        x = x + dense(b["mlp_2"], jnp.tanh(dense(b["mlp_0"], x)))
+    return dense(p["head"]["proj"], x)
+
+
+@pytest.mark.parametrize("method", ["lora", "vera"])
+@pytest.mark.parametrize("targets", ["mlp_", "blocks_./proj"])
+def test_target_modules_of_a_name_map_are_the_adapted_modules_only(tmp_path, method, targets):
+    """A name_map that names only the adapted kernels: a last name ("proj", "0") would
+    also select head.proj or the block blocks.0 in PEFT."""
+    net = Blocks().eval()
+    params = blocks_params(net)
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(blocks_forward(params, x), net(torch.tensor(x)).numpy(),
+                                   atol=1e-5)  # fmt: skip
+
+    def name_map(path, index):  # blocks_1/mlp_2/kernel -> blocks.1.mlp.2; the rest unnamed
+        if not re.search(targets, path) or not path.endswith("/kernel"):
+            return None
+        return path[: -len("/kernel")].replace("_", ".").replace("/", ".")
+
+    mine = perturb(dora_jax.wrap(params, rank=2, method=method, targets=targets), size=0.3)
+    dora_jax.peft.save(tmp_path, mine, name_map=name_map)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert all(name.startswith("blocks.") for name in written)
+    model = peft_loads_cleanly(net, tmp_path)
+    with torch.no_grad():
+        torch_out = model(torch.tensor(x)).numpy()
+    forward = dora_jax.apply(blocks_forward)
+    np.testing.assert_allclose(torch_out, forward(mine, x), atol=1e-5, rtol=1e-5)
+
+
+def test_save_calls_name_map_with_each_kernels_own_stack_index(base, tmp_path):
+    directory, tokens = base
+    config, params = from_hf(directory, scan_layers=True)
+
+    def name_map(path, index):  # written for the scanned layers: index[0] is the layer
+        parts = path.split("/")
+        if parts[0] != "layers" or parts[-1] != "kernel":
+            return None
+        return f"model.layers.{index[0]}." + ".".join(parts[1:-1])
+
+    axes = {r"^layers/": dora_jax.Axes(1, 1)}
+    adapted = perturb(dora_jax.wrap(params, rank=2, targets="q_proj", axes=axes), size=0.3)
+    dora_jax.peft.save(tmp_path, adapted, name_map=name_map)
+    model = peft_loads_cleanly(hf_llama(directory), tmp_path)
+    np.testing.assert_allclose(
+        torch_logits(model, tokens), adapted_logits(config, adapted, tokens), **TOL
+    )
+
+
+def test_save_writes_fan_in_fan_out_for_conv1d_bases(tmp_path):
+    """GPT-2's Conv1D stores its weight (in, out), as Flax does: only the config differs."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+
+    class TorchConv1D(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc = Conv1D(16, 8)  # (nf=out, nx=in): weight (8, 16)
+
+        def forward(self, h):
+            return self.c_fc(h)
+
+    net = TorchConv1D().eval()
+    params = {"c_fc": {"kernel": jnp.asarray(net.c_fc.weight.detach().numpy()),
+                       "bias": jnp.asarray(net.c_fc.bias.detach().numpy())}}  # fmt: skip
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    mine = perturb(dora_jax.wrap(params, rank=2), size=0.3)
+    name_map = lambda path, index: "c_fc" if path == "c_fc/kernel" else None  # noqa: E731
+    dora_jax.peft.save(tmp_path, mine, name_map=name_map, fan_in_fan_out=True)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    model = peft_loads_cleanly(net, tmp_path)
+    with torch.no_grad():
+        torch_out = model(torch.tensor(x)).numpy()
+    forward = dora_jax.apply(lambda p, h: h @ p["c_fc"]["kernel"] + p["c_fc"]["bias"])
+    np.testing.assert_allclose(torch_out, forward(mine, x), atol=1e-5, rtol=1e-5)
+
+
+def test_mica_adapter_loads_as_the_plain_lora_it_computes(base, tmp_path):
+    """MiCA initialises B from the base's minor singular vectors and A = 0; the base is
+    untouched and the forward is plain LoRA."""
+    directory, tokens = base
+    lora = peft.LoraConfig(r=2, init_lora_weights="mica", target_modules=["k_proj"])
+    model = peft.get_peft_model(hf_llama(directory), lora)
+    randomise_peft(model)
+    model.save_pretrained(tmp_path)
+    config, params = from_hf(directory)
+    got = adapted_logits(config, dora_jax.peft.load(tmp_path, params), tokens)
+    np.testing.assert_allclose(got, torch_logits(model.eval(), tokens), **TOL)
