@@ -50,6 +50,10 @@ def test_readme_quickstarts_run():
 
     assert nnx_loss(plain) < nnx_loss(untrained) - 0.1
 
+    # The LoRA+ recipe labels every trainable leaf by its adapter field.
+    labels = ns["jax"].tree_util.tree_map_with_path(ns["field"], ns["trainable"])
+    assert sorted(set(ns["jax"].tree.leaves(labels))) == ["a", "b", "magnitude"]
+
     # The NNX Block wrapped whole: every kernel adapted, axes read from its layers, and the
     # adapted block starts at the block itself.
     block, adapted_block = ns["block"], ns["adapted_block"]
