@@ -511,11 +511,11 @@ def magnitude_init(base: Array, stack, inputs, dtype, path: str = "") -> Array:
 def _warn_underflowing_columns(base: Array, inputs: tuple[int, ...], path: str) -> None:
     """Warns if a column is non-zero but every weight in it is below ~1e-19: their float32
     squares underflow, so the factored norm (which sums squares) takes it as zero."""
-    if isinstance(base, jax.core.Tracer):
-        return
     peak = jnp.max(jnp.abs(base.astype(jnp.float32)), axis=inputs)
-    count = int(jnp.sum((peak > 0) & (peak < math.sqrt(NORM_EPS))))
-    if count:
+    count = jnp.sum((peak > 0) & (peak < math.sqrt(NORM_EPS)))
+    if isinstance(count, jax.core.Tracer):  # under a trace (wrap inside jit): no value
+        return
+    if int(count):
         warnings.warn(
             f"Kernel '{path}' has {count} output feature(s) whose weights are all below "
             f"{math.sqrt(NORM_EPS):.1e} in magnitude: their float32 squares underflow, so the "
