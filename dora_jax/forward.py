@@ -20,9 +20,13 @@ evaluator, its rules recording how each kernel is used instead of computing.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import inspect
+import itertools
 import math
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -191,7 +195,8 @@ def _materialise(view: _View, ctx: _Context, why: str) -> jax.Array:
             f"Adapted kernel '{view.path}' is used by `{why}`, a use the factored forward "
             f"does not cover, and strict=True forbids forming W' = m (W0 + dW) / ||.|| for "
             f"it. To avoid it, adapt only kernels that the model contracts (matmul, einsum, "
-            f"dot_general, conv) or looks up (embedding gather) (wrap(..., targets=)), or "
+            f"dot_general, ungrouped conv) or looks up (embedding gather) (wrap(..., "
+            f"targets=)), or "
             f"pass strict=False to form W' for this use (slower, more memory)."
         )
     if (view.path, why) not in ctx.warned:
@@ -322,11 +327,20 @@ def _field_axis(node, roles: tuple[str, ...], axis: int) -> int | None:
     return None
 
 
-def _cut_fields(node, axis: int, cut) -> dict | None:
+def _cut_fields(node, axis: int, cut, *, whole: bool = False) -> dict | None:
     """``{field: cut(field, its axis)}`` for the base and every field holding node axis
     ``axis``; None when the node cannot be cut there (an input axis, shared matrices, a
-    quantised base, or a field not laid out as its ``layout`` says)."""
-    if axis in node.inputs or node.shared or node.quantised:
+    quantised base, or a field not laid out as its ``layout`` says).
+
+    ``whole``: ``cut`` keeps every entry of the axis, permuted or moved (a flip, a move to
+    the front). An input axis may then be cut too (the column norm sums over it, so it is
+    invariant to a permutation of its entries), and so may a stack axis of a node with
+    shared matrices (those have no stack axes)."""
+    if node.quantised or (whole and not type(node).layout):
+        return None
+    if whole and node.shared and axis not in node.stack:
+        return None  # VeRA's shared matrices span the input and output axes
+    if not whole and (axis in node.inputs or node.shared):
         return None
     fields = {"base": cut(node.base, axis)}
     sizes = {"stack": len(node.stack), "in": len(node.inputs), "out": len(node.outputs)}
@@ -370,7 +384,7 @@ def _dynamic_slice_rule(eqn, invals, ctx):
     return _cut_view(view, cuts)
 
 
-def _cut_view(view: _View, cuts: dict) -> list | None:
+def _cut_view(view: _View, cuts: dict, *, whole: bool = False) -> list | None:
     """``[view]`` with program axis ``d`` cut by ``cuts[d](x, axis)`` in every field that
     holds it; None when the node cannot be cut there (see :func:`_cut_fields`)."""
     node = view.node
@@ -379,11 +393,23 @@ def _cut_view(view: _View, cuts: dict) -> list | None:
         if isinstance(node, _Probe):
             node = _Probe(cut(node.value, axis), node.index, node.origin, node.scanned)
             continue
-        fields = _cut_fields(node, axis, cut)
+        fields = _cut_fields(node, axis, cut, whole=whole)
         if fields is None:
             return None
         node = dataclasses.replace(node, **fields)
     return [view.replace(node=node)]
+
+
+@_rule("rev")
+def _rev_rule(eqn, invals, ctx):
+    """``jnp.flip`` of a kernel (Keras's ``Conv*DTranspose`` and Linen's ``ConvTranspose``
+    with ``transpose_kernel=True`` flip the window): the node with the base and every field
+    holding a reversed axis flipped alike. A reversed input axis permutes the rows of ``A``
+    (the column norm is invariant to it), an output axis the columns of ``B`` and the
+    magnitude, a stack axis the layers. Under :func:`infer_axes` the axes stay where they
+    were: a flip permutes entries, not axes."""
+    flip = lambda x, at: lax.rev(x, (at,))  # noqa: E731
+    return _cut_view(invals[0], dict.fromkeys(eqn.params["dimensions"], flip), whole=True)
 
 
 @_rule("squeeze")
@@ -418,12 +444,27 @@ def _concrete_sharding(s):
     return s if isinstance(s, jax.sharding.Sharding) else None
 
 
+#: Primitives that only lay a kernel out anew: their rules return views of it.
+_LAYOUT_PRIMITIVES = frozenset(
+    {"rev", "transpose", "slice", "squeeze", "convert_element_type", "copy", "copy_p"}
+)
+
+
+def _relays_only(jaxpr, p) -> bool:
+    """Whether a nested jit only lays its operands out anew (``jnp.flip`` is a jit of one
+    ``rev``) and asks for no sharding: inlined, its outputs stay views of the kernels."""
+    shardings = [*p.get("in_shardings", ()), *p.get("out_shardings", ())]
+    return all(e.primitive.name in _LAYOUT_PRIMITIVES for e in jaxpr.eqns) and not any(
+        _concrete_sharding(s) is not None for s in shardings
+    )
+
+
 @_rule("jit", "pjit", "closed_call", "core_call")
 def _call_rule(eqn, invals, ctx):
     p = eqn.params
     closed = p.get("jaxpr", p.get("call_jaxpr"))
     jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "jaxpr") else (closed, ())
-    if eqn.primitive.name not in ("jit", "pjit") or ctx.probing:
+    if eqn.primitive.name not in ("jit", "pjit") or ctx.probing or _relays_only(jaxpr, p):
         return _eval(jaxpr, consts, invals, ctx)
     # Stay a jit: a nested jit keeps its name and the shardings it asked for. (Donation
     # only acts on a top-level call, never inside an outer trace, so none is lost.)
@@ -460,13 +501,23 @@ def _remat_rule(eqn, invals, ctx):
     return fn(ctx.next_key() if ctx.key is not None else None, *invals)
 
 
-def _scannable(view: _View) -> bool:
-    """Whether a scan may slice ``view``'s node along its leading axis as a stack axis."""
-    if view.axes != _identity(len(view.axes)):
-        return False
-    if isinstance(view.node, _Probe):
-        return True
-    return bool(view.node.stack) and view.node.stack[0] == 0
+def _scannable(view: _View):
+    """``(the part a scan slices, shared leaves)`` when a scan may slice ``view`` along its
+    program axis 0, a stack axis of its node wherever the node has it (Linen's ``nn.scan``
+    with ``variable_axes={'params': 1}`` moves axis 1 to the front); None otherwise. The
+    part sliced has that axis first in every leaf holding it. Under :func:`infer_axes` any
+    axis may be scanned: it is recorded as a stack axis."""
+    axis, node = view.axes[0], view.node
+    if isinstance(node, _Probe):
+        value = jnp.moveaxis(node.value, axis, 0)
+        return _Probe(value, node.index, node.origin, node.scanned), {}
+    if axis not in node.stack:
+        return None
+    sliced, shared = _split_shared(node)
+    if axis == 0:  # the leading stack axis: first in the base and every stacked field
+        return sliced, shared
+    fields = _cut_fields(sliced, axis, lambda x, at: jnp.moveaxis(x, at, 0), whole=True)
+    return None if fields is None else (dataclasses.replace(sliced, **fields), shared)
 
 
 def _split_shared(node):
@@ -478,19 +529,21 @@ def _split_shared(node):
 
 
 def _sliced_view(view: _View, sliced, shared) -> _View:
-    """The view of one slice of a scanned kernel: its leading (stack) axis is gone."""
+    """The view of one slice of a scanned kernel: its scanned (stack) axis is gone."""
+    axis = view.axes[0]
     if isinstance(sliced, _Probe):
         probe = view.node
-        scanned = (*probe.scanned, probe.origin[0])
-        node = _Probe(sliced.value, probe.index, probe.origin[1:], scanned)
+        scanned = (*probe.scanned, probe.origin[axis])
+        origin = probe.origin[:axis] + probe.origin[axis + 1 :]
+        node = _Probe(sliced.value, probe.index, origin, scanned)
     else:
         node = dataclasses.replace(
             sliced,
-            stack=tuple(p - 1 for p in view.node.stack[1:]),
-            inputs=tuple(p - 1 for p in view.node.inputs),
+            stack=tuple(p - (p > axis) for p in view.node.stack if p != axis),
+            inputs=tuple(p - (p > axis) for p in view.node.inputs),
             **shared,
         )
-    return view.replace(node=node, axes=_identity(len(view.axes) - 1))
+    return view.replace(node=node, axes=tuple(a - (a > axis) for a in view.axes[1:]))
 
 
 def _scan_counts(params) -> tuple[int, int]:
@@ -510,10 +563,10 @@ def _scan_rule(eqn, invals, ctx):
     init = [_plain(x, ctx, "scan carry") for x in init]
     xs_in, rebuild = [], []
     for x in xs:
-        if _is_view(x) and _scannable(x):
-            sliced, shared = _split_shared(x.node)
-            xs_in.append(sliced)
-            rebuild.append((x, shared))
+        lead = _scannable(x) if _is_view(x) else None
+        if lead is not None:
+            xs_in.append(lead[0])
+            rebuild.append((x, lead[1]))
         else:
             xs_in.append(_plain(x, ctx, "scan over a non-stack axis"))
             rebuild.append(None)
@@ -1016,12 +1069,13 @@ def _factored_dot_general(eqn, view, x, kc, xc, kb, xb, kernel_first, ctx):
         precision=eqn.params["precision"],
         preferred_element_type=eqn.params["preferred_element_type"],
     )
+    dtypes = (view.dtype, _compute_dtype(eqn, view))
     if transposed:
-        y, labels = _contract_outputs(node, x, view.dtype, kw, ctx)
+        y, labels = _contract_outputs(node, x, *dtypes, kw, ctx)
     elif len(sb) == len(stack):
-        y, labels = _contract_batched(node, x, view.dtype, kw, ctx)
+        y, labels = _contract_batched(node, x, *dtypes, kw, ctx)
     else:
-        y, labels = _contract_inputs(node, x, sb, view.dtype, kw, ctx)
+        y, labels = _contract_inputs(node, x, sb, *dtypes, kw, ctx)
 
     # Unflatten the free axes and put the result in dot_general's output order: batch axes,
     # then the free axes of lhs, then those of rhs.
@@ -1042,14 +1096,30 @@ def _factored_dot_general(eqn, view, x, kc, xc, kb, xb, kernel_first, ctx):
     return y.astype(aval.dtype)
 
 
-def _contract_batched(node: Adapter, x, dtype, kw, ctx):
+def _compute_dtype(eqn, view: _View):
+    """The dtype the program computes a contraction of ``view``'s kernel in: its output's,
+    which is the ``preferred_element_type`` when set, else the operands' promoted type.
+
+    The low-rank branch runs in it, the base product as the program wrote it (the kernel in
+    ``view.dtype``). ``x_f32 @ w_bf16`` (``x @ w`` casts neither operand) thus keeps the
+    float32 ``A`` and ``s B`` in float32, as the float32 product of ``x`` with ``W'`` would;
+    cast to the kernel's storage dtype they would be rounded (to 4.7e-2 relative error on
+    the update for a float8 kernel). A bfloat16 program stays bfloat16.
+    """
+    dtype = eqn.outvars[0].aval.dtype
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else view.dtype
+
+
+def _contract_batched(node: Adapter, x, kernel_dtype, dtype, kw, ctx):
     """All stack axes batched (the common case): flattened 2-D matmuls.
 
-    ``x``: ``(*stack, n, *in)``. Returns ``(*stack, n, *out)`` and its labels. The low-rank
-    branch runs on flattened ``(n, in) @ (in, r) @ (r, out)`` products whatever the kernel's
-    layout (XLA on CPU computes their weight gradients several times faster than those of
-    the same products with the outputs unflattened); a kernel in ``(*stack, *in, *out)``
-    order is read as a flat matrix too, any other layout by one ``dot_general`` in place.
+    ``x``: ``(*stack, n, *in)``. Returns ``(*stack, n, *out)`` and its labels. The base
+    kernel is used in ``kernel_dtype`` (the program's), the low-rank branch runs in
+    ``dtype`` (:func:`_compute_dtype`), on flattened ``(n, in) @ (in, r) @ (r, out)``
+    products whatever the kernel's layout (XLA on CPU computes their weight gradients
+    several times faster than those of the same products with the outputs unflattened); a
+    kernel in ``(*stack, *in, *out)`` order is read as a flat matrix too, any other layout
+    by one ``dot_general`` in place.
 
     Autodiff differentiates it. The backward pass keeps ``x``, ``x L`` and, for a scaled
     (decomposed) method, one ``(n, out)`` array for the gradient of the scale: the
@@ -1080,13 +1150,13 @@ def _contract_batched(node: Adapter, x, dtype, kw, ctx):
 
     def compute(base, x2, _):
         if canonical:
-            w2 = base.reshape(*stack_shape, n_i, n_o).astype(dtype)
+            w2 = base.reshape(*stack_shape, n_i, n_o).astype(kernel_dtype)
             return lax.dot_general(x2, w2, dims, **kw)
         # (*stack, n, *in) against the kernel in its own layout: (*stack, n, *out).
         xs = x2.reshape(*stack_shape, n, *in_shape)
         x_in = tuple(range(ns + 1, ns + 1 + len(in_shape)))
         dn = ((x_in, node.inputs), (s, node.stack))
-        y = lax.dot_general(xs, base.astype(dtype), dn, **kw)
+        y = lax.dot_general(xs, base.astype(kernel_dtype), dn, **kw)
         return y.reshape(*stack_shape, n, n_o)
 
     y, scale = _base_terms(node, compute, x2)
@@ -1102,7 +1172,7 @@ def _contract_batched(node: Adapter, x, dtype, kw, ctx):
     return y, labels
 
 
-def _contract_inputs(node: Adapter, x, sb, dtype, kw, ctx):
+def _contract_inputs(node: Adapter, x, sb, kernel_dtype, dtype, kw, ctx):
     """Some stack axes free: ``x (*batch_stack, n, *in)``, the kernel in its own layout.
 
     Stack axes not in ``sb`` are free (a ``vmap`` ensemble over a shared input, Gemma's
@@ -1118,7 +1188,7 @@ def _contract_inputs(node: Adapter, x, sb, dtype, kw, ctx):
     left, mid, right, post = node.low_rank()
 
     def compute(base, x, _):
-        return jnp.einsum(x, x_lab, base.astype(dtype), list(range(ndim)), out_lab, **kw)
+        return jnp.einsum(x, x_lab, base.astype(kernel_dtype), list(range(ndim)), out_lab, **kw)
 
     y, scale = _base_terms(node, compute, x)
     l_lab = [*stack, *inputs, R] if _stacked(left, node, len(inputs) + 1) else [*inputs, R]
@@ -1139,7 +1209,7 @@ def _contract_inputs(node: Adapter, x, sb, dtype, kw, ctx):
     return y, labels
 
 
-def _contract_outputs(node: Adapter, x, dtype, kw, ctx):
+def _contract_outputs(node: Adapter, x, kernel_dtype, dtype, kw, ctx):
     """The transposed use ``h W'^T`` (a tied embedding's ``attend``), every stack axis batched.
 
     ``W'^T`` contracts the output axes, so the per-output DoRA factor scales ``h`` first:
@@ -1156,7 +1226,7 @@ def _contract_outputs(node: Adapter, x, dtype, kw, ctx):
     def compute(base, x, scale):
         if scale is not None:
             x = (x * _align(scale, [*stack, *outputs], x_lab)).astype(dtype)
-        return jnp.einsum(x, x_lab, base.astype(dtype), list(range(ndim)), out_lab, **kw)
+        return jnp.einsum(x, x_lab, base.astype(kernel_dtype), list(range(ndim)), out_lab, **kw)
 
     y, scale = _base_terms(node, compute, x)
     h = _dropped(node, x, ctx)
@@ -1208,25 +1278,28 @@ def _conv_rule(eqn, invals, ctx):
     if ctx.probing:
         ctx.record(view, "conv", (), dn.rhs_spec[1:])
         return _zeros_like_outputs(eqn)
-    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-        return None
+    groups = [f"{k}={p[k]}" for k in ("feature_group_count", "batch_group_count") if p[k] != 1]
+    if groups:  # grouped / depthwise: each output sees one group of inputs; W' is formed
+        w = _materialise(view, ctx, f"a grouped convolution ({', '.join(groups)})")
+        return _bind(eqn, [x, w])
     node = view.node
     rhs = tuple(view.axes[d] for d in dn.rhs_spec)  # (out, in, *window) as node axes
     if node.stack or set(rhs[1:]) != set(node.inputs) or (rhs[0],) != node.outputs:
         raise _layout_error(view, (), rhs[1:], "a convolution")
     params = dict(p, dimension_numbers=dn._replace(rhs_spec=rhs))
-    dtype = view.dtype
+    dtype = _compute_dtype(eqn, view)  # a preferred_element_type, else the kernel's
     feature = dn.out_spec[1]
 
     def compute(base, x, _):
-        return _bind(eqn, [x, base.astype(dtype)], params)[0]
+        return _bind(eqn, [x, base.astype(view.dtype)], params)[0]
 
     y, scale = _base_terms(node, compute, x)
     low_rank = node.low_rank()
     left = low_rank[0]
-    # A as a conv kernel in the base's layout, r output channels where the base has out.
+    # A as a conv kernel in the base's layout, r output channels where the base has out;
+    # a convolution takes operands of one dtype.
     a = to_kernel_layout(left.astype(dtype), node.base.ndim, (), node.inputs)
-    h = _bind(eqn, [_dropped(node, x, ctx), a], params)[0]
+    h = _bind(eqn, [_dropped(node, x, ctx).astype(dtype), a], params)[0]
     y = _feature_output(y, h, feature, node, low_rank, scale, dtype, ctx)
     return [y.astype(eqn.outvars[0].aval.dtype)]
 
@@ -1263,28 +1336,31 @@ def _gather_rule(eqn, invals, ctx):
     if ctx.probing:
         ctx.record(view, "gather", (), looked)
         return _zeros_like_outputs(eqn)
-    node = view.node
+    node, axes = view.node, view.axes
     if (
         node.stack
-        or view.axes != _identity(len(view.axes))
-        or looked != node.inputs
+        or tuple(sorted(axes[d] for d in looked)) != node.inputs
         or len(node.outputs) != 1
     ):
         return None
     dtype = view.dtype
     kept = [d for d in range(len(shape)) if d not in dn.collapsed_slice_dims]
-    feature = dn.offset_dims[kept.index(node.outputs[0])]
+    out = axes.index(node.outputs[0])  # the feature axis, in the program's layout
+    feature = dn.offset_dims[kept.index(out)]
+
+    def arranged(w):  # a kernel-layout array in the program's layout (penzai: transposed)
+        return w if axes == _identity(len(axes)) else jnp.transpose(w, axes)
 
     def compute(base, ids, _):
-        return _bind(eqn, [base.astype(dtype), ids])[0]
+        return _bind(eqn, [arranged(base).astype(dtype), ids])[0]
 
     y, scale = _base_terms(node, compute, ids)
     low_rank = node.low_rank()
     left = low_rank[0]
     rank = left.shape[-1]
-    a = to_kernel_layout(left.astype(dtype), node.base.ndim, (), node.inputs)
+    a = arranged(to_kernel_layout(left.astype(dtype), node.base.ndim, (), node.inputs))
     sizes = list(p["slice_sizes"])
-    sizes[node.outputs[0]] = rank
+    sizes[out] = rank
     h = _bind(eqn, [a, ids], dict(p, slice_sizes=tuple(sizes)))[0]
     y = _feature_output(y, h, feature, node, low_rank, scale, dtype, ctx)
     return [y.astype(eqn.outvars[0].aval.dtype)]
@@ -1346,13 +1422,27 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
     Returns:
       A function with ``fn``'s signature. Called under ``jit``/``grad``/``vmap`` it traces
       into the caller's program. Called eagerly, it compiles the factored program with
-      ``jax.jit`` once per signature (tree structure, static arguments, shapes and dtypes)
-      and reuses it: a new signature (or a static argument that cannot be hashed) traces
-      again. As with ``jax.jit``, state that ``fn`` closes over is read when it is traced.
-      NNX modules (and ``nnx.Rngs``) among the arguments are left as ``fn`` called
-      directly would leave them: what the call updates in place (BatchNorm statistics,
-      dropout RNG counters, a decoding cache, sown values) is written back; ``Param``s are
-      not (a forward does not assign its parameters).
+      ``jax.jit`` once per call signature and reuses it. The signature is the arguments'
+      tree structure, the shapes and dtypes of their arrays (jax and numpy arrays and
+      scalars, and the adapter nodes' leaves: the dynamic inputs) and the values of every
+      other leaf (Python ``int``, ``float``, ``bool``, ``str``, functions, config objects:
+      the static inputs, part of the program as ``jax.jit``'s static arguments, so a model
+      may use them as shapes or loop counts). A new static value traces and compiles
+      again: pass what changes from call to call (a decoding step, a temperature) as a
+      ``jnp`` array, or ``jax.jit`` the caller; a warning names the arguments once one
+      structure has compiled more than 8 programs for different static values. The 32 most
+      recently used programs are kept. A static leaf that cannot be hashed, or that is
+      hashed and compared by identity (a plain object whose attributes may change between
+      calls; functions, methods and classes are code and are cached), is never cached: such
+      a call traces again every time and sees the object's current attributes. As with
+      ``jax.jit``, state that ``fn`` or a static function closes over is read when it is
+      traced. NNX modules (and ``nnx.Rngs``) among the arguments are left as ``fn`` called
+      directly would leave them: they are split together, as ``nnx.jit`` does (state
+      reachable from two arguments, such as the ``nnx.Rngs`` a model keeps and is also
+      passed, stays one variable), and what the call updates in place (BatchNorm
+      statistics, dropout RNG counters, a decoding cache, sown values) is written back;
+      ``Param`` variables are not (a forward does not assign its parameters). Their graph
+      (module structure and static attributes) is part of the signature.
 
     Raises:
       ValueError: when the model contracts an adapted kernel on other axes than its node
@@ -1364,12 +1454,24 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
     """
     warned: set = set()
     # Eager calls run the interpreter under jax.jit, one compiled program per call signature:
-    # interpreted op by op, every eager call would trace the whole model again.
-    compiled: dict = {}
+    # interpreted op by op, every eager call would trace the whole model again. The least
+    # recently used programs go: a static value that changes every call (a step passed as a
+    # Python int) would otherwise keep one program per value for ever.
+    compiled: collections.OrderedDict = collections.OrderedDict()
+    structures: collections.OrderedDict = collections.OrderedDict()  # see _note_program
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_adapter)
+        objects = _nnx_objects((args, kwargs))
+        tree = (args, kwargs, None)
+        graphdef = None
+        if objects:
+            # One split of all NNX objects together, as nnx.jit does: a variable reachable
+            # from two arguments (a model's nnx.Rngs also passed) is one leaf, updated once.
+            # The objects' places in the arguments keep static placeholders.
+            graphdef, state = nnx.split(tuple(objects))
+            tree = (*_slotted((args, kwargs)), state)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapter)
         leaves = [leaf for _, leaf in flat]
         if not any(is_adapter(leaf) for leaf in leaves):
             return fn(*args, **kwargs)
@@ -1377,18 +1479,23 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
         values = [leaves[i] for i in dynamic]
         # The traced program closes over the static leaves only, never over the arrays.
         static = [None if i in dynamic else leaf for i, leaf in enumerate(leaves)]
-        paths = {i: path_str(flat[i][0][2:]) for i in dynamic}  # paths inside the argument
-        objects = _nnx_objects((args, kwargs))
-        traced = _with_nnx_state(fn) if objects else fn
+        # Paths inside the argument (or the NNX object): "layer/kernel".
+        paths = {i: path_str(flat[i][0][2:]) for i in dynamic}
+        traced = _with_nnx_state(fn, graphdef) if objects else _called(fn)
         run = functools.partial(_run, traced, treedef, static, dynamic, paths, strict, warned)
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((values, key))):
             return _updated(objects, run(values, key))
-        signature = _signature(treedef, static, values)
-        if signature is None:  # an unhashable static argument: no cache, trace every call
+        signature = _signature((treedef, graphdef), static, values)
+        if signature is None:  # a static leaf not hashable by value: trace every call
             return _updated(objects, run(values, key))
-        if signature not in compiled:
+        if signature in compiled:
+            compiled.move_to_end(signature)
+        else:
+            _note_program(structures, signature, fn, flat, warned)
             passed: dict = {}  # filled when traced: output leaf -> input node passed through
             compiled[signature] = (jax.jit(functools.partial(run, passed=passed)), passed)
+            if len(compiled) > _PROGRAMS_KEPT:
+                compiled.popitem(last=False)
         call, passed = compiled[signature]
         out = call(values, key)
         if passed:
@@ -1400,6 +1507,64 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
         return _updated(objects, out)
 
     return wrapped
+
+
+# Compiled programs an eager applied function keeps, and the programs one call structure
+# may compile for different static values before apply warns (see apply's docstring).
+_PROGRAMS_KEPT = 32
+_PROGRAMS_BEFORE_WARNING = 8
+
+
+def _note_program(structures: dict, signature, fn: Callable, flat: list, warned: set) -> None:
+    """Counts a new program of an eager applied function by call structure (its signature
+    less the static values) in ``structures``, an LRU dict of ``{structure: (programs, first
+    static values, positions of the static leaves that changed)}``; warns once per applied
+    function when one structure passes :data:`_PROGRAMS_BEFORE_WARNING`, naming the
+    arguments whose values changed."""
+    treedef, static, avals = signature
+    structure = (treedef, avals, tuple(v is None for v in static))
+    count, first, changed = structures.pop(structure, (0, static, frozenset()))
+    changed = changed | {i for i, (a, b) in enumerate(zip(first, static)) if a is not b and a != b}
+    structures[structure] = (count + 1, first, changed)
+    if len(structures) > _PROGRAMS_KEPT:
+        structures.popitem(last=False)
+    if count + 1 <= _PROGRAMS_BEFORE_WARNING or not changed or _RETRACE_WARNING in warned:
+        return
+    warned.add(_RETRACE_WARNING)
+    names = ", ".join(sorted({_argument_name(fn, flat[i][0]) for i in changed}))
+    warnings.warn(
+        f"dora_jax.apply({getattr(fn, '__name__', 'fn')}) has compiled "
+        f"{count + 1} programs for calls that differ only in the values of static "
+        f"(non-array) arguments: {names}. Every new value of a Python scalar or other "
+        f"non-array argument is part of the program and compiles a new one. Pass a value "
+        f"that changes from call to call as a jax array (e.g. jnp.asarray(step)), or "
+        f"jax.jit the function that calls it.",
+        stacklevel=3,
+    )
+
+
+_RETRACE_WARNING = ("", "static arguments retraced")  # its key in apply's `warned` set
+
+
+def _argument_name(fn: Callable, keypath) -> str:
+    """Where a leaf of ``(args, kwargs, nnx state)`` sits, for messages: ``step``,
+    ``args[2]``, ``config['temperature']``, ``NNX state rngs/dropout/count``."""
+    part, where, *inner = keypath
+    rest = jax.tree_util.keystr(tuple(inner))
+    if part.idx == 2:
+        return f"NNX state {path_str(keypath[1:])}"
+    if part.idx == 1:
+        return f"{where.key}{rest}"
+    try:
+        parameter = list(inspect.signature(fn).parameters.values())[where.idx]
+    except (TypeError, ValueError, IndexError):
+        parameter = None
+    if parameter is not None and parameter.kind in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        return f"{parameter.name}{rest}"
+    return f"args[{where.idx}]{rest}"
 
 
 def _unchecked_shard_map_body() -> bool:
@@ -1486,21 +1651,52 @@ def _check_nodes(nodes: dict) -> None:
         )
 
 
+def _is_nnx_object(x) -> bool:
+    return isinstance(x, nnx.Pytree)
+
+
 def _nnx_objects(tree) -> list:
     """The NNX objects (modules, ``nnx.Rngs``) in ``tree``, outermost only, in tree order."""
-    is_object = lambda x: isinstance(x, nnx.Pytree)  # noqa: E731
-    return [x for x in jax.tree.leaves(tree, is_leaf=is_object) if is_object(x)]
+    return [x for x in jax.tree.leaves(tree, is_leaf=_is_nnx_object) if _is_nnx_object(x)]
 
 
-def _with_nnx_state(fn: Callable) -> Callable:
-    """``fn`` that also returns the state its NNX arguments hold after the call, all but
-    their ``Param``s: batch statistics, RNG counters, caches, sown values. The arguments
-    ``fn`` sees inside :func:`apply` are copies (the traced program's), so what a model
-    updates in place would otherwise be lost."""
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """Where the ``index``-th NNX object of :func:`apply`'s arguments goes: a static leaf
+    (its state is passed apart, split with the other objects')."""
 
-    def call(*args, **kwargs):
+    index: int
+
+
+def _slotted(tree):
+    """``tree`` with its NNX objects (see :func:`_nnx_objects`) replaced by placeholders
+    (:class:`_Slot`)."""
+    slots = (_Slot(k) for k in itertools.count())
+    return jax.tree.map(
+        lambda x: next(slots) if _is_nnx_object(x) else x, tree, is_leaf=_is_nnx_object
+    )
+
+
+def _called(fn: Callable) -> Callable:
+    """``fn`` taking ``(args, kwargs, None)``, as :func:`_run` passes them without NNX objects."""
+    return lambda args, kwargs, _: fn(*args, **kwargs)
+
+
+def _with_nnx_state(fn: Callable, graphdef) -> Callable:
+    """``fn`` taking ``(args, kwargs, state)``: the arguments with placeholders (:class:`_Slot`)
+    where the NNX objects were and the objects' joint state (``nnx.split`` of all of them, so a
+    variable shared between two arguments is one). Returns ``fn``'s output and the state
+    the objects hold after the call, all but their ``Param`` variables: batch statistics, RNG
+    counters, caches, sown values; the objects ``fn`` sees are the traced program's, so
+    what a model updates in place would otherwise be lost."""
+
+    def call(args, kwargs, state):
+        objects = nnx.merge(graphdef, state)
+        args, kwargs = jax.tree.map(
+            lambda x: objects[x.index] if isinstance(x, _Slot) else x, (args, kwargs)
+        )
         out = fn(*args, **kwargs)
-        return out, [nnx.state(o, nnx.Not(nnx.Param)) for o in _nnx_objects((args, kwargs))]
+        return out, nnx.state(objects, nnx.Not(nnx.Param))
 
     return call
 
@@ -1510,14 +1706,16 @@ def _updated(objects: list, result):
     as ``fn`` called directly would have left them; returns ``fn``'s own output."""
     if not objects:
         return result
-    out, states = result
-    for obj, state in zip(objects, states, strict=True):
-        nnx.update(obj, state)
+    out, state = result
+    nnx.update(tuple(objects), state)  # one joint state: each shared variable once
     return out
 
 
 def _signature(treedef, static: list, values: list):
-    """A hashable key of one call: tree structure, static leaves, shapes and dtypes."""
+    """A hashable key of one call: tree structure, static leaves, shapes and dtypes; None
+    when a static leaf has no value to key on (unhashable, or compared by identity)."""
+    if any(v is not None and _compared_by_identity(v) for v in static):
+        return None
     avals = []
     for v in values:
         leaves, structure = jax.tree.flatten(v)
@@ -1531,8 +1729,23 @@ def _signature(treedef, static: list, values: list):
     return signature
 
 
+def _compared_by_identity(x) -> bool:
+    """Whether static leaf ``x`` is hashed and compared by identity (``object.__hash__``,
+    ``object.__eq__``) while its contents may change: a plain config object, whose changed
+    attribute a cached program would not see. Code is keyed by identity like ``jax.jit``'s
+    static functions (functions, methods, classes, ``jit``- or ``custom_jvp``-wrapped
+    functions, partials, callable objects: what they close over is read when traced), and
+    modules, ``object()`` sentinels, ``...`` and ``NotImplemented`` hold nothing to change."""
+    kind = type(x)
+    if kind.__hash__ is not object.__hash__ or kind.__eq__ is not object.__eq__:
+        return False
+    immutable = kind is object or x is Ellipsis or x is NotImplemented
+    return not (immutable or callable(x) or isinstance(x, types.ModuleType))
+
+
 def _run(fn, treedef, static, dynamic, paths, strict, warned, values, key, passed=None):
-    """Traces ``fn`` with stand-ins for the adapter nodes and interprets it factored.
+    """Traces ``fn`` (of ``(args, kwargs, NNX state)``, see :func:`_called`) with stand-ins
+    for the adapter nodes and interprets it factored.
 
     ``passed``, if given, gets ``{output leaf: position in values}`` for the nodes that
     ``fn`` returns unchanged.
@@ -1542,8 +1755,7 @@ def _run(fn, treedef, static, dynamic, paths, strict, warned, values, key, passe
         full = list(static)
         for i, v in zip(dynamic, vals):
             full[i] = v
-        a, k = jax.tree.unflatten(treedef, full)
-        return fn(*a, **k)
+        return fn(*jax.tree.unflatten(treedef, full))  # (args, kwargs, NNX state)
 
     _check_nodes({paths[i]: v for i, v in zip(dynamic, values) if is_adapter(v)})
     # Trace with a stand-in of the (dequantised) kernel's type in place of each node.

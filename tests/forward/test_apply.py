@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax import lax
 
 import dora_jax
 from tests.helpers import MLP, assert_trees_close, perturb, ref_params
@@ -258,3 +259,117 @@ def test_vmap_over_an_adapted_stack_is_a_clear_error_and_vmap_inside_works():
     inside = lambda p, x: jax.vmap(lambda k: jnp.tanh(x @ k))(p["w"]["kernel"])  # noqa: E731
     y = dora_jax.apply(inside, strict=True)(adapted, x)
     np.testing.assert_allclose(y, inside(ref_params(adapted), x), rtol=1e-5, atol=1e-6)
+
+
+def _relative_error(got, expected):
+    got, expected = np.asarray(got, np.float32), np.asarray(expected, np.float32)
+    return float(np.abs(got - expected).max() / np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    "use, kernel_dtype",  # jnp refuses x_f32 @ w_float8 (no implicit promotion of float8)
+    [("matmul", jnp.bfloat16), ("dot_general", jnp.bfloat16), ("transposed", jnp.bfloat16),
+     ("dot_general", jnp.float8_e4m3fn), ("transposed", jnp.float8_e4m3fn)],
+)  # fmt: skip
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_mixed_dtype_contraction_keeps_the_low_rank_branch_in_its_compute_dtype(
+    method, use, kernel_dtype
+):
+    """``x_f32 @ w_bf16`` casts neither operand in the jaxpr and computes in float32: the
+    float32 A and s B must not be rounded to the kernel's storage dtype (bf16, float8)."""
+    w = (0.2 * jax.random.normal(jax.random.key(0), (32, 16))).astype(kernel_dtype)
+    x = jax.random.normal(jax.random.key(1), (8, 16 if use == "transposed" else 32))
+    adapted = perturb(
+        dora_jax.wrap(
+            {"w": w}, rank=4, method=method, targets="w", axes={"w": dora_jax.Axes((), (0,))}
+        )
+    )
+    fns = {
+        "matmul": lambda p, x: x @ p["w"],
+        "dot_general": lambda p, x: lax.dot_general(
+            x, p["w"], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        ),
+        "transposed": lambda p, x: lax.dot_general(  # a tied embedding's attend, h W'^T
+            x, p["w"], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        ),
+    }
+    f = fns[use]
+    # W' in float32 from the node's own leaves (the stored base values are exact in f32).
+    node = adapted["w"]
+    v = node.base.astype(jnp.float32) + node.scale * node.a @ node.b
+    if method == "dora":
+        v = node.magnitude * v / jnp.linalg.norm(v, axis=0)
+    expected = f({"w": v}, x)
+    got = jax.jit(dora_jax.apply(f, strict=True))(adapted, x)
+    assert got.dtype == jnp.float32
+    assert _relative_error(got, expected) < 1e-5
+
+
+def test_conv_with_a_preferred_element_type_keeps_the_low_rank_branch_in_it():
+    """A bfloat16 convolution asked for float32 results computes its low-rank branch in
+    float32, not with A rounded to bfloat16."""
+    w = (0.2 * jax.random.normal(jax.random.key(0), (3, 3, 4, 6))).astype(jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(1), (2, 9, 9, 4)).astype(jnp.bfloat16)
+    adapted = perturb(
+        dora_jax.wrap(
+            {"w": w}, rank=3, method="dora", targets="w", axes={"w": dora_jax.Axes((), (0, 1, 2))}
+        )
+    )
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def f(p, x):
+        return lax.conv_general_dilated(
+            x, p["w"], (1, 1), "SAME", dimension_numbers=dn, preferred_element_type=jnp.float32
+        )
+
+    node = adapted["w"]
+    v = node.base.astype(jnp.float32) + node.scale * jnp.einsum("hwir,ro->hwio", node.a, node.b)
+    v = node.magnitude * v / jnp.sqrt(jnp.sum(v * v, axis=(0, 1, 2)))
+    expected = lax.conv_general_dilated(x.astype(jnp.float32), v, (1, 1), "SAME",
+                                        dimension_numbers=dn)  # fmt: skip
+    got = dora_jax.apply(f, strict=True)(adapted, x)
+    assert got.dtype == jnp.float32
+    assert _relative_error(got, expected) < 1e-5
+
+
+def test_a_bfloat16_program_keeps_its_low_rank_branch_in_bfloat16():
+    """No silent upcast: bf16 activations and kernel compute every product in bfloat16."""
+    w = jax.random.normal(jax.random.key(0), (32, 16), jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(1), (8, 32), jnp.bfloat16)
+    adapted = perturb(dora_jax.wrap({"w": w}, rank=4, method="lora", targets="w"))
+    program = jax.make_jaxpr(dora_jax.apply(lambda p, x: x @ p["w"]))(adapted, x)
+    dots = [e for e in program.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 3  # x W0, x A, (x A) s B
+    assert all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in dots)
+
+
+class _KeepsItsRngs(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(8, 8, rngs=rngs)
+        self.drop = nnx.Dropout(0.5)
+        self.rngs = rngs  # the same nnx.Rngs is also passed as an argument
+
+    def __call__(self, x, rngs):
+        return self.drop(self.lin(x), rngs=rngs)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_nnx_state_shared_between_arguments_is_written_back_once(jit):
+    """A variable reachable from two NNX arguments (the model's own nnx.Rngs, also passed)
+    is one variable: the dropout counter advances every call, as called directly."""
+    traces = []
+
+    def fn(rngs, model, x):
+        traces.append(1)
+        return model(x, rngs)
+
+    graphdef, state = nnx.split(_KeepsItsRngs(nnx.Rngs(0, dropout=1)))
+    state = perturb(dora_jax.wrap(state, rank=2, method="dora"))
+    adapted, reference = nnx.merge(graphdef, state), nnx.merge(graphdef, ref_params(state))
+    f = nnx.jit(dora_jax.apply(fn)) if jit else dora_jax.apply(fn)
+    x = jax.random.normal(jax.random.key(2), (4, 8))
+    for call in range(1, 4):
+        got = f(adapted.rngs, adapted, x)
+        np.testing.assert_allclose(got, fn(reference.rngs, reference, x), rtol=1e-5, atol=1e-5)
+        assert int(adapted.rngs.dropout.count[...]) == call
+    assert len(traces) == 1 + 3  # traced once (eager cache hit), plus the reference calls

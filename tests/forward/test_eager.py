@@ -103,3 +103,70 @@ def test_eager_returns_passed_through_nodes_as_themselves():
         assert node is adapted["w1"]
         np.testing.assert_allclose(y, x @ dora_jax.merge(adapted)["w1"], rtol=1e-5, atol=1e-6)
     assert len(calls) == 1
+
+
+def _reference(params, adapted, x, power=1):
+    node = adapted["w1"]
+    w1 = ref.decompose(params["w1"] + ref.lora_delta(node.a, node.b, node.scale), node.magnitude)
+    return jnp.tanh(x @ w1) @ params["w2"] * power
+
+
+def test_eager_static_object_compared_by_identity_is_read_every_call():
+    """A plain config object (hashed by identity) is not a cache key: a changed attribute
+    is seen. A static function (also identity-hashed) is code: it stays cached."""
+
+    class Generation:
+        temperature = 1.0
+
+    params, adapted, x = _setup()
+    calls = []
+    counting = _counting(calls)
+    f = dora_jax.apply(lambda p, x, cfg: counting(p, x) / cfg.temperature)
+    cfg = Generation()
+    np.testing.assert_allclose(f(adapted, x, cfg), _reference(params, adapted, x), rtol=1e-5)
+    cfg.temperature = 0.5
+    expected = _reference(params, adapted, x) / 0.5
+    np.testing.assert_allclose(f(adapted, x, cfg), expected, rtol=1e-5)
+    calls.clear()
+    g = dora_jax.apply(lambda p, x, activation: activation(counting(p, x)))
+    for _ in range(2):
+        np.testing.assert_allclose(
+            g(adapted, x, jnp.sin), jnp.sin(_reference(params, adapted, x)), rtol=1e-5
+        )
+    assert len(calls) == 1
+
+
+def test_eager_cache_keeps_only_the_most_recently_used_programs(monkeypatch):
+    monkeypatch.setattr(dora_jax.forward, "_PROGRAMS_KEPT", 3)
+    params, adapted, x = _setup()
+    calls = []
+    f = dora_jax.apply(_counting(calls))
+    for power in (1, 2, 3, 1, 4):  # 1 used again, so 2 is the least recently used
+        np.testing.assert_allclose(
+            f(adapted, x, power=power), _reference(params, adapted, x, power), rtol=1e-5
+        )
+    assert len(calls) == 4
+    f(adapted, x, power=1)
+    f(adapted, x, power=3)
+    assert len(calls) == 4  # still kept
+    f(adapted, x, power=2)
+    assert len(calls) == 5  # evicted: traced again
+
+
+def test_eager_warns_once_when_static_values_keep_compiling(monkeypatch):
+    monkeypatch.setattr(dora_jax.forward, "_PROGRAMS_BEFORE_WARNING", 2)
+    _, adapted, x = _setup()
+    f = dora_jax.apply(_counting([]))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        f(adapted, x, power=1)
+        f(adapted, x, power=2)
+        f(adapted, x[:2], power=1)  # another structure (shape): its own count
+        f(adapted, x, power=3)
+        f(adapted, x, power=4)
+        f(adapted, x, power=jnp.float32(5))  # an array: dynamic, no new program after this
+        f(adapted, x, power=jnp.float32(6))
+    messages = [str(w.message) for w in seen if "static" in str(w.message)]
+    assert len(messages) == 1
+    assert "3 programs" in messages[0] and "power" in messages[0]
+    assert "jnp.asarray" in messages[0] and "jax.jit" in messages[0]
