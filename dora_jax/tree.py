@@ -188,7 +188,8 @@ def _check_axes_keys(axes, leaves_with_path) -> None:
 def _layer_axes(model: nnx.Module) -> dict[str, Axes]:
     """``{state path: Axes}`` for the kernels of an NNX model's layers that say their own
     layout: ``LinearGeneral`` (``(*batch, *in, *out)``), ``Einsum`` (its equation), ``Conv``
-    (``(*window, in, out)``), ``Linear`` and ``Embed``. Leading axes beyond the layer's own
+    (``(*window, in, out)``), ``ConvTranspose`` (the same, or ``(*window, out, in)`` with
+    ``transpose_kernel=True``), ``Linear`` and ``Embed``. Leading axes beyond the layer's own
     kernel shape (a layer stack made with ``nnx.vmap``/``nnx.scan``, an ensemble) are stack
     axes; a kernel whose shape does not end in the layer's own is left out."""
     found = {}
@@ -210,6 +211,13 @@ def _layer_axes(model: nnx.Module) -> dict[str, Axes]:
         elif isinstance(layer, nnx.Conv):
             own, name = tuple(layer.kernel_shape), "kernel"
             axes = Axes((), tuple(range(len(own) - 1)))
+        elif isinstance(layer, nnx.ConvTranspose):
+            # (*window, in, out); with transpose_kernel=True (*window, out, in), the window
+            # flipped and in / out swapped before the convolution.
+            own, name = tuple(layer.kernel_shape), "kernel"
+            n = len(own)
+            window = tuple(range(n - 2))
+            axes = Axes((), (*window, n - 1) if layer.transpose_kernel else (*window, n - 2))
         elif isinstance(layer, nnx.Embed):
             own, name = (layer.num_embeddings, layer.features), "embedding"
             axes = Axes((), (0,))

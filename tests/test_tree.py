@@ -225,6 +225,23 @@ def test_wrap_of_an_nnx_model_names_a_layer_that_does_not_say_its_layout():
     assert adapted.kernel.get_value().inputs == (1,)
 
 
+@pytest.mark.parametrize("transpose_kernel", [False, True])
+def test_wrap_of_an_nnx_conv_transpose_reads_its_layout(transpose_kernel):
+    """nnx.ConvTranspose's kernel is (*window, in, out), or (*window, out, in) with
+    transpose_kernel=True (flipped and swapped before the convolution): both stay factored."""
+    layer = nnx.ConvTranspose(3, 4, (3, 2), strides=2, transpose_kernel=transpose_kernel,
+                              rngs=nnx.Rngs(0))  # fmt: skip
+    adapted = dora_jax.wrap(layer, rank=2)
+    node = perturb({"k": adapted.kernel.get_value()}, size=0.3)["k"]
+    assert node.inputs == ((0, 1, 3) if transpose_kernel else (0, 1, 2))
+    assert node.magnitude.shape == (4,)
+    adapted.kernel.set_value(node)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 4, 3))
+    y = dora_jax.apply(lambda m, x: m(x), strict=True)(adapted, x)
+    layer.kernel.set_value(ref.ref_kernel(node))
+    np.testing.assert_allclose(y, layer(x), rtol=1e-5, atol=1e-5)
+
+
 def test_an_adapter_node_answers_its_kernels_shape_and_dtype():
     # Model code reads these outside a forward (Gemma's init_cache: kv_einsum.kernel.shape).
     layer = nnx.Einsum("btd,ndh->btnh", (2, 8, 4), rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)

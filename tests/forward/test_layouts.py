@@ -434,3 +434,110 @@ def test_sharding_and_quantised_base_follow_the_layout():
     x = rand(1, 3, 6)
     fn = lambda p, x: x @ p["proj"]["kernel"].T  # noqa: E731
     close(dora_jax.apply(fn, strict=True)(quantised, x), fn(dora_jax.merge(quantised), x))
+
+
+def _matches_reference(fn, adapted, x):
+    """``apply(fn, strict=True)`` equals the plain-jnp reference on W', values and
+    gradients of every trainable leaf, jitted and not."""
+    frozen, trainable = dora_jax.partition(adapted)
+    forward = dora_jax.apply(fn, strict=True)
+
+    def loss(t, f):
+        return jnp.sum(jnp.sin(f(dora_jax.combine(frozen, t), x)))
+
+    want, want_grads = jax.value_and_grad(lambda t: loss(t, lambda a, x: fn(ref_params(a), x)))(
+        trainable
+    )
+    for jit in (False, True):
+        f = jax.value_and_grad(loss)
+        value, grads = (jax.jit(f, static_argnums=1) if jit else f)(trainable, forward)
+        close(value, want, tol=1e-4)
+        close(grads, want_grads, tol=1e-4)
+
+
+def _conv_transpose_flipped(p, x):
+    # Keras's Conv2DTranspose, Linen's ConvTranspose(transpose_kernel=True): the kernel
+    # (kh, kw, out, in) has its window flipped and in / out swapped before the convolution.
+    w = jnp.swapaxes(jnp.flip(p["w"], (0, 1)), 2, 3)
+    return conv(x, w, (1, 1), ((2, 1), (1, 2)), (1, 1), ("NHWC", "HWIO", "NHWC"))
+
+
+# name: (params, fn, input, axes the kernel has; infer_axes learns them)
+FLIPPED = {
+    "conv_transpose": ({"w": rand(0, 3, 2, 4, 3)}, _conv_transpose_flipped, rand(1, 2, 5, 6, 3),
+                       Axes((), (0, 1, 3))),
+    "inputs": ({"w": rand(0, 5, 4)}, lambda p, x: x @ p["w"][::-1], rand(1, 3, 5), Axes(0, 1)),
+    "outputs": ({"w": rand(0, 5, 4)}, lambda p, x: x @ p["w"][:, ::-1], rand(1, 3, 5),
+                Axes(0, 1)),
+    "stack": ({"w": rand(0, 3, 5, 4)},
+              lambda p, x: jnp.einsum("lbi,lio->lbo", x, jnp.flip(p["w"], 0)),
+              rand(1, 3, 2, 5), Axes((0,), (1,))),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", sorted(FLIPPED))
+def test_a_flipped_kernel_is_read_and_stays_factored(case, method):
+    params, fn, x, axes = FLIPPED[case]
+    learned = dora_jax.infer_axes(fn, params, x)
+    assert learned == {"w": axes} and not learned.unread
+    adapted = perturb(
+        dora_jax.wrap(params, rank=2, method=method, targets="w", axes=learned), size=0.3
+    )
+    if method in ("vera", "dvora") and case != "stack":
+        # VeRA's shared matrices span the input and output axes: W' is formed, and said.
+        with pytest.warns(dora_jax.FallbackWarning, match="`rev`"):
+            y = dora_jax.apply(fn)(adapted, x)
+        close(y, fn(ref_params(adapted), x), tol=1e-4)
+        return
+    _matches_reference(fn, adapted, x)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_a_lookup_through_a_transposed_table_stays_factored(method):
+    # penzai's Embedder looks up its (vocab, features) table through a transposed view.
+    params, ids = {"emb": rand(0, 11, 6)}, jnp.array([[1, 2, 3], [10, 0, 3]])
+
+    def fn(p, ids):
+        return jnp.tanh(p["emb"].T[:, ids])  # (features, *ids.shape)
+
+    axes = dora_jax.infer_axes(fn, params, ids)
+    assert axes == {"emb": Axes((), (0,))} and not axes.unread
+    _matches_reference(
+        fn, perturb(dora_jax.wrap(params, rank=2, method=method, targets="emb"), size=0.3), ids
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_scan_over_a_stack_axis_that_is_not_axis_0_stays_factored(method):
+    # Linen's nn.scan(..., variable_axes={'params': 1}) scans jnp.moveaxis(w, 1, 0).
+    params, x = {"w": rand(0, 5, 3, 5) * 0.5}, rand(1, 2, 5)
+
+    def fn(p, x):
+        layer = lambda h, w: (jnp.tanh(h @ w), None)  # noqa: E731
+        return lax.scan(layer, x, jnp.moveaxis(p["w"], 1, 0))[0]
+
+    axes = dora_jax.infer_axes(fn, params, x)
+    assert axes == {"w": Axes((1,), (0,))} and not axes.unread
+    adapted = perturb(
+        dora_jax.wrap(params, rank=2, method=method, targets="w", axes=axes), size=0.3
+    )
+    _matches_reference(fn, adapted, x)
+
+
+def test_a_grouped_conv_forms_the_kernel_and_says_why():
+    params, x = {"w": rand(0, 3, 3, 1, 4)}, rand(1, 2, 5, 5, 4)  # depthwise: 4 groups
+
+    def fn(p, x):
+        return lax.conv_general_dilated(x, p["w"], (1, 1), "SAME", feature_group_count=4,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+
+    adapted = perturb(
+        dora_jax.wrap(params, rank=2, targets="w", axes={"w": Axes((), (0, 1, 2))}), size=0.3
+    )
+    with pytest.raises(ValueError, match=r"grouped convolution \(feature_group_count=4\)") as info:
+        dora_jax.apply(fn, strict=True)(adapted, x)
+    assert "dot_general, conv)" not in str(info.value)
+    with pytest.warns(dora_jax.FallbackWarning, match="grouped convolution"):
+        y = dora_jax.apply(fn)(adapted, x)
+    close(y, fn(ref_params(adapted), x), tol=1e-4)

@@ -595,6 +595,30 @@ def test_keras_functional_model():
     check_model(fn, params, (x,), targets=r"kernel$", axes=axes, inputs=inputs)
 
 
+def test_keras_conv_transpose():
+    """Keras's Conv2DTranspose keeps its kernel as ``(kh, kw, out, in)`` and flips the
+    window before the convolution (``rev``): read by infer_axes and factored."""
+    require_package("keras", "pip install keras (in the 'test' extra)")
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+
+    if keras.backend.backend() != "jax":
+        pytest.fail(f"keras was imported with the {keras.backend.backend()} backend first")
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5, 5, 3))
+    model = keras.Model(inp, keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same")(inp))
+    names = [v.path for v in model.trainable_variables]
+    params = {v.path: v.value for v in model.trainable_variables}
+
+    def fn(params, x):
+        return model.stateless_call([params[n] for n in names], [], x)[0]
+
+    x = jax.random.normal(jax.random.key(1), (2, 5, 5, 3))
+    axes = dora_jax.infer_axes(fn, params, x)
+    assert list(axes.values()) == [dora_jax.Axes((), (0, 1, 3))] and not axes.unread
+    check_model(fn, params, (x,), targets=r"kernel$", axes=axes, inputs={"kernel": (0, 1, 3)})
+
+
 # --- Flax's own attention ----------------------------------------------------------------
 
 
