@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+from flax import serialization
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -50,10 +51,33 @@ _SMALL_NORM_SQ = 1e-30
 
 
 def _pytree_dataclass(cls):
-    """Registers a frozen dataclass as a pytree: array fields are children, the rest aux."""
+    """Registers a frozen dataclass as a pytree (array fields are children, the rest aux)
+    and with ``flax.serialization`` (``to_bytes``/``from_bytes``, ``to_state_dict``: the
+    array fields by name; the static ones come from the target when restoring)."""
     cls = dataclasses.dataclass(frozen=True)(cls)
     data = [f.name for f in dataclasses.fields(cls) if f.metadata.get("static") is not True]
     meta = [f.name for f in dataclasses.fields(cls) if f.metadata.get("static") is True]
+
+    def to_state(node) -> dict:
+        return {
+            name: serialization.to_state_dict(getattr(node, name))
+            for name in data if getattr(node, name) is not None
+        }  # fmt: skip
+
+    def from_state(target, state: dict):
+        fields = [name for name in data if getattr(target, name) is not None]
+        if set(state) != set(fields):
+            raise ValueError(
+                f"Cannot restore a {cls.__name__} with fields {sorted(fields)} from a state "
+                f"with {sorted(state)}: restore into the adapted tree it was saved from "
+                f"(the same wrap settings)."
+            )
+        return dataclasses.replace(target, **{
+            name: serialization.from_state_dict(getattr(target, name), state[name], name=name)
+            for name in fields
+        })  # fmt: skip
+
+    serialization.register_serialization_state(cls, to_state, from_state)
     return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
 
 

@@ -558,3 +558,26 @@ def test_restore_right_after_an_asynchronous_save_gets_that_step(tmp_path):
     restored = checkpoint.restore(manager, adapted, opt_state)
     assert (restored.step, restored.data_position) == (2, "two")
     manager.close()
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "vera", "dvora", "magnitude", "qdora"])
+def test_flax_serialization_round_trips_adapted_trees(method):
+    # flax.serialization (to_bytes / msgpack, what flax.training.checkpoints writes) knows
+    # the adapter nodes and quantised bases: every array field by name, bit for bit.
+    from flax import serialization
+
+    params = {
+        "dense": {"kernel": jax.random.normal(jax.random.key(0), (8, 4)), "bias": jnp.ones(4)}
+    }
+    kind = "dora" if method == "qdora" else method
+    adapted = dora_jax.wrap(params, rank=2, method=kind)
+    if method == "qdora":
+        adapted = dora_jax.quantize_base(adapted, "int8")
+    trained = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x, adapted)
+    restored = serialization.from_bytes(adapted, serialization.to_bytes(trained))
+    assert jax.tree.structure(restored) == jax.tree.structure(trained)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(trained), strict=True):
+        np.testing.assert_array_equal(got, want)
+    if method == "lora":
+        with pytest.raises(ValueError, match=r"restore a LoRA with fields \['a', 'b', 'base'\]"):
+            serialization.from_bytes(adapted, serialization.to_bytes(dora_jax.wrap(params, rank=2)))
