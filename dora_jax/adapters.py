@@ -327,6 +327,8 @@ class Adapter:
     # The settings of dora_jax.wrap beyond ``rank`` that this kind uses (one it does not use
     # is refused there rather than ignored).
     options: ClassVar[frozenset[str]] = frozenset({"alpha", "rslora", "dropout"})
+    # Why the settings not in ``options`` do not apply (wrap's message when one is given).
+    without: ClassVar[str] = ""
     base: Array
     stack: tuple[int, ...]
     inputs: tuple[int, ...]
@@ -571,6 +573,7 @@ class LoRA(Adapter):
     """
 
     trainable: ClassVar[tuple[str, ...]] = ("a", "b")
+    without: ClassVar[str] = "LoRA has no norm, so no norm gradient (method='lora')"
     layout: ClassVar[dict[str, tuple[str, ...]]] = {
         "a": ("stack", "in", "rank"),
         "b": ("stack", "rank", "out"),
@@ -702,7 +705,11 @@ class VeRA(_SharedRandomFactors):
     """
 
     trainable: ClassVar[tuple[str, ...]] = ("d", "b")
-    options: ClassVar[frozenset[str]] = frozenset({"dropout"})  # VeRA has no alpha
+    options: ClassVar[frozenset[str]] = frozenset({"dropout"})
+    without: ClassVar[str] = (
+        "VeRA has no alpha (nor rsLoRA scale): its vectors d and b train the update's scale "
+        "(method='vera')"
+    )
     layout: ClassVar[dict[str, tuple[str, ...]]] = {
         "d": ("stack", "rank"),
         "b": ("stack", "out"),
@@ -735,6 +742,10 @@ class DVoRA(_SharedRandomFactors, _Decomposed):
 
     trainable: ClassVar[tuple[str, ...]] = ("d", "b", "magnitude")
     options: ClassVar[frozenset[str]] = frozenset({"dropout", "exact_norm_grad"})
+    without: ClassVar[str] = (
+        "DVoRA has no alpha (nor rsLoRA scale): its vectors d and b train the update's scale "
+        "(method='dvora')"
+    )
     layout: ClassVar[dict[str, tuple[str, ...]]] = {
         "d": ("stack", "rank"),
         "b": ("stack", "out"),
@@ -780,6 +791,10 @@ class Magnitude(_Decomposed):
     trainable: ClassVar[tuple[str, ...]] = ("magnitude",)
     # No low-rank branch: no scale, nothing to drop out of.
     options: ClassVar[frozenset[str]] = frozenset({"exact_norm_grad"})
+    without: ClassVar[str] = (
+        "a magnitude-only node has no low-rank update, so no scale and no dropout "
+        "(method='magnitude')"
+    )
     layout: ClassVar[dict[str, tuple[str, ...]]] = {"magnitude": ("stack", "out")}
     rank_bounded: ClassVar[bool] = False
     base: Array

@@ -620,7 +620,7 @@ def _check_applies(cfg: Mapping[str, Any], methods: set[str], who: str) -> None:
     if unused:
         listed = ", ".join(f"{name}={given[name]!r}" for name in unused)
         why = (
-            _WHY_UNUSED[next(iter(methods))] if len(methods) == 1
+            KINDS[next(iter(methods))].without if len(methods) == 1
             else f"none of the methods {sorted(methods)} of the targeted kernels uses it"
         )  # fmt: skip
         raise ValueError(
@@ -631,15 +631,6 @@ def _check_applies(cfg: Mapping[str, Any], methods: set[str], who: str) -> None:
 
 # The settings beyond method and rank, which some methods do not use.
 _OPTIONS = ("alpha", "rslora", "dropout", "exact_norm_grad")
-_WHY_UNUSED = dict(
-    lora="LoRA has no norm, so no norm gradient (method='lora')",
-    vera="VeRA has no alpha (nor rsLoRA scale): its vectors d and b train the update's scale "
-    "(method='vera')",
-    dvora="DVoRA has no alpha (nor rsLoRA scale): its vectors d and b train the update's scale "
-    "(method='dvora')",
-    magnitude="a magnitude-only node has no low-rank update, so no scale and no dropout "
-    "(method='magnitude')",
-)
 
 
 def _check_dtype(dtype) -> None:
