@@ -789,7 +789,12 @@ def _resized_error(module: str, value: np.ndarray) -> PeftFormatError:
 def _equals_table(value: np.ndarray, where: dict, leaves: dict, module: str) -> bool:
     """Whether a saved table (torch's ``(vocab, features)``, as Flax's) equals the base's."""
     path, index, _ = where[module]
-    table = np.asarray(leaves[path][index])
+    return _same_table(leaves[path][index], value)
+
+
+def _same_table(table, value: np.ndarray) -> bool:
+    """Whether ``value`` (saved by PEFT) is ``table``, exactly, in ``table``'s dtype."""
+    table = np.asarray(table)
     return table.shape == value.shape and bool(
         np.array_equal(table, np.asarray(value).astype(table.dtype))
     )
@@ -838,9 +843,7 @@ def _equals_base_embedding(module: str, value: np.ndarray, leaves: dict, llama: 
     table = leaves.get("embed_tokens/embedding") if llama else None
     if module not in ("model.embed_tokens", "lm_head") or table is None:
         return False
-    if table.shape != value.shape:
-        return False
-    return bool(np.array_equal(np.asarray(table), np.asarray(value).astype(table.dtype)))
+    return _same_table(table, value)
 
 
 def _check_options(config: dict, peft_type: str, llama: bool) -> None:
