@@ -358,7 +358,8 @@ def wrap(
         bases). With ``jnp.bfloat16`` the DoRA/DVoRA magnitude ``||W0||_c`` is stored in
         bfloat16, so an untrained node equals the base only to bfloat16 rounding (up to
         ~0.4% per column; about 2e-3 relative on the merged ``W'``), as with PEFT's bf16
-        adapters; float32 adapters (the default) are exact.
+        adapters; float32 adapters (the default) are exact. ``jnp.float16`` is warned of
+        (optax's Adam gives NaN on float16 leaves), 8-bit floats are refused.
       rules: per-kernel settings, as PEFT's ``rank_pattern``/``alpha_pattern`` and more: an
         ordered list of ``(regex, settings)``; for each targeted kernel the first rule whose
         regex is found in its path overrides the arguments above with ``settings``, a dict
@@ -645,6 +646,24 @@ def _check_dtype(dtype) -> None:
         raise TypeError(
             f"dtype must be a floating dtype for the trainable leaves (jnp.float32, the "
             f"default, or jnp.bfloat16), got {getattr(dtype, '__name__', dtype)!r}."
+        )
+    dtype = jnp.dtype(dtype)
+    if dtype.itemsize < 2:
+        raise TypeError(
+            f"dtype={dtype.name} for the trainable leaves: 8-bit floats cannot hold the small "
+            f"updates of training. Keep the adapters in jnp.float32 (the default) or "
+            f"jnp.bfloat16; an 8-bit base kernel is fine (the adapters contract in its "
+            f"compute dtype)."
+        )
+    if dtype == jnp.float16:
+        warnings.warn(
+            "dtype=float16 for the trainable leaves: optimiser states in float16 underflow "
+            "(optax's Adam eps=1e-8 and squared gradients below ~6e-8 are 0 in float16, so "
+            "the first update is NaN). Keep the adapters in jnp.float32 (the default; the "
+            "forward still runs in the model's float16) or jnp.bfloat16, or keep float32 "
+            "master copies of them in the optimiser.",
+            UserWarning,
+            stacklevel=4,
         )
 
 
