@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-examples", type=int, default=200,
                    help="held-out examples per task (0 = all)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None,
+                   help="write the arguments and results here (folder created)")  # fmt: skip
     args = p.parse_args(argv)
     args.methods = training.comma_list(p, "--methods", args.methods, choices=METHODS)
     args.tasks = training.comma_list(p, "--tasks", args.tasks, choices=commonsense.ALL_TASKS)
@@ -56,6 +58,13 @@ def parse_args(argv=None):
     training.check_at_least(p, 2, {"--seq": args.seq}, " (a prompt token and an answer token)")
     training.check_at_least(p, 0, {"--eval-examples": args.eval_examples}, " (0 scores all)")
     training.check_at_least(p, 0, {"--seed": args.seed})
+    if args.json is not None:
+        # Written after every method has trained and been scored: refuse now what would
+        # fail then.
+        if Path(args.json).is_dir():
+            p.error(f"--json {args.json}: a folder; pass a file path, e.g. "
+                    f"{Path(args.json) / 'qdora.json'}")  # fmt: skip
+        training.check_out(p, str(Path(args.json).parent), "--json's folder")
     return args
 
 
@@ -104,6 +113,11 @@ def evaluate(model, adapted, held_out, tokenizer, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.json:
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"--json {args.json}: cannot create its folder ({e}).") from None
     config, variables, tokenizer = smollm2.load_smollm2(scan_layers=True)
     params = variables["params"]
     model = Llama(config)

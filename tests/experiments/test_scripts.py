@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_on_devices
 
 
 @functools.cache
@@ -157,6 +157,35 @@ def test_qdora_commonsense_refuses(capsys, argv, message):
     assert message in refused(capsys, script("qdora_commonsense").parse_args, argv)
 
 
+def test_qdora_commonsense_checks_json_before_the_run(capsys, tmp_path, monkeypatch):
+    """--json is written after every method has trained and been scored: what would fail
+    then is refused (or its folder made) before the model loads."""
+    q = script("qdora_commonsense")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    err = refused(capsys, q.parse_args, ["--json", str(tmp_path)])
+    assert f"--json {tmp_path}: a folder; pass a file path, e.g. {tmp_path / 'qdora.json'}" in err
+    for path in (a_file / "r.json", a_file / "below" / "r.json"):
+        err = refused(capsys, q.parse_args, ["--json", str(path)])
+        assert f"{a_file} is a file, not a folder" in err
+    assert q.parse_args(["--json", str(tmp_path / "new" / "r.json")]).json
+
+    def no_model(**_):
+        raise AssertionError("the model loaded before --json's folder was made")
+
+    monkeypatch.setattr(q.smollm2, "load_smollm2", no_model)
+    with pytest.raises(AssertionError, match="loaded before"):
+        q.main(["--json", str(tmp_path / "new" / "r.json")])
+    assert (tmp_path / "new").is_dir()
+
+    def cannot(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(q.Path, "mkdir", cannot)
+    with pytest.raises(SystemExit, match=r"--json .*r.json: cannot create its folder"):
+        q.main(["--json", str(tmp_path / "other" / "r.json")])
+
+
 def test_qdora_commonsense_defaults_and_adapt_refuses_unknown_method():
     q = script("qdora_commonsense")
     args = q.parse_args([])
@@ -198,11 +227,50 @@ def test_decomposition_tiny_fills_only_what_is_not_given():
 # --- train_sharded.py --------------------------------------------------------------------------
 
 
-def test_train_sharded_refuses_save_every_below_one(capsys):
-    err = refused(capsys, script("train_sharded").parse_args, ["--save-every", "0"])
-    assert "--save-every 0: checkpoint every N >= 1 steps" in err
-    err = refused(capsys, script("train_sharded").parse_args, ["--method", "foo"])
-    assert "invalid choice: 'foo'" in err
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--save-every", "0"], "--save-every 0: checkpoint every N >= 1 steps"),
+        (["--method", "foo"], "invalid choice: 'foo'"),
+        (["--steps", "-3"], "--steps -3: pass --steps >= 1"),
+        (["--steps", "0"], "--steps 0: pass --steps >= 1"),
+        (["--batch", "0"], "--batch 0: pass --batch >= 1"),
+        (["--rank", "0"], "--rank 0: pass --rank >= 1"),
+        (["--seq", "1"], "--seq 1: pass --seq >= 2 (a token and the next one to predict)"),
+        (["--lr", "-1"], "--lr -1.0: must be a positive number"),
+        (["--lr", "0"], "--lr 0.0: must be a positive number"),
+        (["--lr", "nan"], "--lr nan: must be a positive number"),
+        (["--step-sleep", "-1"], "--step-sleep -1.0: pass seconds >= 0"),
+        (["--num-processes", "0"], "--num-processes 0: pass --num-processes >= 1"),
+        (["--process-id", "-1"], "--process-id -1: pass --process-id >= 0"),
+        (["--num-processes", "2", "--process-id", "2"],
+         "--process-id 2: processes are numbered 0 to --num-processes - 1 = 1"),
+    ],
+)  # fmt: skip
+def test_train_sharded_refuses(capsys, argv, message):
+    assert message in refused(capsys, script("train_sharded").parse_args, argv)
+
+
+def test_train_sharded_checks_out_mesh_and_batch_before_training(capsys, tmp_path):
+    ts = script("train_sharded")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    err = refused(capsys, ts.parse_args, ["--out", str(a_file / "run")])
+    assert f"{a_file} is a file, not a folder" in err
+    args = ts.parse_args(["--out", str(tmp_path / "new" / "run"), "--steps", "1"])
+    assert (args.steps, args.lr, args.rank) == (1, 1e-2, 4)
+    with pytest.raises(SystemExit, match=r"--mesh 'foo=2': bad mesh 'foo=2'"):
+        ts.main(["--mesh", "foo=2"])
+    # The batch is split over data x fsdp: one that does not divide is refused up front.
+    code = (
+        "from tests.helpers import train_sharded\n"
+        "train_sharded().main(['--mesh', 'fsdp=2', '--batch', '3', '--steps', '1'])"
+    )
+    run = run_on_devices(code, 2, timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "--batch 3 must divide by the mesh's data x fsdp = 2; pass a multiple of 2." in (
+        run.stderr
+    )
 
 
 def test_train_sharded_saves_the_last_step():
