@@ -256,7 +256,8 @@ def save(
             f"quantisation error (a DoRA magnitude holds the dequantised kernel's norms, so "
             f"even an untrained adapter is not the identity there). To match, load it onto "
             f"the same quantised base (dora_jax.peft.load, then dora_jax.quantize_base with "
-            f"the same format and block, or the same kernels), or deploy "
+            f"the same format and block, or the same kernels, and keep_magnitudes=True), or "
+            f"deploy "
             f"dora_jax.merge(adapted) instead.",
             UserWarning,
             stacklevel=2,

@@ -3,9 +3,11 @@
 A :class:`QuantizedArray` stands in for a frozen kernel ``W0`` (stack axes first, input and
 output axes at any positions after them) wherever an adapter node holds its ``base``: it
 reports the logical ``shape`` and ``dtype`` and dequantises on demand, so
-:func:`dora_jax.apply` turns it back into floats one kernel at a time, at the contraction
-that uses it, and ``merge`` returns full-precision kernels in the dtype the base had before
-quantisation.
+:func:`dora_jax.apply` turns it back into floats at the contraction that uses it (one layer
+at a time in a scanned stack; in an unrolled model XLA:CPU hoists every dequantisation
+ahead of the matmuls, so there QDoRA holds about two float32 kernels per layer: see the
+README's QDoRA), and ``merge`` returns full-precision kernels in the dtype the base had
+before quantisation.
 
 Layout. Blocks run along the flattened input axes of each output feature, as in llama.cpp's
 GGUF files and bitsandbytes (both block the torch ``(out, in)`` weight row by row)::
@@ -180,8 +182,10 @@ def quantize(
 
     Raises:
       ValueError: ``x`` holds NaN or infinite values, or (q4_1) entries beyond float16's
-        range; checked when ``x`` is concrete (not under ``jit``). Or ``block`` is below 1,
-        or odd for a 4-bit format.
+        range, or (q4_1) a block that is not constant but spans less than ``15 * 2**-20``
+        (about 1.4e-5): its float16 scale would underflow (see ``Q4_1_MIN_SCALE``); constant
+        blocks, zeros among them, are exact and accepted. Checked when ``x`` is concrete
+        (not under ``jit``). Or ``block`` is below 1, or odd for a 4-bit format.
       TypeError: ``block`` is not an int or None (a float, a bool).
 
     Returns:
@@ -212,29 +216,10 @@ def quantize(
             f"got stack axes {s_pos} of shape {tuple(x.shape)}; move them to the front."
         )
     _check_values(x, format, "kernel")
-    ns = len(s_pos)
-    stack_shape = tuple(x.shape[:ns])
-    in_shape = tuple(x.shape[p] for p in i_pos)
-    out_shape = tuple(x.shape[p] for p in o_pos)
-    canonical = s_pos + i_pos + o_pos
-    layer_inputs = None
-    if canonical != tuple(range(x.ndim)):
-        x = jnp.transpose(x, canonical)
-        layer_inputs = tuple(p - ns for p in i_pos)
-    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
-    # One block per output feature, padded to even for 4-bit packing: for block=None, and
-    # for a block longer than the input (it would store only more zero padding).
-    whole = n_in + (n_in % 2 if format in _FOUR_BIT else 0)
-    if block is None or block > whole > 0:
-        block = whole
-    if block < 1:
-        raise ValueError(f"The kernel of shape {tuple(x.shape)} has no inputs to quantise.")
+    if format == "q4_1" and not isinstance(x, jax.core.Tracer):
+        _check_q4_1_spread(_smallest_spread(x, block, stack, inputs), "kernel")
+    w, block, in_shape, out_shape, layer_inputs = _blocks(x, format, block, stack, inputs)
     f32 = jnp.float32
-    w = jnp.swapaxes(jnp.asarray(x, f32).reshape(*stack_shape, n_in, n_out), -1, -2)
-    n_blocks = -(-n_in // block)
-    pad = [(0, 0)] * (w.ndim - 1) + [(0, n_blocks * block - n_in)]
-    w = jnp.pad(w, pad).reshape(*stack_shape, n_out, n_blocks, block)
-
     offsets = None
     if format == "q4_1":
         # llama.cpp's reference quantiser: d = (max - min) / 15, m = min, both float16.
@@ -264,6 +249,47 @@ def quantize(
     )
 
 
+def _blocks(x, format: str, block: int | None, stack, inputs):
+    """``x`` as float32 blocks ``(*stack, out, n_blocks, block)``, zero-padded, with the
+    block size used, the input and output shapes, and the input axes' positions in a layer
+    (None when canonical). ``stack`` and ``inputs`` as in :func:`quantize`, already checked."""
+    s_pos, i_pos, o_pos = Axes(stack, inputs).split(x.ndim)
+    ns = len(s_pos)
+    stack_shape = tuple(x.shape[:ns])
+    in_shape = tuple(x.shape[p] for p in i_pos)
+    out_shape = tuple(x.shape[p] for p in o_pos)
+    canonical = s_pos + i_pos + o_pos
+    layer_inputs = None
+    if canonical != tuple(range(x.ndim)):
+        x = jnp.transpose(x, canonical)
+        layer_inputs = tuple(p - ns for p in i_pos)
+    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+    # One block per output feature, padded to even for 4-bit packing: for block=None, and
+    # for a block longer than the input (it would store only more zero padding).
+    whole = n_in + (n_in % 2 if format in _FOUR_BIT else 0)
+    if block is None or block > whole > 0:
+        block = whole
+    if block < 1:
+        raise ValueError(f"The kernel of shape {tuple(x.shape)} has no inputs to quantise.")
+    w = jnp.swapaxes(jnp.asarray(x, jnp.float32).reshape(*stack_shape, n_in, n_out), -1, -2)
+    n_blocks = -(-n_in // block)
+    pad = [(0, 0)] * (w.ndim - 1) + [(0, n_blocks * block - n_in)]
+    w = jnp.pad(w, pad).reshape(*stack_shape, n_out, n_blocks, block)
+    return w, block, in_shape, out_shape, layer_inputs
+
+
+@functools.partial(jax.jit, static_argnames=("block", "stack", "inputs"))
+def _smallest_spread(x, block, stack, inputs) -> tuple[Array, Array]:
+    """The smallest ``max - min`` of a q4_1 block that is not constant (inf if none), and
+    how many blocks have ``(max - min) / 15`` below :data:`Q4_1_MIN_SCALE`; jitted whole,
+    as ``_quantize``, to keep float32 temporaries of the kernel's size few."""
+    w = _blocks(x, "q4_1", block, stack, inputs)[0]
+    spread = jnp.max(w, axis=-1) - jnp.min(w, axis=-1)
+    varying = spread > 0
+    smallest = jnp.min(jnp.where(varying, spread, jnp.inf), initial=jnp.inf)
+    return smallest, jnp.sum(varying & (spread / 15 < Q4_1_MIN_SCALE))
+
+
 def _check_block(block, format: str) -> int | None:
     """``block`` as a plain int (or None); refuses floats, bools, sizes below 1, odd 4-bit."""
     if block is not None and (isinstance(block, bool) or not isinstance(block, (int, np.integer))):
@@ -281,6 +307,15 @@ def _check_block(block, format: str) -> int | None:
 
 # float16's largest finite value: q4_1 stores each block's scale and minimum in float16.
 FLOAT16_MAX = 65504.0
+
+# The smallest q4_1 scale d = (max - min) / 15 of a block that is not constant, 2^-20. Below
+# float16's normal range (6.1e-5) d is stored in steps of 2^-24 (6e-8); it is then rounded by
+# up to 2^-25, and a code of up to 15 multiplies that: at d >= 2^-20 the worst weight errs by
+# at most another half step d / 2 beyond the format's own. Measured on Gaussian weights of
+# scale s in blocks of 32 (float16 d against a float32 d), the worst error over max |w|:
+# 0.049 against 0.049 at s = 1e-5 (smallest d 1.6e-6), 0.060 at 2e-6, 0.11 at 1e-6 (d 1.6e-7),
+# and 1.4 at 1e-7, where 94% of the d flush to 0 and the result is worse than zeros.
+Q4_1_MIN_SCALE = 2.0**-20
 
 
 def _check_values(x, format: str, what: str) -> None:
@@ -302,6 +337,22 @@ def _check_values(x, format: str, what: str) -> None:
                 f"which q4_1 stores each block's scale and minimum; use format='nf4' or "
                 f"'int8' (float32 scales)."
             )
+
+
+def _check_q4_1_spread(found, what: str) -> None:
+    """Refuses a kernel with a non-constant block whose q4_1 scale underflows float16
+    (``found`` from :func:`_smallest_spread`); constant blocks (d = 0) are exact."""
+    smallest, count = found
+    if int(count):
+        raise ValueError(
+            f"{what} has {int(count)} block(s) whose values span less than "
+            f"{15 * Q4_1_MIN_SCALE:.3g} (the smallest spans {float(smallest):.3g}): q4_1's "
+            f"scale d = (max - min) / 15 would be below {Q4_1_MIN_SCALE:.3g}, where float16 "
+            f"keeps too few bits of it (below 6e-8 none), and those weights could err by more "
+            f"than another half step, up to the whole block. Use format='nf4' or 'int8' "
+            f"(float32 scales), or rescale the kernel by a power of two (e.g. x * 2**10, "
+            f"with the inverse folded into the layer that uses it)."
+        )
 
 
 def from_gguf_q4_1(data: np.ndarray, in_shape, out_shape, dtype=jnp.float32) -> QuantizedArray:
@@ -346,15 +397,20 @@ def quantize_base(
     format: str | Mapping[str, QuantizedArray] = "nf4",
     *,
     block: int | None = 64,
+    keep_magnitudes: bool = False,
 ) -> PyTree:
     """Replaces the base of every adapter node by its quantised form (QLoRA / QDoRA).
 
     Decomposed nodes (DoRA, DVoRA, magnitude only): each magnitude column still at the
-    value :func:`dora_jax.wrap` gave it, ``||W0||_c`` of the float kernel (to within 2 units
-    in the last place of the magnitude's dtype), is re-initialised to the column norm of the
-    *dequantised* kernel, so that a freshly wrapped model then equals the dequantised base
-    model exactly. Every other column (trained, or loaded by :func:`dora_jax.peft.load` or
-    a checkpoint) is kept: the adapter then runs over the quantised base as it is. Works
+    value :func:`dora_jax.wrap` gave it, ``||W0||_c`` of the float kernel cast to the
+    magnitude's dtype (compared exactly, up to the 2 float32 ulp of the norm by which XLA
+    may round it differently in and out of ``jit``), is re-initialised to the column norm of
+    the *dequantised* kernel, so that a freshly wrapped model then equals the dequantised
+    base model exactly. Every other column (trained, or loaded by :func:`dora_jax.peft.load`
+    or a checkpoint) is kept: the adapter then runs over the quantised base as it is. A
+    column is told apart by its value alone, so a trained one that ended exactly where wrap
+    put it (not rare in bfloat16, whose values lie 0.4-0.8% apart) would be re-initialised
+    too: pass ``keep_magnitudes=True`` for an adapter that was trained or loaded. Works
     under ``jit`` and ``eval_shape``.
 
     Args:
@@ -366,10 +422,14 @@ def quantize_base(
         input axes) and dtype.
       block: block size for a string ``format`` (see :func:`quantize`: an int ``>= 1``, or
         None; clamped to the kernel's input size).
+      keep_magnitudes: keep every magnitude as it is, for an adapter trained over this
+        quantised base and loaded back onto the float params (``peft.load``, then
+        ``quantize_base(..., keep_magnitudes=True)``). False (the default) re-initialises the
+        columns still at wrap's value, as above.
 
     Returns:
       ``adapted`` with quantised bases; all other leaves are the same objects, except the
-      re-initialised magnitudes.
+      re-initialised magnitudes (none with ``keep_magnitudes=True``).
 
     Example::
 
@@ -384,6 +444,11 @@ def quantize_base(
             f"dora_jax.quantize(x, format), or wrap the params first."
         )
     _check_whole(adapted, "quantize_base", plain_ok=True)
+    if not isinstance(keep_magnitudes, (bool, np.bool_)):
+        raise TypeError(
+            f"keep_magnitudes={keep_magnitudes!r} must be True (keep every magnitude: a trained "
+            f"or loaded adapter) or False (re-initialise those still at wrap's value)."
+        )
     if not isinstance(format, Mapping):
         block = _check_block(block, format if isinstance(format, str) else "")
 
@@ -406,7 +471,12 @@ def quantize_base(
             _check_mapped(p, q, node)
         else:
             _check_values(node.base, format, f"Kernel '{p}'")
+            if format == "q4_1" and not isinstance(node.base, jax.core.Tracer):
+                found = _smallest_spread(node.base, block, node.stack, node.inputs)
+                _check_q4_1_spread(found, f"Kernel '{p}'")
             q = _quantize(node.base, format, block=block, stack=node.stack, inputs=node.inputs)
+        if keep_magnitudes:
+            return node.with_base(q, lambda: node.magnitude)
         return node.with_base(q, lambda: _magnitude_over(node, q))
 
     return jax.tree_util.tree_map_with_path(convert, adapted, is_leaf=is_adapter)
@@ -455,14 +525,20 @@ def _magnitude_over(node, q: QuantizedArray) -> Array:
     become ``||dequant(W0)||_c``; trained or loaded columns are kept (per column, so that it
     traces under ``jit``)."""
     dtype = node.magnitude.dtype
-    # The same function and dtype as wrap. Within 2 ulp: XLA may round a column norm one
-    # ulp differently in and out of jit; a training step moves a magnitude far more. wrap
-    # has already warned about zero columns.
+    # The same function as wrap, in float32; wrap stored it cast to the magnitude's dtype.
+    # wrap has already warned about zero columns.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        initial = magnitude_init(node.base, node.stack, node.inputs, dtype)
-    m, initial = node.magnitude.astype(jnp.float32), initial.astype(jnp.float32)
-    untouched = jnp.abs(m - initial) <= 2 * float(jnp.finfo(dtype).eps) * jnp.abs(initial)
+        initial = magnitude_init(node.base, node.stack, node.inputs, jnp.float32)
+    # Untouched: what a float32 norm within 2 float32 ulp of this one rounds to in the
+    # magnitude's dtype (XLA may round a column norm an ulp differently in and out of jit).
+    # For a bfloat16 magnitude that is wrap's value exactly (or, when the norm sits on a
+    # rounding boundary, the neighbour it could also have rounded to), never a band of the
+    # magnitude dtype's ulps: one bfloat16 ulp is 0.4-0.8%, as far as training moves it.
+    slack = 2 * float(jnp.finfo(jnp.float32).eps)
+    low = (initial * (1 - slack)).astype(dtype)
+    high = (initial * (1 + slack)).astype(dtype)
+    untouched = (node.magnitude >= low) & (node.magnitude <= high)
     fresh = _column_norm(q, node.stack, node.inputs).astype(dtype)
     return jnp.where(untouched, fresh, node.magnitude)
 

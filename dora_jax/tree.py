@@ -420,17 +420,35 @@ def _wrap(params, rank, axes, layers, *, method, alpha, targets, key, dropout, r
     key = jax.random.key(0) if key is None else key
     predicate = _target_predicate(targets)
 
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    from dora_jax.quant import QuantizedArray  # here: dora_jax.quant imports this module
+
+    # A QuantizedArray is one leaf here: a target names the kernel, never its codes or scales.
+    def quantised(x):
+        return isinstance(x, QuantizedArray)
+
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=quantised)
     _check_axes_keys(axes, leaves_with_path)
+    quantise_after = (
+        "Wrap the float params first, then quantise the adapted tree: "
+        "dora_jax.quantize_base(dora_jax.wrap(params, ...), 'nf4'). To keep ready "
+        "QuantizedArrays (e.g. a GGUF file's blocks), wrap their q.dequantize() and pass them "
+        "as quantize_base(adapted, {'path/to/kernel': q, ...})."
+    )
     chosen = []
     for i, (path, leaf) in enumerate(leaves_with_path):
         p = path_str(path)
         if predicate(p, leaf):
+            if quantised(leaf):
+                raise TypeError(
+                    f"Kernel '{p}' is already quantised (a {leaf.format} QuantizedArray): "
+                    f"wrap adapts float kernels and needs their float values for DoRA's "
+                    f"magnitude. {quantise_after} Or exclude it with targets=."
+                )
             if not _is_float_array(leaf):
                 raise TypeError(
                     f"Kernel '{p}' has dtype {getattr(leaf, 'dtype', type(leaf))}; only "
-                    f"floating kernels can be adapted (for a quantised base use the "
-                    f"quantised wrappers). Exclude it with targets=."
+                    f"floating kernels can be adapted (for a quantised base, wrap the float "
+                    f"kernel, then dora_jax.quantize_base). Exclude it with targets=."
                 )
             if leaf.ndim < 2:
                 raise ValueError(
@@ -443,6 +461,15 @@ def _wrap(params, rank, axes, layers, *, method, alpha, targets, key, dropout, r
             ax, assumed = _resolve_axes(p, leaf, axes, layers)
             chosen.append((i, p, ax, assumed, _check_axes(p, leaf, ax)))
     if not chosen:
+        held = [path_str(path) for path, leaf in leaves_with_path if quantised(leaf)]
+        if held:
+            raise ValueError(
+                f"No kernel matches "
+                f"{'the default' if targets is None else f'targets={targets!r}'}, and params "
+                f"holds {len(held)} quantised kernel(s) (QuantizedArray, e.g. '{held[0]}'), "
+                f"which wrap cannot adapt: neither they nor their codes and scales are "
+                f"targets. {quantise_after}"
+            )
         raise _no_target_error(targets, leaves_with_path)
     settings = _resolve_rules(rules, [p for _, p, *_ in chosen], defaults)
     _check_applies(defaults, {cfg["method"] for cfg in settings}, "wrap was given")

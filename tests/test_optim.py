@@ -68,3 +68,47 @@ def test_optax_moves_only_trainable_leaves(setup, way):
             assert old.dtype == new.dtype and np.array_equal(old, new)  # bit-identical
 
     jax.tree.map(check, adapted, new, mask)
+
+
+def test_only_trainable_over_a_quantised_base_with_integer_gradients(setup):
+    """grad(allow_int=True) gives the integer codes float0 gradients, which optax cannot add:
+    only_trainable makes them no-op updates. Same steps as optimising the trainable half."""
+    model, params, x = setup
+    adapted = dora_jax.quantize_base(dora_jax.wrap(params, rank=4), "int8", block=4)
+    fn = dora_jax.apply(model.apply)
+
+    def loss(adapted):
+        return jnp.mean((fn({"params": adapted}, x) - 1.0) ** 2)
+
+    tx = dora_jax.only_trainable(optax.adam(1e-2))
+
+    @jax.jit
+    def step(adapted, state):
+        grads = jax.grad(loss, allow_int=True)(adapted)
+        updates, state = tx.update(grads, state, adapted)
+        return optax.apply_updates(adapted, updates), state
+
+    # The reference: adam over the trainable half alone, the frozen half never touched.
+    frozen, trainable = dora_jax.partition(adapted)
+    ref_tx = optax.adam(1e-2)
+
+    @jax.jit
+    def ref_step(trainable, state):
+        grads = jax.grad(lambda t: loss(dora_jax.combine(frozen, t)))(trainable)
+        updates, state = ref_tx.update(grads, state, trainable)
+        return optax.apply_updates(trainable, updates), state
+
+    new, state = adapted, tx.init(adapted)
+    ref, ref_state = trainable, ref_tx.init(trainable)
+    for _ in range(3):
+        new, state = step(new, state)
+        ref, ref_state = ref_step(ref, ref_state)
+    assert loss(new) < loss(adapted)
+    new_frozen, new_trainable = dora_jax.partition(new)
+    assert new_frozen["fc1"]["kernel"].base.codes.dtype == jnp.int8
+    dtypes = lambda tree: jax.tree.map(lambda a: a.dtype, tree)  # noqa: E731
+    assert dtypes(new_frozen) == dtypes(frozen)
+    jax.tree.map(np.testing.assert_array_equal, new_frozen, frozen)  # bit-identical base
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new_trainable, ref
+    )

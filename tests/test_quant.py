@@ -356,6 +356,46 @@ def test_grad_jaxpr_has_no_full_precision_stacked_base(x):
     assert f"f32[{','.join(map(str, shape))}]" in text
 
 
+def test_scanned_qdora_step_temporaries_do_not_grow_with_depth():
+    """A scanned stack dequantises one layer's kernel at a time (XLA's memory_analysis of the
+    compiled gradient): 4 layers need no more temporaries than 2. (An unrolled stack does
+    not: XLA hoists every dequantisation before the matmuls; see the README's QDoRA.)"""
+    width = 256
+    kernel_bytes = width * width * 4  # one float32 kernel
+
+    class Stacked(nn.Module):
+        depth: int
+
+        @nn.compact
+        def __call__(self, h):
+            layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                             length=self.depth)  # fmt: skip
+            return layers(name="layers")(h, None)[0]
+
+    h = jnp.ones((4, width))
+
+    def temp_bytes(depth):  # shapes only: nothing is initialised, wrapped or quantised
+        model = Stacked(depth)
+
+        def halves(h):
+            params = model.init(jax.random.key(0), h)["params"]
+            adapted = dora_jax.wrap(params, rank=4, axes={"layers": dora_jax.Axes(1, 1)})
+            return dora_jax.partition(dora_jax.quantize_base(adapted, "nf4"))
+
+        frozen, trainable = jax.eval_shape(halves, h)
+        fn = dora_jax.apply(model.apply)
+
+        def loss(t, frozen):
+            return jnp.sum(fn({"params": dora_jax.combine(frozen, t)}, h) ** 2)
+
+        compiled = jax.jit(jax.grad(loss)).lower(trainable, frozen).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    two, four = temp_bytes(2), temp_bytes(4)
+    # A dequantised kernel kept per layer would add 2 * kernel_bytes (and more per layer).
+    assert four - two < kernel_bytes / 2, (two, four, kernel_bytes)
+
+
 def test_quantize_base_errors_and_mapping(x):
     model, params, adapted = build("mlp", x)
     with pytest.raises(ValueError, match="already quantised"):
@@ -414,6 +454,50 @@ def test_quantize_base_keeps_trained_magnitudes_and_reinitialises_untouched_ones
     shapes = jax.eval_shape(quantize, adapted)["fc2"]["kernel"]
     assert shapes.magnitude.shape == trained_magnitude.shape
     assert shapes.base.shape == adapted["fc2"]["kernel"].base.shape
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_quantize_base_keeps_bfloat16_magnitudes_that_moved_by_under_a_percent(jit):
+    """One bfloat16 ulp is 0.4-0.8%: a tolerance of a few of them took trained columns for
+    untouched ones. Untouched means exactly wrap's value; wrap is eager, quantize_base maybe
+    jitted (XLA may round the float32 norm an ulp differently there)."""
+    w = jax.random.normal(jax.random.key(0), (256, 64))
+    adapted = dora_jax.wrap({"k": w, "t": w}, rank=4, targets="^(k|t)$", dtype=jnp.bfloat16)
+    initial = adapted["t"].magnitude
+    moved = (initial.astype(jnp.float32) * 1.005).astype(jnp.bfloat16)
+    assert np.all(moved != initial)  # half a bfloat16 ulp is below 0.4%: every column moved
+    trained = {**adapted, "t": dataclasses.replace(adapted["t"], magnitude=moved)}
+    quantize = functools.partial(dora_jax.quantize_base, format="nf4")
+    q = (jax.jit(quantize) if jit else quantize)(trained)
+    np.testing.assert_array_equal(q["t"].magnitude, moved)
+    # The untouched node: the test's own dequantised norm, in the magnitude's dtype.
+    fresh = np.linalg.norm(reference_dequantize(q["k"].base), axis=0)
+    assert q["k"].magnitude.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(q["k"].magnitude, np.float32), fresh, rtol=float(jnp.finfo(jnp.bfloat16).eps)
+    )
+    assert np.any(np.asarray(q["k"].magnitude) != np.asarray(initial))  # nf4 moved the norms
+
+
+def test_quantize_base_keep_magnitudes_keeps_one_that_ended_at_wraps_value():
+    """A loaded bfloat16 magnitude can equal wrap's value exactly; keep_magnitudes=True
+    keeps every column (peft.load, then quantize_base), the default re-initialises it."""
+    w = jax.random.normal(jax.random.key(0), (256, 16))
+    adapted = dora_jax.wrap({"k": w}, rank=4, targets="k", dtype=jnp.bfloat16)
+    node = adapted["k"]
+    # Columns 0-7 trained, 8-15 back where wrap put them (as a loaded adapter may be).
+    trained = (node.magnitude[:8].astype(jnp.float32) * 1.02).astype(jnp.bfloat16)
+    moved = node.magnitude.at[:8].set(trained)
+    loaded = {"k": dataclasses.replace(node, magnitude=moved)}
+    kept = dora_jax.quantize_base(loaded, "int8", keep_magnitudes=True)["k"]
+    np.testing.assert_array_equal(kept.magnitude, loaded["k"].magnitude)
+    assert isinstance(kept.base, QuantizedArray)
+    default = dora_jax.quantize_base(loaded, "int8")["k"].magnitude
+    np.testing.assert_array_equal(default[:8], loaded["k"].magnitude[:8])
+    fresh = np.linalg.norm(reference_dequantize(kept.base), axis=0)[8:]
+    np.testing.assert_allclose(
+        np.asarray(default[8:], np.float32), fresh, rtol=float(jnp.finfo(jnp.bfloat16).eps)
+    )
 
 
 def test_mapped_kernels_must_have_the_nodes_layout_and_dtype():
@@ -507,6 +591,49 @@ def test_q4_1_refuses_values_beyond_float16():
     assert np.all(np.isfinite(q.dequantize()))
     for fmt in ("nf4", "int8"):  # float32 scales: fine
         assert np.all(np.isfinite(dora_jax.quantize(w * 1e3, fmt).dequantize()))
+
+
+def test_wrap_of_quantised_kernels_says_to_wrap_first_and_adapts_no_codes_or_scales():
+    w = jax.random.normal(jax.random.key(0), (64, 16))
+    q = dora_jax.quantize(w, "nf4")
+    params = {"fc": {"kernel": q}, "out": {"kernel": w}}
+    fix = r"Wrap the float params first.*dora_jax\.quantize_base"
+    # The default and a regex pick the QuantizedArray itself (the kernel), and refuse it.
+    for targets in (None, "kernel", "fc", lambda path, leaf: leaf.ndim >= 2):
+        with pytest.raises(TypeError, match=r"Kernel 'fc/kernel' is already quantised.*" + fix):
+            dora_jax.wrap(params, rank=1, targets=targets)
+    # Its fields are not kernels: a regex naming them matches nothing (rank 1 fits scales).
+    for targets in (r"(^|/)scales$", "codes", "fc/kernel/"):
+        with pytest.raises(ValueError, match=r"No kernel matches.*'fc/kernel'.*" + fix):
+            dora_jax.wrap({"fc": {"kernel": q}}, rank=1, targets=targets)
+    # Other kernels still wrap; the quantised one is left as it is.
+    adapted = dora_jax.wrap(params, rank=2, targets="out")
+    assert adapted["fc"]["kernel"] is q and dora_jax.is_adapter(adapted["out"]["kernel"])
+    # The route the message gives: wrap the dequantised kernel, quantise with the mapping.
+    wrapped = dora_jax.wrap({"fc": {"kernel": q.dequantize()}}, rank=2)
+    qadapted = dora_jax.quantize_base(wrapped, {"fc/kernel": q})
+    assert qadapted["fc"]["kernel"].base is q
+
+
+def test_q4_1_refuses_blocks_whose_float16_scale_underflows():
+    """d = (max - min) / 15 in float16: below 2**-20 it keeps too few bits (at weights ~1e-7
+    most d are 0 and the result is worse than zeros). Constant blocks (d = 0) are exact."""
+    w = 1e-6 * jax.random.normal(jax.random.key(0), (96, 4))  # one shape: few compilations
+    spans = np.ptp(blocks_of(w, 0, 1, 32), axis=-1)
+    smallest = f"{float(np.min(spans[spans > 0])):.3g}"
+    with pytest.raises(ValueError, match=f"the smallest spans {smallest}.*'nf4' or 'int8'"):
+        dora_jax.quantize(w, "q4_1", block=32)
+    with pytest.raises(ValueError, match=f"Kernel 'k' has .*smallest spans {smallest}"):
+        dora_jax.quantize_base(dora_jax.wrap({"k": w}, rank=2, targets="k"), "q4_1", block=32)
+    # Constant blocks (zeros, a float16 value) are exact; a block spanning 1.5e-5 (d = 1e-6,
+    # just above 2**-20) is accepted.
+    ramp = jnp.linspace(0.0, 1.5e-5, 32)[:, None] * jnp.ones((1, 4))
+    w = jnp.zeros((96, 4)).at[32:64].set(0.375).at[64:].set(ramp)
+    q = dora_jax.quantize(w, "q4_1", block=32)
+    got = q.dequantize()
+    np.testing.assert_array_equal(got, reference_dequantize(q))
+    np.testing.assert_array_equal(got[:64], w[:64])
+    assert float(jnp.max(jnp.abs(got[64:] - ramp))) <= 1e-6
 
 
 def test_quantize_base_of_a_plain_array_is_a_clear_error():
