@@ -65,6 +65,9 @@ def _pytree_dataclass(cls):
         }  # fmt: skip
 
     def from_state(target, state: dict):
+        """Also refuses an array field of another shape or dtype than the target's (a
+        template of another rank or dtype). The scale (alpha, rslora) is static, so not in
+        the state: a template of another alpha cannot be told apart here."""
         fields = [name for name in data if getattr(target, name) is not None]
         if set(state) != set(fields):
             raise ValueError(
@@ -72,6 +75,19 @@ def _pytree_dataclass(cls):
                 f"with {sorted(state)}: restore into the adapted tree it was saved from "
                 f"(the same wrap settings)."
             )
+        for name in fields:
+            want, got = getattr(target, name), state[name]
+            if dataclasses.is_dataclass(want) or not hasattr(want, "dtype"):
+                continue  # a nested node (a quantised base) checks its own fields
+            saved = (tuple(jnp.shape(got)), str(getattr(got, "dtype", type(got).__name__)))
+            if saved != (tuple(want.shape), str(want.dtype)):
+                raise ValueError(
+                    f"Cannot restore field '{name}' of a {cls.__name__}: the state holds shape "
+                    f"{saved[0]} {saved[1]}, the target {tuple(want.shape)} {want.dtype}. Wrap "
+                    f"the template with the settings the state was saved with (rank, dtype, "
+                    f"targets, axes; and the same alpha and rslora, which the state does not "
+                    f"record)."
+                )
         return dataclasses.replace(target, **{
             name: serialization.from_state_dict(getattr(target, name), state[name], name=name)
             for name in fields

@@ -1,14 +1,15 @@
 """Adapter checkpoints with orbax: save what training changes, resume exactly.
 
 A checkpoint holds the trainable adapter leaves, the optimiser state, the RNG key (as key
-data), the step, the data position and VeRA's shared matrices (once, not once per node),
-plus a small JSON record: every adapter node's whole configuration (kind, rank, scale,
-dropout, norm gradient, axes, the shapes and dtypes of its fields) and a fingerprint of the
-frozen base model that covers every value of every leaf. The base itself is never saved:
-restoring needs it anyway, and it is usually 100-1000x larger. The model's non-parameter
-state (BatchNorm statistics, RNG streams: NNX variables other than ``nnx.Param``, or the
-collections beside ``"params"`` of a Linen variables dict passed whole) is saved and
-restored with the adapters.
+data), the step, the data position and VeRA's shared matrices (once per wrap, not once per
+node), plus a small JSON record: every adapter node's whole configuration (kind, rank,
+scale, dropout, norm gradient, axes, the shapes and dtypes of its fields), a fingerprint of
+the frozen base model that covers every value of every leaf, and a checksum of every array
+saved, checked when it is read back (a damaged file is an error, never a silent change).
+The base itself is never saved: restoring needs it anyway, and it is usually 100-1000x
+larger. The model's non-parameter state (BatchNorm statistics, RNG streams: NNX variables
+other than ``nnx.Param``, or the collections beside ``"params"`` of a Linen variables dict
+passed whole) is saved and restored with the adapters.
 
 Restoring takes templates (a freshly wrapped tree and a fresh optimiser state, placed as
 you want them): their structure checks the checkpoint, their shardings say where restored
@@ -33,6 +34,7 @@ import json
 import math
 import os
 import threading
+import uuid
 import weakref
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -46,7 +48,7 @@ from jax import lax
 
 from dora_jax.adapters import is_adapter
 from dora_jax.forward import _fmix32  # the same bit mixer as adapter dropout
-from dora_jax.tree import combine, partition, path_str
+from dora_jax.tree import _check_whole, combine, partition, path_str
 
 PyTree = Any
 FORMAT = 2
@@ -110,15 +112,22 @@ class _Manager(ocp.CheckpointManager):
     process exit (orbax's waiting threads are released)."""
 
     def wait_until_finished(self):
+        run = _run(self)
         try:
-            return super().wait_until_finished()
+            super().wait_until_finished()
         except Exception as e:
-            _release_failed_save(_run(self).operations)
+            _release_failed_save(run.operations)
+            failed = _forget_failed_save(self, e, run.pending)
+            run.pending = None
             raise CheckpointError(
                 f"A background save to {self.directory} failed ({type(e).__name__}: {e}). "
-                f"Nothing was committed for it; earlier steps are intact. Check that the "
-                f"folder exists and is writable."
+                f"Nothing was committed for it{f' (step {failed})' if failed is not None else ''}"
+                f"; earlier steps are intact. Check that the folder exists and is writable "
+                f"(and has space), then save the step again."
             ) from e
+        pending, run.pending = run.pending, None
+        if pending is not None:
+            _check_own_steps(self, [pending])
 
 
 # Managers whose folder has been cleared of a killed run's temporary directories.
@@ -134,6 +143,14 @@ class _Run:
     restored: int | None = None
     base: tuple[int, str] | None = None  # (step, the base's fingerprint) at the last save
     operations: set = dataclasses.field(default_factory=set)  # orbax's ids of its saves
+    pending: int | None = None  # the step of an asynchronous save not yet waited for
+    failed: set = dataclasses.field(default_factory=set)  # steps whose save failed
+    # Steps this manager saved before its last restore: still its own, for messages.
+    before_restore: set = dataclasses.field(default_factory=set)
+    # Written into each step's record: tells this manager's committed steps from those of
+    # another process that saved the same step into the folder at the same time.
+    id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    verified: set = dataclasses.field(default_factory=set)  # saved steps found to be its own
 
     def owns(self, step: int) -> bool:
         return step in self.saved or step == self.restored
@@ -256,18 +273,40 @@ def _checksums(leaves):
 _FINGERPRINTS: list[tuple[list, dict]] = []
 
 
-def _cached(flat: list[tuple[str, Any]]) -> dict | None:
-    for refs, fp in _FINGERPRINTS:
+def _cached(flat: list[tuple[str, Any]], cache: list = _FINGERPRINTS) -> dict | None:
+    for refs, fp in cache:
         if len(refs) == len(flat) and all(r() is x for r, (_, x) in zip(refs, flat)):
             return fp
     return None
 
 
-def _remember(flat: list[tuple[str, Any]], fp: dict) -> None:
+def _remember(flat: list[tuple[str, Any]], fp: dict, cache: list = _FINGERPRINTS) -> None:
     if not all(isinstance(x, jax.Array) for _, x in flat):  # numpy arrays are mutable
         return
-    _FINGERPRINTS.insert(0, ([weakref.ref(x) for _, x in flat], fp))
-    del _FINGERPRINTS[4:]
+    cache.insert(0, ([weakref.ref(x) for _, x in flat], fp))
+    del cache[4:]
+
+
+def _leaf_checksums(leaves: list) -> list[str]:
+    """:func:`_checksums` of each leaf as a hex string, computed where the leaf lives.
+
+    One call per leaf: ``jit`` compiles once per shape, dtype and placement (a model has
+    few; one program over every leaf would compile for seconds), and one call never mixes
+    committed arrays on different devices (an optimiser's step count on one device beside
+    leaves on a mesh). The sum of a leaf split over several devices is a collective, waited
+    for before the next starts: many collectives in flight at once can starve each other
+    of threads on CPU devices (a rendezvous that never completes). A leaf's sum does not
+    depend on its placement, so sums taken at save and after a restore onto another mesh
+    compare."""
+    sums = []
+    for x in leaves:
+        s = _checksums([x])[0]
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+            s.block_until_ready()
+        elif s.is_fully_addressable:
+            s.copy_to_host_async()
+        sums.append(s)
+    return [_replicated_value(s).astype(">u4").tobytes().hex() for s in sums]
 
 
 def _replicated_value(x) -> np.ndarray:
@@ -375,16 +414,90 @@ def _unnest(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _is_number(x: Any) -> bool:
+    """A Python number leaf (an optimiser's plain ``int`` counter); numpy's are arrays."""
+    return type(x) in (bool, int, float)
+
+
 def _describe(flat: Mapping[str, Any]) -> list:
-    return [[k, list(np.shape(x)), str(x.dtype)] for k, x in flat.items()]
+    return [
+        [k, list(np.shape(x)), type(x).__name__ if _is_number(x) else str(x.dtype)]
+        for k, x in flat.items()
+    ]
 
 
-def _shared(adapted: PyTree) -> dict[str, Any]:
-    """VeRA's shared matrices, once: every node holds the same arrays."""
-    for node in jax.tree.leaves(adapted, is_leaf=is_adapter):
-        if is_adapter(node) and getattr(node, "shared", ()):
-            return {name: getattr(node, name) for name in node.shared}
-    return {}
+def _storable(flat: Mapping[str, Any], what: str) -> tuple[dict, dict, dict]:
+    """``flat`` as a checkpoint holds it: ``(values, keys, numbers)``.
+
+    ``values`` has every leaf, a typed PRNG key as its key data (``keys``: its
+    implementation, to wrap it again) and a Python number as it is (``numbers``: kept in
+    the JSON record, which gives it back with its type, rather than as an array).
+    """
+    values, keys, numbers = {}, {}, {}
+    for k, x in flat.items():
+        if _is_number(x):
+            values[k] = numbers[k] = x
+        elif hasattr(x, "dtype") and hasattr(x, "shape"):
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                keys[k] = str(jax.random.key_impl(x))
+                x = jax.random.key_data(x)
+            values[k] = x
+        else:
+            raise CheckpointError(
+                f"Cannot checkpoint the {what}'s leaf '{k}': it is a {type(x).__name__}, and "
+                f"a checkpoint holds arrays, PRNG keys and Python numbers (bool, int, float). "
+                f"Keep other values out of the pytree (e.g. in a static field or a closure)."
+            )
+    return values, keys, numbers
+
+
+def _arrays(values: Mapping[str, Any], numbers: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: x for k, x in values.items() if k not in numbers}
+
+
+def _shared_nodes(adapted: PyTree) -> list[tuple[str, Any]]:
+    """``(path, node)`` of the adapter nodes with shared leaves (VeRA's, DVoRA's)."""
+    flat = jax.tree_util.tree_flatten_with_path(adapted, is_leaf=is_adapter)[0]
+    return [(path_str(p), x) for p, x in flat if is_adapter(x) and getattr(x, "shared", ())]
+
+
+# The sets of shared matrices of the last few trees, keyed like _FINGERPRINTS.
+_SHARED_SETS: list = []
+
+
+def _shared_sets(adapted: PyTree) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """VeRA's shared matrices, each distinct set once, and the set each node holds.
+
+    One wrap gives every node the same set (after ``device_put`` or ``jit`` each node may
+    hold its own copy of it, so sets are told apart by value: shape, dtype and checksum); a
+    tree merged from several wraps holds several sets.
+
+    Returns:
+      ``(sets, index)``: ``sets[i]`` maps field names to arrays, ``index[path]`` is the set
+      of the node at ``path``.
+    """
+    nodes = _shared_nodes(adapted)
+    fields = [(f"{p}/{name}", getattr(node, name)) for p, node in nodes for name in node.shared]
+    index = _cached(fields, _SHARED_SETS)
+    if index is None:
+        distinct = list({id(x): x for _, x in fields}.values())
+        sums = dict(zip(map(id, distinct), _leaf_checksums(distinct)))
+        kinds: list = []
+        index = {}
+        for p, node in nodes:
+            kind = tuple(
+                (name, tuple(np.shape(x)), str(x.dtype), sums[id(x)])
+                for name in node.shared
+                for x in [getattr(node, name)]
+            )
+            if kind not in kinds:
+                kinds.append(kind)
+            index[p] = kinds.index(kind)
+        _remember(fields, index, _SHARED_SETS)
+    sets: dict[int, dict[str, Any]] = {}
+    for p, node in nodes:
+        sets.setdefault(index[p], {name: getattr(node, name) for name in node.shared})
+    return [sets[i] for i in range(len(sets))], dict(index)
 
 
 def _json(value: Any) -> Any:
@@ -424,14 +537,31 @@ def _one_or_list(values):
 
 
 def _json_position(data_position: Any) -> Any:
-    """numpy / 0-d array scalars as Python numbers; refuses what JSON cannot hold."""
+    """``data_position`` as the JSON record gives it back: numpy and 0-d array scalars as
+    Python numbers; refuses what would come back different (a dict key that is not a
+    string, a tuple) or not at all (NaN, objects)."""
+
+    def refuse(reason: str):
+        raise TypeError(
+            f"data_position={data_position!r} cannot be stored in the checkpoint's JSON "
+            f"record: {reason}. Pass an int, a string or a small dict (string keys) / list "
+            f"of them (numpy scalars are fine: they come back as Python numbers)."
+        )
 
     def plain(x):
         if isinstance(x, (np.generic, jax.Array, np.ndarray)) and np.ndim(x) == 0:
             return np.asarray(x).item()
         if isinstance(x, Mapping):
-            return {str(k): plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
+            for k in x:
+                if not isinstance(k, str):
+                    refuse(
+                        f"the dict key {k!r} ({type(k).__name__}) would come back as the "
+                        f"string {json.dumps(str(k))}; use string keys"
+                    )
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, tuple):
+            refuse(f"the tuple {x!r} would come back as a list; pass a list")
+        if isinstance(x, list):
             return [plain(v) for v in x]
         return x
 
@@ -439,12 +569,10 @@ def _json_position(data_position: Any) -> Any:
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise TypeError(
-            f"data_position={data_position!r} cannot be stored in the checkpoint's JSON "
-            f"record ({e}). Pass an int, a string or a small dict/list of them (numpy "
-            f"scalars are fine)."
-        ) from None
-    return value
+        problem = str(e)
+    else:
+        return value
+    refuse(problem)
 
 
 def _release_failed_save(operations: set | None = None) -> None:
@@ -490,30 +618,41 @@ def save(
       adapted: the whole adapted tree (e.g. ``combine(frozen, trainable)``); its trainable
         leaves, VeRA's shared matrices and any non-parameter NNX state (BatchNorm
         statistics, RNG streams) are written, the base only fingerprinted.
-      opt_state: the optimiser state (any pytree of arrays).
+      opt_state: the optimiser state: a pytree of arrays, typed PRNG keys (e.g.
+        ``optax.add_noise``'s) and Python numbers, all restored as they were.
       key: the training RNG key (typed or raw); restored as it was. On several processes
         a key (or optimiser step count) held by one process's device is saved replicated:
         it must be equal on every process, as a key made from a shared seed is.
-      data_position: where the data stream is: an int, a string or a small dict/list of
-        them, numpy scalars included (checked now, so a bad value fails here).
+      data_position: where the data stream is: an int, a float, a string, or a small dict
+        (string keys) or list of them; numpy scalars are stored (and come back) as Python
+        numbers. Checked now: a value that JSON would give back changed (a tuple, an int
+        dict key) or not at all raises TypeError here.
       force: save even if the manager's save interval says otherwise.
 
-    A folder holds one run. A step the folder holds from another run, or one before its
-    latest step, is refused (orbax would skip it without a word, and a resume would load the
-    other run's step): after a rollback (:func:`restore` of an earlier step), delete the
-    later steps with :func:`delete_after` first. An asynchronous save still in flight when
-    the interpreter exits is waited for.
+    A folder holds one run. A manager that has not restored starts a new run, so it refuses
+    to save into a folder holding steps it did not write: restore the folder's latest step
+    to continue that run, or use another folder, or delete the old steps first with
+    ``delete_after(manager, -1)``. After a rollback (:func:`restore` of an earlier step),
+    the later steps must be deleted with :func:`delete_after` first; a step before the
+    folder's later steps is refused too (orbax would skip it without a word, and a resume
+    would load the other run's step). Evaluate an earlier step through a separate manager
+    (``manager(directory, read_only=True)``), not the training one: a restore through the
+    training manager makes it continue from the restored step. An asynchronous save still
+    in flight when the interpreter exits is waited for. A step whose save failed may be
+    saved again.
 
     Returns:
       True if the checkpoint was started; False, writing nothing, if this process saved or
       restored ``step`` already (or the manager's save interval skips it).
 
     Raises:
-      CheckpointError: the manager is read-only; the folder holds ``step`` or later steps
-        from another run; ``opt_state`` holds state for frozen leaves (the optimiser was
-        initialised on the whole adapted tree, so it moves the base); the base changed since
-        this process last saved or restored; or writing failed (the folder was removed or
-        is not writable). Earlier steps are unharmed.
+      CheckpointError: the manager is read-only; the folder holds steps of another run (or
+        of this run after the step it restored); ``opt_state`` holds state for frozen leaves
+        (the optimiser was initialised on the whole adapted tree, so it moves the base); the
+        base changed since this process last saved or restored; a leaf is not an array, a
+        PRNG key or a Python number; or writing failed (the folder was removed or is not
+        writable). Earlier steps are unharmed.
+      ValueError: ``adapted`` is one half of :func:`dora_jax.partition`.
 
     Example::
 
@@ -527,6 +666,7 @@ def save(
             f"dora_jax.checkpoint.manager(directory) in the one process that trains."
         )
     data_position = _json_position(data_position)
+    _check_whole(adapted, "dora_jax.checkpoint.save")
     run = _run(manager)
     if run.owns(int(step)):
         return False  # saved (or restored) by this process already
@@ -536,19 +676,18 @@ def save(
     state_paths = _state_paths(adapted)
     state = {"trainable": _nest(_flat(trainable))}
     opt_flat = _flat(opt_state)
-    if opt_flat:
-        state["opt_state"] = _nest(opt_flat)
-    shared = _shared(adapted)
-    if shared:
-        state["vera_shared"] = shared
+    opt_values, opt_keys, opt_numbers = _storable(opt_flat, "optimiser state")
+    if _arrays(opt_values, opt_numbers):
+        state["opt_state"] = _nest(_arrays(opt_values, opt_numbers))
+    shared_sets, shared_index = _shared_sets(adapted)
+    if len(shared_sets) == 1:  # one wrap: every node holds the same set, saved once
+        state["vera_shared"] = shared_sets[0]
+    elif shared_sets:
+        state["vera_shared"] = {str(i): arrays for i, arrays in enumerate(shared_sets)}
     mutable = {k: x for k, x in _flat(adapted).items() if k in state_paths}
-    mutable_keys = {}
-    for k, x in mutable.items():
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            mutable_keys[k] = str(jax.random.key_impl(x))
-            mutable[k] = jax.random.key_data(x)
-    if mutable:
-        state["model_state"] = _nest(mutable)
+    mutable, mutable_keys, mutable_numbers = _storable(mutable, "model state")
+    if _arrays(mutable, mutable_numbers):
+        state["model_state"] = _nest(_arrays(mutable, mutable_numbers))
     key_impl = None
     if key is not None:
         if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -556,6 +695,10 @@ def save(
             key = jax.random.key_data(key)
         state["rng"] = key
     state = _global(state)
+    # Sums of the very values written, taken on their devices (a few bytes come back, no
+    # copy of the arrays): restore compares them with what it reads.
+    saved_flat = _flat(state)
+    checksums = dict(zip(saved_flat, _leaf_checksums(list(saved_flat.values()))))
     adapters = _adapters(adapted)
     base = fingerprint(adapted)
     if run.base is not None and run.base[1] != base["sha256"]:
@@ -578,12 +721,21 @@ def save(
         "trainable": _shape_digest(_describe(_flat(trainable))),
         "opt_state": _shape_digest(_describe(opt_flat)),
         "opt_state_types": _shape_digest(_node_types(opt_state)),
+        "opt_state_keys": opt_keys,
+        "opt_state_numbers": opt_numbers,
         "model_state": _describe(mutable),
         "model_state_keys": mutable_keys,
+        "model_state_numbers": mutable_numbers,
         "key_impl": key_impl,
         "has_key": key is not None,
+        # Which set of shared matrices each node holds, when the tree holds several.
+        "vera_shared_nodes": shared_index if len(shared_sets) > 1 else None,
+        "checksums": checksums,
+        "run": run.id,
     }
     _remove_leftovers(manager)
+    if int(step) in run.failed:  # what this process's failed save of the step left
+        _delete_temporary(manager, int(step))
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     try:
         started = manager.save(int(step), args=args, force=force)
@@ -593,16 +745,20 @@ def save(
         raise  # the previous, background save failed (see _Manager)
     except Exception as e:
         _release_failed_save({_operation_id()})
+        _forget_failed_save(manager, e, int(step))
         raise CheckpointError(
             f"Saving {where} failed ({type(e).__name__}: {e}). Nothing was committed for "
             f"this step (or for one still being written, if the error is from it); earlier "
-            f"steps are intact. Check that the folder exists and is writable."
+            f"steps are intact. Check that the folder exists and is writable (and has "
+            f"space), then save the step again."
         ) from e
     run.operations.add(_operation_id())
     if started:
         run.saved.add(int(step))
+        run.failed.discard(int(step))
         run.base = (int(step), base["sha256"])
         if manager._options.enable_async_checkpointing:
+            run.pending = int(step)
             _PENDING.add(manager)
             if not _EXIT_HOOK:
                 _EXIT_HOOK.append(_finish_pending_saves)
@@ -630,49 +786,152 @@ def _global(state: PyTree) -> PyTree:
 
 
 def _check_new_step(manager: ocp.CheckpointManager, step: int) -> None:
-    """Refuses a save that would mix two runs in the folder: a step it holds from another
-    run, one before its latest step, or any step after a rollback while the abandoned
-    run's later steps are still there. orbax would skip such a save without a word (or
-    write it among the other run's steps), and a resume would load the other run's step."""
+    """Refuses a save that would mix two runs in the folder. orbax would skip such a save
+    without a word (or write it among the other run's steps), and a resume would load the
+    other run's step. A manager that has not restored starts a new run: it may save only
+    into a folder without steps it did not write. One that restored continues from that
+    step: the folder must not hold later steps than it (a rollback deletes them first), nor
+    steps after the one it saves."""
     run = _run(manager)
     steps = _steps_on_disk(manager)
+    _check_own_steps(manager, steps)
     foreign = [s for s in steps if not run.owns(s)]
-    stale = [s for s in foreign if run.restored is not None and s > run.restored]
-    if not stale and not (foreign and step <= max(foreign)):
+    if not foreign:
         return
-    if run.restored is not None:
-        how = (
-            f"This process restored step {run.restored}, so it continues from a rollback: "
-            f"delete the abandoned run's later steps {stale or foreign} first, "
-            f"dora_jax.checkpoint.delete_after(manager, {run.restored}), then save."
+    cannot = f"Cannot save step {step} in {manager.directory}"
+    if run.restored is None:
+        among = f" (step {step} among them)" if step in foreign else ""
+        raise CheckpointError(
+            f"{cannot}: the folder holds steps {foreign}{among}, which this manager did not "
+            f"save, and it has restored none, so it starts a new run. A folder holds one run: "
+            f"saving would mix two runs' steps, and a resume would load whichever is latest. "
+            f"To continue the run in the folder, restore its latest step first, "
+            f"dora_jax.checkpoint.restore(manager, adapted, opt_state). To start a new run, "
+            f"use another folder, or delete the old steps first: "
+            f"dora_jax.checkpoint.delete_after(manager, -1) deletes every step."
         )
-    else:
-        how = (
-            "To continue that run, restore its latest step first. To start a new run, use "
-            "another folder. To replace the later steps (a rollback), call "
-            "dora_jax.checkpoint.delete_after(manager, last_step_to_keep) first."
+    stale = [s for s in foreign if s > run.restored]
+    if stale:
+        own = [s for s in stale if s in run.before_restore]
+        others = [s for s in stale if s not in run.before_restore]
+        whose = "".join(
+            [
+                f"; this manager saved {own} itself, before that restore" if own else "",
+                f"; {others} were saved by another manager (this run before a restart, or "
+                f"another run)"
+                if others
+                else "",
+            ]
         )
-    what = (
-        f"holds step {step}"
-        if step in steps
-        else f"already holds later steps than step {step}"
-        if step <= max(foreign)
-        else f"holds steps {stale} after the restored step {run.restored}"
-    )
-    raise CheckpointError(
-        f"Cannot save step {step} in {manager.directory}: the folder {what} from another run "
-        f"(complete steps: {steps}); saving would mix two runs, and a resume would load the "
-        f"other run's latest step. {how}"
-    )
+        again = (
+            f"; to go on saving from the state you hold, restore the latest step "
+            f"{max(steps)} through this manager again (what it returns may be ignored)"
+            if own
+            else ""
+        )
+        raise CheckpointError(
+            f"{cannot}: the folder holds steps {stale} after step {run.restored}, the step "
+            f"this manager restored (complete steps: {steps}){whose}. A restore through the "
+            f"training manager makes the run continue from the restored step (a rollback): "
+            f"saving now would leave those later steps in the folder, and a resume would "
+            f"load them. To evaluate an earlier step while training, restore it through a "
+            f"separate manager, dora_jax.checkpoint.manager(directory, read_only=True), "
+            f"never the training one{again}. To roll back on purpose, delete the later steps "
+            f"first, dora_jax.checkpoint.delete_after(manager, {run.restored}) (it deletes "
+            f"steps {stale}), then save."
+        )
+    later = [s for s in foreign if s >= step]
+    if later:
+        raise CheckpointError(
+            f"{cannot}: the folder holds steps {later} of the run before step "
+            f"{run.restored}, the step this manager restored (complete steps: {steps}); "
+            f"saving step {step} would put it among them. Save steps after {run.restored}."
+        )
+
+
+def _check_own_steps(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Refuses to go on when a committed step this manager saved holds another manager's
+    record: two processes saved that step into the folder at the same time (both saw no
+    step there), and one of them lost its save. Each step is read once. Checked on one
+    process only: on several, the record is written by the first process alone."""
+    run = _run(manager)
+    if jax.process_count() > 1:
+        return
+    committed = set(_committed_steps(manager))
+    for step in sorted(set(steps) & run.saved & committed - run.verified):
+        try:
+            path = manager.directory / str(step) / "meta" / "metadata"
+            writer = json.loads(path.read_text()).get("run")
+        except (OSError, ValueError):
+            continue  # unreadable now (deleted meanwhile): restore reports a damaged step
+        if writer in (None, run.id):
+            run.verified.add(step)
+            continue
+        run.saved.discard(step)
+        raise CheckpointError(
+            f"Step {step} in {manager.directory}, which this manager saved, holds another "
+            f"manager's checkpoint: two processes (or two managers) are saving into this "
+            f"folder at the same time, and this one's save of step {step} was lost. A folder "
+            f"holds one run: stop the other writer, and give each run its own folder "
+            f"(complete steps now: {sorted(committed)})."
+        )
 
 
 def _steps_on_disk(manager: ocp.CheckpointManager) -> list[int]:
     """The folder's complete steps as they are now (another manager may have saved since
     this one listed them), read from the folder without touching the manager's own list
     (which also tracks its saves in flight)."""
+    return sorted(set(_committed_steps(manager)) | set(manager.all_steps()))
+
+
+def _committed_steps(manager: ocp.CheckpointManager) -> list[int]:
+    """The complete steps in the folder (none if it is not a folder)."""
     directory = manager.directory
-    on_disk = ocp.path.step.checkpoint_steps(directory) if directory.is_dir() else []
-    return sorted(set(on_disk) | set(manager.all_steps()))
+    try:
+        return ocp.path.step.checkpoint_steps(directory) if directory.is_dir() else []
+    except OSError:  # the folder went away while it was read
+        return []
+
+
+def _delete_temporary(manager: ocp.CheckpointManager, step: int) -> None:
+    """Deletes the temporary directory a failed save of ``step`` left (orbax names it
+    ``<step>.orbax-checkpoint-tmp...``), so that saving the step again can make it."""
+    try:
+        for path in manager.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            path.rmtree() if path.is_dir() else path.unlink()
+    except OSError:
+        pass  # the folder is unusable: saving again reports it
+
+
+def _caused_by(error: BaseException | None, kind: type) -> bool:
+    while error is not None:
+        if isinstance(error, kind):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _forget_failed_save(
+    manager: ocp.CheckpointManager, error: BaseException, step: int | None
+) -> int | None:
+    """Takes ``step``, whose save failed, out of the steps this run saved (unless it was
+    committed after all), so that saving it again writes it rather than return False, and
+    deletes what the failed save left in the folder (space, on a full disk). Returns the
+    step taken out, if any."""
+    if step is None or step in _committed_steps(manager):
+        return None
+    run = _run(manager)
+    run.saved.discard(step)
+    run.failed.add(step)
+    # A temporary directory that already existed (FileExistsError) is not this save's:
+    # another writer's save in flight, or what an earlier try left (deleted on retrying).
+    if not _caused_by(error, FileExistsError):
+        _delete_temporary(manager, step)
+    try:
+        manager.reload()  # orbax may list the failed step as saved
+    except Exception:  # noqa: BLE001 - the folder is unusable: saving again reports it
+        pass
+    return step
 
 
 def _operation_id() -> str | None:
@@ -736,6 +995,7 @@ def delete_after(manager: ocp.CheckpointManager, step: int) -> list[int]:
     For a rollback: restore ``step`` (e.g. before a loss spike), change what needs changing,
     delete the later steps, and continue saving from ``step + 1``. :func:`save` refuses to
     write a step that the folder holds from another run, or one before its latest step.
+    ``step=-1`` deletes every step: a new run that starts over in an old run's folder.
 
     Example::
 
@@ -752,6 +1012,7 @@ def delete_after(manager: ocp.CheckpointManager, step: int) -> list[int]:
     for s in later:
         manager.delete(s)
     _run(manager).saved -= set(later)
+    _run(manager).before_restore -= set(later)
     manager.reload()
     return later
 
@@ -817,15 +1078,23 @@ def restore(
       ``Restored(adapted, opt_state, step, key, data_position)``.
 
     Raises:
-      CheckpointError: no complete checkpoint, an unreadable one, or one saved for another
-        base model, adapter configuration or optimiser (the message names the first
-        difference).
+      CheckpointError: no complete checkpoint, an unreadable one, one whose arrays read back
+        differ from those saved (a damaged file: the message names the leaf), or one saved
+        for another base model, adapter configuration or optimiser (the message names the
+        first difference).
+      ValueError: ``adapted`` is one half of :func:`dora_jax.partition`.
+
+    A restore makes ``manager`` continue the run from the restored step: its next save
+    must come after it, and later steps in the folder are refused until deleted
+    (:func:`delete_after`, a rollback). To evaluate a step while training, restore it
+    through a separate ``manager(directory, read_only=True)``.
 
     Example::
 
       r = dora_jax.checkpoint.restore(manager, dora_jax.wrap(params, rank=16), tx.init(t))
       adapted, opt_state, step = r.adapted, r.opt_state, r.step
     """
+    _check_whole(adapted, "dora_jax.checkpoint.restore")
     manager.wait_until_finished()  # this manager's own save in flight is the latest step
     manager.reload()
     steps = list(manager.all_steps())
@@ -843,24 +1112,38 @@ def restore(
 
     _, trainable = partition(adapted)
     flat_t, flat_o = _flat(trainable), _flat(opt_state)
+    opt_values, opt_keys, opt_numbers = _storable(flat_o, "optimiser state")
     target = {"trainable": _nest({k: _abstract(x) for k, x in flat_t.items()})}
-    if flat_o:
-        target["opt_state"] = _nest({k: _abstract(x) for k, x in flat_o.items()})
-    shared = _shared(adapted)
-    if shared:
-        target["vera_shared"] = {k: _abstract(x) for k, x in shared.items()}
+    if _arrays(opt_values, opt_numbers):
+        target["opt_state"] = _nest(
+            {k: _abstract(x) for k, x in _arrays(opt_values, opt_numbers).items()}
+        )
+    shared_nodes = _shared_nodes(adapted)
+    shared_index = meta.get("vera_shared_nodes")
+    if shared_nodes and shared_index is None:  # one set, saved once
+        first = shared_nodes[0][1]
+        target["vera_shared"] = {k: _abstract(getattr(first, k)) for k in first.shared}
+    elif shared_nodes:  # several sets (a tree merged from several wraps)
+        missing = [p for p, _ in shared_nodes if p not in shared_index]
+        if missing:
+            raise CheckpointError(
+                f"Checkpoint step {step} in {manager.directory} records no shared matrices for "
+                f"the template's nodes {missing[:4]}: it is corrupt or was edited; restore "
+                f"another step (complete steps: {steps})."
+            )
+        holders: dict[int, Any] = {}
+        for p, node in shared_nodes:
+            holders.setdefault(shared_index[p], node)
+        target["vera_shared"] = {
+            str(i): {k: _abstract(getattr(node, k)) for k in node.shared}
+            for i, node in holders.items()
+        }
     state_paths = _state_paths(adapted)
     mutable = {k: x for k, x in _flat(adapted).items() if k in state_paths}
-    if mutable:
+    mutable_values, _, mutable_numbers = _storable(mutable, "model state")
+    if _arrays(mutable_values, mutable_numbers):
         target["model_state"] = _nest(
-            {
-                k: _abstract(
-                    jax.random.key_data(x)
-                    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-                    else x
-                )
-                for k, x in mutable.items()
-            }
+            {k: _abstract(x) for k, x in _arrays(mutable_values, mutable_numbers).items()}
         )
     if meta["has_key"]:
         # Key data is tiny: restore it replicated on the devices of the first trainable leaf.
@@ -880,44 +1163,101 @@ def restore(
             f"({type(e).__name__}: {e}). It is corrupt or incomplete; restore another step "
             f"(complete steps: {steps}) or delete it."
         ) from e
+    _verify(meta, state, manager, step, steps)
 
     values = _unnest(state["trainable"])
     trainable = jax.tree.unflatten(
         jax.tree.structure(trainable), [_like(values[k], flat_t[k]) for k in flat_t]
     )
     adapted = _combine_trainable(adapted, trainable)
-    if shared:
-        restored_shared = {k: _like(x, shared[k]) for k, x in state["vera_shared"].items()}
-        adapted = jax.tree.map(
-            lambda x: (
-                dataclasses.replace(x, **restored_shared)
-                if is_adapter(x) and getattr(x, "shared", ())
-                else x
-            ),
-            adapted,
-            is_leaf=is_adapter,
-        )
+    if shared_nodes:
+        saved_sets = state["vera_shared"]
+        if shared_index is None:
+            saved_sets, shared_index = {"0": saved_sets}, {p: 0 for p, _ in shared_nodes}
+        restored_sets = {}
+        for p, node in shared_nodes:  # one array per set, shared again by its nodes
+            i = shared_index[p]
+            if i not in restored_sets:
+                restored_sets[i] = {
+                    k: _like(x, getattr(node, k)) for k, x in saved_sets[str(i)].items()
+                }
+
+        def put_shared(path, x):
+            if is_adapter(x) and getattr(x, "shared", ()):
+                return dataclasses.replace(x, **restored_sets[shared_index[path_str(path)]])
+            return x
+
+        adapted = jax.tree_util.tree_map_with_path(put_shared, adapted, is_leaf=is_adapter)
     if mutable:
-        values = {k: _like(x, mutable[k]) for k, x in _unnest(state["model_state"]).items()}
-        for k, impl in meta["model_state_keys"].items():
-            values[k] = jax.random.wrap_key_data(values[k], impl=impl)
+        values = _unnest(state.get("model_state", {}))
+        numbers = meta.get("model_state_numbers", {})
+        leaves = {}
+        for k in mutable:
+            if k in mutable_numbers:
+                leaves[k] = _saved_number(numbers, k, "model state", manager, step)
+                continue
+            value = _like(values[k], mutable_values[k])
+            if k in meta["model_state_keys"]:
+                value = jax.random.wrap_key_data(value, impl=meta["model_state_keys"][k])
+            leaves[k] = value
         paths, treedef = jax.tree_util.tree_flatten_with_path(adapted)
-        leaves = [values.get(path_str(p), x) for p, x in paths]
-        adapted = jax.tree.unflatten(treedef, leaves)
+        adapted = jax.tree.unflatten(treedef, [leaves.get(path_str(p), x) for p, x in paths])
     if flat_o:
-        values = _unnest(state["opt_state"])
-        opt_state = jax.tree.unflatten(
-            jax.tree.structure(opt_state), [_like(values[k], flat_o[k]) for k in flat_o]
-        )
+        values = _unnest(state.get("opt_state", {}))
+        numbers, impls = meta.get("opt_state_numbers", {}), meta.get("opt_state_keys", {})
+        leaves = []
+        for k in flat_o:
+            if k in opt_numbers:
+                leaves.append(_saved_number(numbers, k, "optimiser state", manager, step))
+                continue
+            value = _like(values[k], opt_values[k])
+            if k in opt_keys:
+                value = jax.random.wrap_key_data(value, impl=impls.get(k, opt_keys[k]))
+            leaves.append(value)
+        opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), leaves)
     key = None
     if meta["has_key"]:
         key = _like(state["rng"], next(iter(flat_t.values())))
         if meta["key_impl"] is not None:
             key = jax.random.wrap_key_data(key, impl=meta["key_impl"])
     run = _run(manager)
-    run.restored, run.saved = int(step), set()  # steps saved before belong to the run left
+    run.before_restore |= run.saved  # still this manager's, for clearer messages
+    run.restored, run.saved = int(step), set()
     run.base = (int(step), meta["base"]["sha256"])
     return Restored(adapted, opt_state, int(step), key, meta["data_position"])
+
+
+def _saved_number(numbers: Mapping, k: str, what: str, manager, step) -> Any:
+    """A Python number leaf from the record (not an array: it keeps its type)."""
+    if k not in numbers:
+        raise CheckpointError(
+            f"Checkpoint step {step} in {manager.directory} records no value for the {what}'s "
+            f"number '{k}': it is corrupt or was edited; restore another step (complete "
+            f"steps: {list(manager.all_steps())})."
+        )
+    return numbers[k]
+
+
+def _verify(meta: dict, state: PyTree, manager, step: int, steps: list) -> None:
+    """Refuses arrays that read back other than they were saved: a damaged file. orbax
+    reads a flipped bit in a data file without an error."""
+    saved = meta.get("checksums")
+    if saved is None:  # written before the record held checksums: nothing to compare
+        return
+    flat = _unnest(state)
+    found = dict(zip(flat, _leaf_checksums(list(flat.values()))))
+    bad = [k for k, s in found.items() if saved.get(k) != s]
+    if bad:
+        others = f" (and {len(bad) - 1} more: {bad[1:4]})" if len(bad) > 1 else ""
+        earlier = [s for s in steps if s < step]
+        raise CheckpointError(
+            f"Checkpoint step {step} in {manager.directory} is damaged: the values of "
+            f"'{bad[0]}'{others} read back differ from those saved (checksum "
+            f"{found[bad[0]]}, saved {saved.get(bad[0])}). A file was changed after the "
+            f"save (disk, copy or transfer error). Restore an earlier step instead "
+            f"(restore(manager, adapted, opt_state, step=...); earlier complete steps: "
+            f"{earlier}), and delete this one."
+        )
 
 
 def _like(value: jax.Array, template: Any) -> jax.Array:
@@ -1012,9 +1352,7 @@ def _check(meta: dict, adapted, opt_state, manager, step) -> None:
         )
     state_paths = _state_paths(adapted)
     mutable = {k: x for k, x in _flat(adapted).items() if k in state_paths}
-    for k, x in mutable.items():
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            mutable[k] = jax.random.key_data(x)
+    mutable = _storable(mutable, "model state")[0]  # keys as their data, as saved
     if meta["model_state"] != _json(_describe(mutable)):
         raise CheckpointError(
             f"{where}: the model's non-parameter state (BatchNorm statistics, RNG streams: "

@@ -2,8 +2,10 @@
 subprocesses: killed, resharded, failing saves, are in tests/e2e/test_checkpoint.py)."""
 
 import dataclasses
+import errno
 import json
 import shutil
+from typing import NamedTuple
 
 import chex
 import jax
@@ -269,8 +271,9 @@ def test_an_evaluator_never_deletes_a_save_in_flight(tmp_path):
     assert in_flight.exists()
     with pytest.raises(checkpoint.CheckpointError, match="read-only"):
         checkpoint.save(checkpoint.manager(tmp_path, read_only=True), 3, adapted, opt_state)
-    # A restarted writer's first save clears what the killed run left.
+    # A restarted writer (it resumes: restores, then saves) clears what the killed run left.
     writer = checkpoint.manager(tmp_path, async_save=False)
+    assert checkpoint.restore(writer, adapted, opt_state).step == 1
     assert checkpoint.save(writer, 3, adapted, opt_state)
     assert not in_flight.exists()
 
@@ -287,6 +290,11 @@ def test_data_position_numpy_scalars_and_refusal_at_save_time(tmp_path):
     }
     with pytest.raises(TypeError, match="data_position=.*cannot be stored"):
         checkpoint.save(manager, 3, adapted, opt_state, data_position=object())
+    # JSON would give these back changed ({"0": 10}, [3, 4]): refused, never converted.
+    with pytest.raises(TypeError, match=r"dict key 0 \(int\) would come back as the string"):
+        checkpoint.save(manager, 3, adapted, opt_state, data_position={0: 10})
+    with pytest.raises(TypeError, match=r"tuple \(3, 4\) would come back as a list"):
+        checkpoint.save(manager, 3, adapted, opt_state, data_position={"shard": (3, 4)})
     assert list(manager.all_steps()) == [1, 2]
 
 
@@ -428,7 +436,9 @@ def test_a_rollback_must_delete_the_later_steps_before_saving(tmp_path):
     manager = checkpoint.manager(tmp_path, async_save=False)
     assert checkpoint.restore(manager, adapted, opt_state, step=2).step == 2
     with pytest.raises(
-        checkpoint.CheckpointError, match=r"holds step 3 .*delete_after\(manager, 2\)"
+        checkpoint.CheckpointError,
+        match=r"holds steps \[3, 4\] after step 2, the step this manager restored.*saved by "
+        r"another manager.*delete_after\(manager, 2\)",
     ):
         checkpoint.save(manager, 3, adapted, opt_state, data_position="rolled back")
     assert checkpoint.delete_after(manager, 2) == [3, 4]
@@ -441,8 +451,12 @@ def test_a_rollback_must_delete_the_later_steps_before_saving(tmp_path):
 def test_a_rollback_within_one_process_must_delete_the_later_steps(tmp_path):
     manager, adapted, opt_state = _adam_run(tmp_path, [1, 2, 3, 4, 5])
     assert checkpoint.restore(manager, adapted, opt_state, step=3).step == 3
-    for step, message in ((4, "holds step 4"), (6, r"holds steps \[4, 5\] after the restored")):
-        with pytest.raises(checkpoint.CheckpointError, match=message):
+    for step in (4, 6):
+        with pytest.raises(
+            checkpoint.CheckpointError,
+            match=r"holds steps \[4, 5\] after step 3.*this manager saved \[4, 5\] itself.*"
+            r"delete_after\(manager, 3\)",
+        ):
             checkpoint.save(manager, step, adapted, opt_state)
     assert checkpoint.delete_after(manager, 3) == [4, 5]
     assert checkpoint.save(manager, 4, adapted, opt_state, data_position="second")
@@ -453,7 +467,7 @@ def test_a_second_manager_on_the_folder_does_not_overwrite_a_step(tmp_path):
     first, adapted, opt_state = _adam_run(tmp_path, [1])
     second = checkpoint.manager(tmp_path, async_save=False)  # lists the folder now
     assert checkpoint.save(first, 2, adapted, opt_state, data_position="first")
-    with pytest.raises(checkpoint.CheckpointError, match="holds step 2"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"\(step 2 among them\)"):
         checkpoint.save(second, 2, adapted, opt_state, data_position="second")
     assert checkpoint.restore(first, adapted, opt_state).data_position == "first"
 
@@ -476,16 +490,57 @@ def test_a_failed_save_does_not_cancel_another_managers_save(tmp_path):
 
 
 def test_a_new_run_in_an_old_runs_folder_is_refused(tmp_path):
-    _adam_run(tmp_path, [4, 5])
-    with pytest.raises(
-        checkpoint.CheckpointError, match=r"later steps than step 1 .*another folder"
-    ):
-        _adam_run(tmp_path, [1], position="second run")
-    with pytest.raises(checkpoint.CheckpointError, match=r"holds step 5"):
-        _adam_run(tmp_path, [5], position="second run")
-    # Continuing after the folder's latest step is a resume: allowed.
-    _adam_run(tmp_path, [6], position="second run")
-    assert checkpoint.manager(tmp_path).all_steps() == [4, 5, 6]
+    _, adapted, opt_state = _adam_run(tmp_path, [4, 5])
+    # A manager that has not restored starts a new run: any step, even one after the old
+    # run's latest, would mix two runs (and a resume would load whichever is latest).
+    for step in (1, 5, 6):
+        with pytest.raises(
+            checkpoint.CheckpointError,
+            match=r"holds steps \[4, 5\].*which this manager did not save.*restore its latest "
+            r"step first.*another folder.*delete_after\(manager, -1\)",
+        ):
+            _adam_run(tmp_path, [step], position="second run")
+    assert checkpoint.manager(tmp_path).all_steps() == [4, 5]
+    # Continuing the run: restore, then save after its latest step.
+    resumed = checkpoint.manager(tmp_path, async_save=False)
+    assert checkpoint.restore(resumed, adapted, opt_state).step == 5
+    assert checkpoint.save(resumed, 6, adapted, opt_state, data_position="resumed")
+    # Starting over on purpose: delete every old step first.
+    fresh = checkpoint.manager(tmp_path, async_save=False)
+    assert checkpoint.delete_after(fresh, -1) == [4, 5, 6]
+    assert checkpoint.save(fresh, 1, adapted, opt_state, data_position="second run")
+    restored = checkpoint.restore(checkpoint.manager(tmp_path), adapted, opt_state)
+    assert (restored.step, restored.data_position) == (1, "second run")
+    assert checkpoint.manager(tmp_path).all_steps() == [1]
+
+
+def test_two_runs_saving_into_one_folder_are_refused(tmp_path):
+    # Two managers (two processes), neither restored, on interleaved schedules: the second
+    # writer's first save is refused, and every step in the folder is the first run's.
+    adapted = _wrap(_dense())
+    frozen, trainable = dora_jax.partition(adapted)
+    opt_state = optax.adam(1e-3).init(trainable)
+    first = checkpoint.manager(tmp_path, async_save=False)
+    second = checkpoint.manager(tmp_path, async_save=False)
+
+    def state(run, step):
+        return dora_jax.combine(frozen, jax.tree.map(lambda x: x + 100 * run + step, trainable))
+
+    for step, (run, manager) in [(10, (1, first)), (15, (2, second)), (20, (1, first)),
+                                 (25, (2, second)), (30, (1, first))]:  # fmt: skip
+        if run == 1:
+            assert checkpoint.save(manager, step, state(run, step), opt_state, data_position=run)
+        else:
+            with pytest.raises(checkpoint.CheckpointError, match="did not save"):
+                checkpoint.save(manager, step, state(run, step), opt_state, data_position=run)
+    reader = checkpoint.manager(tmp_path, read_only=True)
+    assert reader.all_steps() == [10, 20, 30]
+    for step in reader.all_steps():
+        restored = checkpoint.restore(reader, adapted, opt_state, step=step)
+        assert restored.data_position == 1
+        _assert_trees_equal(
+            dora_jax.partition(restored.adapted)[1], dora_jax.partition(state(1, step))[1]
+        )
 
 
 def test_an_optimiser_of_the_whole_adapted_tree_is_refused_at_save(tmp_path):
@@ -581,3 +636,249 @@ def test_flax_serialization_round_trips_adapted_trees(method):
     if method == "lora":
         with pytest.raises(ValueError, match=r"restore a LoRA with fields \['a', 'b', 'base'\]"):
             serialization.from_bytes(adapted, serialization.to_bytes(dora_jax.wrap(params, rank=2)))
+
+
+def test_a_step_another_process_saved_at_the_same_time_is_reported(tmp_path):
+    # Two processes start in one empty folder at once: both find no step, both save step
+    # 1, and one save wins. Here the other process's record stands in for the winner's.
+    manager, adapted, opt_state = _adam_run(tmp_path, [1])
+    path = tmp_path / "1" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    meta["run"] = "another process"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"Step 1 in .*, which this manager saved, holds another manager's checkpoint: "
+        r"two processes",
+    ):
+        checkpoint.save(manager, 2, adapted, opt_state)
+    with pytest.raises(checkpoint.CheckpointError, match="did not save"):
+        checkpoint.save(manager, 2, adapted, opt_state)
+
+
+def test_evaluating_an_earlier_step_goes_through_a_separate_manager(tmp_path):
+    trainer, adapted, opt_state = _adam_run(tmp_path, [10, 20])
+    # Restoring step 10 through the training manager makes it continue from step 10. The
+    # error says step 20 is this run's own, and how to go on without deleting it.
+    assert checkpoint.restore(trainer, adapted, opt_state, step=10).step == 10
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"holds steps \[20\] after step 10, the step this manager restored.*this manager "
+        r"saved \[20\] itself, before that restore.*read_only=True.*restore the latest step 20 "
+        r"through this manager again",
+    ) as refused:
+        checkpoint.save(trainer, 30, adapted, opt_state)
+    assert "another run" not in str(refused.value)
+    assert checkpoint.restore(trainer, adapted, opt_state).step == 20
+    # An evaluator's manager restores any step without changing what the trainer continues.
+    evaluator = checkpoint.manager(tmp_path, read_only=True)
+    assert checkpoint.restore(evaluator, adapted, opt_state, step=10).step == 10
+    assert checkpoint.save(trainer, 30, adapted, opt_state, data_position="thirty")
+    assert checkpoint.manager(tmp_path).all_steps() == [10, 20, 30]
+
+
+def test_restore_given_one_half_of_a_partition_is_a_clear_error(tmp_path):
+    manager, adapted, opt_state = _adam_run(tmp_path, [1])
+    frozen, trainable = dora_jax.partition(adapted)
+    for half, name in ((frozen, "frozen"), (trainable, "trainable")):
+        with pytest.raises(
+            ValueError,
+            match=rf"restore got the {name} half of dora_jax.partition.*Pass the whole tree, "
+            r"dora_jax.combine\(frozen, trainable\)",
+        ):
+            checkpoint.restore(manager, half, opt_state)
+
+
+# --- what is saved comes back, or an error says why not -----------------------------------
+
+
+def _distinct(tree, step):
+    """``tree`` with random float32 leaves for ``step`` (|x| < 2, random bits: orbax stores
+    them as they are, uncompressed) and its integer leaves moved by ``step``."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(step), len(leaves))
+
+    def change(x, key):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x + step
+        bits = jax.random.bits(key, x.shape, jnp.uint32) & jnp.uint32(0xBFFFFFFF)
+        return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(x.dtype)
+
+    return jax.tree.unflatten(treedef, [change(x, k) for x, k in zip(leaves, keys)])
+
+
+def _flip_a_bit_of(directory, array):
+    """Flips one bit in the bytes of ``array`` in every file under ``directory`` that holds
+    them (orbax stores random bits as they are)."""
+    needle = np.asarray(array).tobytes()
+    hits = 0
+    for f in directory.rglob("*"):
+        data = bytearray(f.read_bytes()) if f.is_file() else bytearray()
+        at = data.find(needle)
+        if at >= 0:
+            data[at + len(needle) // 2] ^= 0x01
+            f.write_bytes(bytes(data))
+            hits += 1
+    assert hits, "no file holds the array's bytes"
+
+
+def test_a_damaged_array_file_is_refused_naming_the_leaf(tmp_path):
+    # A (64, 4) factor is large enough to sit in an OCDBT data file, which has no checksum
+    # of its own (smaller values sit in its b-tree nodes, which do).
+    params = {"first": {"kernel": jax.random.normal(jax.random.key(0), (64, 16))},
+              "second": {"kernel": jax.random.normal(jax.random.key(1), (16, 8))}}  # fmt: skip
+    adapted = dora_jax.wrap(params, rank=4)
+    frozen, trainable = dora_jax.partition(adapted)
+    template = optax.adam(1e-3).init(trainable)
+    manager = checkpoint.manager(tmp_path)  # asynchronous: sums of what the background writes
+    saved = {step: (_distinct(trainable, step), _distinct(template, step)) for step in (1, 2)}
+    for step, (t, o) in saved.items():
+        assert checkpoint.save(manager, step, dora_jax.combine(frozen, t), o)
+    manager.wait_until_finished()
+
+    _flip_a_bit_of(tmp_path / "2", saved[2][0]["first"]["kernel"].a)
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"step 2 .* is damaged: the values of 'trainable/first/kernel/a' read back differ"
+        r".*Restore an earlier step.*earlier complete steps: \[1\]",
+    ):
+        checkpoint.restore(checkpoint.manager(tmp_path), adapted, template)
+    restored = checkpoint.restore(checkpoint.manager(tmp_path), adapted, template, step=1)
+    _assert_trees_equal(dora_jax.partition(restored.adapted)[1], saved[1][0])
+    _assert_trees_equal(restored.opt_state, saved[1][1])
+
+    # A checkpoint written before the record held checksums restores unchecked.
+    path = tmp_path / "1" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    for k in ("checksums", "opt_state_keys", "opt_state_numbers", "model_state_numbers",
+              "vera_shared_nodes"):  # fmt: skip
+        del meta[k]
+    path.write_text(json.dumps(meta))
+    restored = checkpoint.restore(checkpoint.manager(tmp_path), adapted, template, step=1)
+    _assert_trees_equal(dora_jax.partition(restored.adapted)[1], saved[1][0])
+    _assert_trees_equal(restored.opt_state, saved[1][1])
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_step_whose_save_failed_is_written_when_saved_again(tmp_path, monkeypatch, async_save):
+    # The disk is full when step 2 commits: its files are written, the commit fails.
+    from orbax.checkpoint._src.path import atomicity
+
+    commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def full_disk(self):
+        if self.get_final().name == "2":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await commit(self)
+
+    adapted = _wrap(_dense())
+    frozen, trainable = dora_jax.partition(adapted)
+    opt_state = optax.adam(1e-3).init(trainable)
+    manager = checkpoint.manager(tmp_path, async_save=async_save)
+    assert checkpoint.save(manager, 1, adapted, opt_state, data_position="one")
+    manager.wait_until_finished()
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
+        checkpoint.save(manager, 2, adapted, opt_state, data_position="lost")
+        manager.wait_until_finished()
+    assert not list(tmp_path.glob("2.orbax-checkpoint-tmp*"))  # its leftovers are deleted
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", commit)  # space freed
+
+    trained, moved = _distinct(trainable, 2), _distinct(opt_state, 2)
+    assert checkpoint.save(manager, 2, dora_jax.combine(frozen, trained), moved,
+                           data_position="two")  # fmt: skip
+    manager.wait_until_finished()
+    restored = checkpoint.restore(checkpoint.manager(tmp_path), adapted, opt_state)
+    assert (restored.step, restored.data_position) == (2, "two")
+    _assert_trees_equal(dora_jax.partition(restored.adapted)[1], trained)
+    _assert_trees_equal(restored.opt_state, moved)
+
+
+class _Counted(NamedTuple):
+    """An optimiser state with a typed key and a plain Python counter."""
+
+    key: jax.Array
+    calls: int
+
+
+def _assert_states_equal(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        if isinstance(b, (bool, int, float)):
+            assert type(a) is type(b) and a == b
+            continue
+        assert a.dtype == b.dtype
+        if jax.dtypes.issubdtype(b.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_optimiser_state_keys_and_python_numbers_round_trip(tmp_path):
+    adapted = _wrap(_dense())
+    trainable = dora_jax.partition(adapted)[1]
+    tx = optax.noisy_sgd(1e-2, key=0)  # optax.add_noise keeps a typed PRNG key
+    opt_state = tx.init(trainable)
+    for _ in range(2):
+        _, opt_state = tx.update(jax.tree.map(jnp.ones_like, trainable), opt_state, trainable)
+    state = (opt_state, _Counted(jax.random.key(3), 5))
+    assert any(jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+               for x in jax.tree.leaves(opt_state))  # fmt: skip
+    manager = checkpoint.manager(tmp_path, async_save=False)
+    assert checkpoint.save(manager, 1, adapted, state)
+    # Templates made eagerly and under jit (committed), with other key and counter values.
+    for init in (tx.init, jax.jit(tx.init)):
+        template = (init(trainable), _Counted(jax.random.key(4), 0))
+        _assert_states_equal(checkpoint.restore(manager, adapted, template).opt_state, state)
+    with pytest.raises(checkpoint.CheckpointError, match=r"leaf '1': it is a str"):
+        checkpoint.save(manager, 2, adapted, (opt_state, "adam"))
+
+
+def _two_wraps(params, key):
+    """A VeRA tree merged from two wraps: each half holds its own shared matrices."""
+    first = dora_jax.wrap({"first": params["first"]}, rank=4, method="vera", key=key)
+    second = dora_jax.wrap({"second": params["second"]}, rank=4, method="vera",
+                           key=jax.random.fold_in(key, 1))  # fmt: skip
+    return {**first, **second}
+
+
+def test_vera_trees_merged_from_several_wraps_restore_each_nodes_matrices(tmp_path):
+    k1, k2 = jax.random.split(jax.random.key(5))
+    params = {name: {"kernel": jax.random.normal(k, (8, 6))}
+              for name, k in (("first", k1), ("second", k2))}  # fmt: skip
+    adapted = _two_wraps(params, jax.random.key(0))
+    frozen, trainable = dora_jax.partition(adapted)
+    adapted = dora_jax.combine(frozen, _distinct(trainable, 1))
+    first, second = adapted["first"]["kernel"], adapted["second"]["kernel"]
+    assert first.shared_a.shape == second.shared_a.shape
+    assert not np.array_equal(first.shared_a, second.shared_a)
+    manager, opt_state = _save(tmp_path / "two", adapted)
+
+    template = _two_wraps(params, jax.random.key(1))  # other shared matrices: the saved win
+    restored = checkpoint.restore(manager, template, opt_state).adapted
+    for name in ("first", "second"):
+        got, want = restored[name]["kernel"], adapted[name]["kernel"]
+        np.testing.assert_array_equal(got.shared_a, want.shared_a, err_msg=name)
+        np.testing.assert_array_equal(got.shared_b, want.shared_b, err_msg=name)
+    _assert_trees_equal(dora_jax.merge(restored), dora_jax.merge(adapted))
+
+    # One wrap whose nodes hold copies of one set (after device_put or jit): saved once.
+    copies = jax.tree.map(jnp.copy, dora_jax.wrap(params, rank=4, method="vera"))
+    manager, _ = _save(tmp_path / "one", copies)
+    assert set(manager.item_metadata(1)["state"]["vera_shared"]) == {"shared_a", "shared_b"}
+
+
+def test_flax_serialization_refuses_a_template_of_another_rank_or_dtype():
+    from flax import serialization
+
+    params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (8, 4))}}
+    blob = serialization.to_bytes(dora_jax.wrap(params, rank=2))
+    for template, target in (
+        (dora_jax.wrap(params, rank=4), r"\(8, 4\) float32"),
+        (dora_jax.wrap(params, rank=2, dtype=jnp.bfloat16), r"\(8, 2\) bfloat16"),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=rf"field 'a' of a DoRA: the state holds shape \(8, 2\) float32, the target "
+            rf"{target}. Wrap the template with the settings the state was saved with",
+        ):
+            serialization.from_bytes(template, blob)

@@ -232,20 +232,35 @@ try:
     print("NO ERROR")
 except checkpoint.CheckpointError as e:
     print("CLEAR ERROR", e)
+    # The folder is usable again: the steps that failed are saved when saved again.
+    {fix_folder}
+    trained = jax.tree.map(lambda x: x + 1, opt_state)
+    for step in (1, 2):
+        assert checkpoint.save(manager, step, adapted, trained, data_position=step), step
+    manager.wait_until_finished()
+    reader = checkpoint.manager(folder, read_only=True)
+    for step in (1, 2):
+        r = checkpoint.restore(reader, adapted, opt_state, step=step)
+        assert r.data_position == step
+        for got, want in zip(jax.tree.leaves(r.opt_state), jax.tree.leaves(trained)):
+            assert (got == want).all()
+    print("SAVED AGAIN", reader.all_steps())
 """
 
 
 @pytest.mark.parametrize(
-    "break_folder",
+    "break_folder, fix_folder",
     [
-        "open(folder, 'w').write('not a folder')",  # what a removed mount leaves
-        "os.makedirs(folder); os.chmod(folder, 0o500)",  # read-only (when not root)
+        # what a removed mount leaves
+        ("open(folder, 'w').write('not a folder')", "os.remove(folder); os.makedirs(folder)"),
+        # read-only (when not root)
+        ("os.makedirs(folder); os.chmod(folder, 0o500)", "os.chmod(folder, 0o700)"),
     ],
 )
 @pytest.mark.e2e
-def test_a_failed_async_save_raises_and_the_process_exits(tmp_path, break_folder):
+def test_a_failed_async_save_raises_and_the_process_exits(tmp_path, break_folder, fix_folder):
     folder = tmp_path / "run"
-    code = _FAILED_SAVE.format(break_folder=break_folder)
+    code = _FAILED_SAVE.format(break_folder=break_folder, fix_folder=fix_folder)
     proc = subprocess.run(
         [sys.executable, "-c", code, str(folder)],
         capture_output=True,
@@ -259,6 +274,7 @@ def test_a_failed_async_save_raises_and_the_process_exits(tmp_path, break_folder
     else:
         assert "CLEAR ERROR" in proc.stdout, proc.stdout + proc.stderr[-2000:]
         assert "folder exists and is writable" in proc.stdout
+        assert "SAVED AGAIN [1, 2]" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 
 # --- a trainer killed while an evaluator reads (two processes) -----------------------------
