@@ -63,14 +63,17 @@ class _Probe:
     """A kernel followed by :func:`infer_axes`: a stand-in value and where its axes came from.
 
     ``origin[k]`` is the original kernel axis of axis ``k`` of ``value``; ``scanned`` lists
-    original axes already sliced off by enclosing scans (stack axes).
+    original axes already sliced off by enclosing scans (stack axes); ``via`` the slices
+    taken of it on the way (named with the use that leaves it unread, if any).
     """
 
-    def __init__(self, value, index: int, origin: tuple[int, ...], scanned: tuple[int, ...]):
+    def __init__(self, value, index: int, origin: tuple[int, ...], scanned: tuple[int, ...],
+                 via: tuple[str, ...] = ()):  # fmt: skip
         self.value, self.index, self.origin, self.scanned = value, index, origin, scanned
+        self.via = via
 
     def tree_flatten(self):
-        return (self.value,), (self.index, self.origin, self.scanned)
+        return (self.value,), (self.index, self.origin, self.scanned, self.via)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -188,7 +191,7 @@ def _stand_in(view: _View):
 
 def _materialise(view: _View, ctx: _Context, why: str) -> jax.Array:
     if ctx.probing:
-        ctx.unread.setdefault(view.node.index, set()).add(why)
+        ctx.unread.setdefault(view.node.index, set()).update((why, *view.node.via))
         return _stand_in(view)
     if ctx.strict:
         raise ValueError(
@@ -366,7 +369,7 @@ def _slice_rule(eqn, invals, ctx):
         for d, (start, stop) in enumerate(zip(p["start_indices"], p["limit_indices"]))
         if (start, stop) != (0, shape[d])
     }
-    return _cut_view(view, cuts)
+    return _cut_view(view, cuts, op="slice")
 
 
 @_rule("dynamic_slice")
@@ -381,17 +384,19 @@ def _dynamic_slice_rule(eqn, invals, ctx):
         for d, (start, size) in enumerate(zip(starts, eqn.params["slice_sizes"]))
         if size != shape[d]
     }
-    return _cut_view(view, cuts)
+    return _cut_view(view, cuts, op="dynamic_slice")
 
 
-def _cut_view(view: _View, cuts: dict, *, whole: bool = False) -> list | None:
+def _cut_view(view: _View, cuts: dict, *, whole: bool = False, op: str | None = None):
     """``[view]`` with program axis ``d`` cut by ``cuts[d](x, axis)`` in every field that
-    holds it; None when the node cannot be cut there (see :func:`_cut_fields`)."""
+    holds it; None when the node cannot be cut there (see :func:`_cut_fields`). ``op``: the
+    slice's name, which a probe keeps (:class:`_Probe`)."""
     node = view.node
     for d, cut in cuts.items():
         axis = view.axes[d]
         if isinstance(node, _Probe):
-            node = _Probe(cut(node.value, axis), node.index, node.origin, node.scanned)
+            via = node.via if op is None or op in node.via else (*node.via, op)
+            node = _Probe(cut(node.value, axis), node.index, node.origin, node.scanned, via)
             continue
         fields = _cut_fields(node, axis, cut, whole=whole)
         if fields is None:
@@ -421,7 +426,8 @@ def _squeeze_rule(eqn, invals, ctx):
         axes = [a - (a > axis) for a in axes]
         if isinstance(node, _Probe):
             origin = node.origin[:axis] + node.origin[axis + 1 :]
-            node = _Probe(jnp.squeeze(node.value, axis), node.index, origin, node.scanned)
+            node = _Probe(jnp.squeeze(node.value, axis), node.index, origin, node.scanned,
+                          node.via)  # fmt: skip
             continue
         if node.outputs == (axis,):
             return None  # its only output axis: no kernel left
@@ -510,7 +516,7 @@ def _scannable(view: _View):
     axis, node = view.axes[0], view.node
     if isinstance(node, _Probe):
         value = jnp.moveaxis(node.value, axis, 0)
-        return _Probe(value, node.index, node.origin, node.scanned), {}
+        return _Probe(value, node.index, node.origin, node.scanned, node.via), {}
     if axis not in node.stack:
         return None
     sliced, shared = _split_shared(node)
@@ -535,7 +541,7 @@ def _sliced_view(view: _View, sliced, shared) -> _View:
         probe = view.node
         scanned = (*probe.scanned, probe.origin[axis])
         origin = probe.origin[:axis] + probe.origin[axis + 1 :]
-        node = _Probe(sliced.value, probe.index, origin, scanned)
+        node = _Probe(sliced.value, probe.index, origin, scanned, probe.via)
     else:
         node = dataclasses.replace(
             sliced,

@@ -93,6 +93,15 @@ def _target_predicate(targets) -> Callable[[str, Any], bool]:
     )
 
 
+# Operations that use a leaf elementwise. A targeted leaf used only through these and
+# broadcasts (as infer_axes's `unread` lists them), or only broadcast under a bias or norm
+# name, is a bias or a scale, not a kernel.
+_ARITHMETIC = frozenset({"add", "add_any", "sub", "mul", "div", "neg", "max", "min"})
+
+# Parent names of leaves that are not kernels though they may have two or more axes.
+_NOT_KERNELS = re.compile(r"(^|/)[^/]*(bias|norm|scale)[^/]*/", re.IGNORECASE)
+
+
 def _no_target_error(targets, leaves_with_path) -> ValueError:
     """What ``wrap`` says when ``targets`` picks nothing: the names the tree's matrices do
     have (Haiku's and Gemma's ``w``, Equinox's ``weight``, ...), and a regex for the
@@ -120,6 +129,19 @@ def _no_target_error(targets, leaves_with_path) -> ValueError:
         if not top.isdigit()
         else "targets=lambda path, leaf: leaf.ndim >= 2"
     )
+    # A generic leaf name (penzai's 'data_array', Equinox's 'weight') also names biases and
+    # normalisation scales of two or more axes (attention biases, scales of stacked layers).
+    others = [
+        p
+        for p in (path_str(path) for path, leaf in leaves_with_path if _is_float_array(leaf))
+        if p.rsplit("/", 1)[-1] == top and _NOT_KERNELS.search(p)
+    ]
+    if others and not top.isdigit():
+        example += (
+            f", though that also picks {len(others)} leaf(s) under bias or norm names (e.g. "
+            f"'{others[0]}'), which are not kernels: skip them with targets=lambda path, "
+            f"leaf: path.endswith('/{top}') and not re.search('bias|norm|scale', path)"
+        )
     return ValueError(
         f"No kernel matches {which}. The floating leaves with two or more axes here are "
         f"named {listed}. Pass targets= a regex searched in the '/'-joined path (e.g. "
@@ -252,6 +274,17 @@ def _resolve_axes(
         # Flax's (in, out). A Flax Embed table (vocab, features) is looked up by vocab: its
         # input axis is also axis 0, and a tied `attend` is a deliberate transposed use.
         return Axes(0, 1), path.rsplit("/", 1)[-1] != "embedding"
+    elementwise = set(unread or ()) <= _ARITHMETIC | {"broadcast_in_dim"} and bool(
+        set(unread or ()) & _ARITHMETIC or _NOT_KERNELS.search(path + "/")
+    )
+    if unread and elementwise:
+        raise ValueError(
+            f"Leaf '{path}' with shape {tuple(leaf.shape)} is targeted, but the model uses it "
+            f"only elementwise (through {', '.join(f'`{u}`' for u in unread)}), as a bias or a "
+            f"normalisation scale is used, never in a contraction: it is not a kernel to "
+            f"adapt. Leave it out with targets= (e.g. a predicate that skips bias and norm "
+            f"paths, or a regex naming the projections' parent modules)."
+        )
     if unread:
         raise ValueError(
             f"Cannot tell the input axes of kernel '{path}' with shape {tuple(leaf.shape)}: "

@@ -124,6 +124,33 @@ def test_no_target_names_the_matrices_the_tree_has():
         dora_jax.wrap({"b": jnp.zeros(8)}, rank=2)
 
 
+def test_no_target_suggestion_says_which_leaves_are_biases_or_norms_and_skips_them():
+    """penzai names every parameter 'data_array': the suggested regex would also pick
+    biases and norm scales, so wrap says so and gives a predicate that skips them."""
+    penzai_like = {
+        "q": {"weights": {"data_array": jnp.ones((8, 8))}},
+        "q_bias": {"bias": {"data_array": jnp.ones((2, 4))}},
+        "norm": {"scale": {"data_array": jnp.ones(8)}},
+    }
+    with pytest.raises(ValueError, match=r"also picks 2 leaf\(s\) under bias or norm") as e:
+        dora_jax.wrap(penzai_like, rank=2)
+    suggested = re.search(r"(lambda path, leaf: path\.endswith.*?path\))", str(e.value)).group(1)
+    adapted = dora_jax.wrap(penzai_like, rank=2, targets=eval(suggested, {"re": re}))
+    assert sorted(ref.adapter_nodes(adapted)) == ["q/weights/data_array"]
+
+
+def test_a_targeted_bias_is_said_to_be_no_kernel():
+    params = {"proj": {"kernel": ref.rand(0, 8, 2, 4), "bias": ref.rand(1, 2, 4)}}
+
+    def fn(p, x):
+        return jnp.einsum("td,dnh->tnh", x, p["proj"]["kernel"]) + p["proj"]["bias"]
+
+    axes = dora_jax.infer_axes(fn, params, ref.rand(2, 3, 8))
+    assert "proj/bias" in axes.unread
+    with pytest.raises(ValueError, match=r"'proj/bias'.*only elementwise.*not a kernel"):
+        dora_jax.wrap(params, rank=2, targets=lambda path, leaf: leaf.ndim >= 2, axes=axes)
+
+
 def test_errors(setup):
     _, params, _ = setup
     with pytest.raises(ValueError, match=r"No kernel matches targets='attention'.*'kernel' \(2\)"):

@@ -541,3 +541,22 @@ def test_a_grouped_conv_forms_the_kernel_and_says_why():
     with pytest.warns(dora_jax.FallbackWarning, match="grouped convolution"):
         y = dora_jax.apply(fn)(adapted, x)
     close(y, fn(ref_params(adapted), x), tol=1e-4)
+
+
+@pytest.mark.parametrize("take", ["slice", "dynamic_slice"])
+def test_a_sliced_table_left_unread_names_the_slice(take):
+    # GPT-2's position table (keras_hub): its first rows sliced, then broadcast onto the
+    # token embeddings. infer_axes and wrap name the slice too, not only the broadcast.
+    params, x = {"pos": rand(0, 16, 4)}, rand(1, 2, 6, 4)
+
+    def fn(p, x):
+        rows = p["pos"][:6] if take == "slice" else lax.dynamic_slice_in_dim(p["pos"], 0, 6)
+        return x + rows
+
+    axes = dora_jax.infer_axes(fn, params, x)
+    assert axes == {} and take in axes.unread["pos"]
+    with pytest.raises(ValueError, match=rf"could not read them.*`{take}`"):
+        dora_jax.wrap(params, rank=2, targets="pos", axes=axes)
+    # A slice on the way to a contraction that reads the kernel is not named.
+    read = dora_jax.infer_axes(lambda p, x: x @ p["pos"][:, :3], params, rand(2, 5, 16))
+    assert read == {"pos": Axes(0, 1)} and not read.unread
