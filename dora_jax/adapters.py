@@ -227,17 +227,22 @@ def _direct_column_norm(base, left, right, stack, inputs) -> Array:
     n_in = _prod(w.shape[ns : ns + len(i_pos)])
     n_out = _prod(w.shape[ns + len(i_pos) :])
     rank = left.shape[-1]
-    w = w.reshape(*stack_shape, n_in, n_out)
-    a = left.astype(jnp.float32).reshape(*stack_shape, n_in, rank)
-    b = right.astype(jnp.float32).reshape(*stack_shape, rank, n_out)
     # The largest divisor of n_in up to 256 and below n_in: blocks never of the kernel's size.
     rows = max([d for d in range(1, min(256, max(1, n_in // 2)) + 1) if n_in % d == 0])
+    blocks = n_in // rows
+    # Block i holds the input rows i, i + blocks, i + 2 blocks, ...: (rows, blocks) with the
+    # rows major, so an input axis sharded over devices stays sharded on `rows` and each
+    # block is sliced where it lives (slicing contiguous row ranges of a sharded axis makes
+    # XLA gather the whole kernel onto every device). The norm ignores the rows' order.
+    w = w.reshape(*stack_shape, rows, blocks, n_out)
+    a = left.astype(jnp.float32).reshape(*stack_shape, rows, blocks, rank)
+    b = right.astype(jnp.float32).reshape(*stack_shape, rank, n_out)
     s = tuple(range(ns))
 
     def block(i, carry):
         scale, ssq = carry
-        w_i = lax.dynamic_slice_in_dim(w, i * rows, rows, axis=ns).astype(jnp.float32)
-        a_i = lax.dynamic_slice_in_dim(a, i * rows, rows, axis=ns)
+        w_i = lax.dynamic_index_in_dim(w, i, axis=ns + 1, keepdims=False).astype(jnp.float32)
+        a_i = lax.dynamic_index_in_dim(a, i, axis=ns + 1, keepdims=False)
         v = w_i + lax.dot_general(a_i, b, (((ns + 1,), (ns,)), (s, s)))
         new = jnp.maximum(scale, jnp.max(jnp.abs(v), axis=ns))
         safe = jnp.where(new > 0, new, 1.0)
@@ -250,7 +255,7 @@ def _direct_column_norm(base, left, right, stack, inputs) -> Array:
     vma = tuple(sorted(set().union(*(_varying_axes(jax.typeof(x)) for x in (w, a, b)))))
     if vma:
         zeros = lax.pcast(zeros, vma, to="varying")
-    scale, ssq = lax.fori_loop(0, n_in // rows, block, (zeros, zeros))
+    scale, ssq = lax.fori_loop(0, blocks, block, (zeros, zeros))
     return scale * jnp.sqrt(jnp.maximum(ssq, NORM_EPS))
 
 
