@@ -69,17 +69,18 @@ _METADATA = {
 _LORA_HANDLED = {
     "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
     "ensure_weight_tying",  # checked against the model's tying where an embedding is adapted
+    "bias",  # checked against the file's tensors
 }  # fmt: skip
 _LORA_INIT_ONLY = {
     "lora_dropout", "init_lora_weights", "loftq_config", "eva_config", "corda_config",
     "lora_ga_config", "qalora_group_size", "megatron_core",
 }  # fmt: skip
-_VERA_HANDLED = {"r", "save_projection"}
+_VERA_HANDLED = {"r", "save_projection", "bias"}
 _VERA_INIT_ONLY = {"vera_dropout", "d_initial", "init_weights", "projection_prng_key"}
-# Options whose PEFT default is the only value dora_jax computes exactly.
+# Options whose PEFT default is the only value dora_jax computes exactly. ("bias" other than
+# "none" only makes PEFT save and load the base's biases: checked against the file in load.)
 _MUST_BE_DEFAULT = {
     "fan_in_fan_out": False,
-    "bias": "none",
     "lora_bias": False,
     "modules_to_save": None,
 }
@@ -493,7 +494,8 @@ def load(
     vocabulary is refused: load onto the resized base model instead).
 
     Refused, naming the option: anything PEFT would compute differently from these
-    formulas (``lora_bias``, ``bias`` other than ``"none"``, ``fan_in_fan_out`` for the
+    formulas (``lora_bias``, ``bias`` other than ``"none"`` with biases in the file (without
+    any, as on a bias-free base, it loads), ``fan_in_fan_out`` for the
     project's Llama, whose projections are ``nn.Linear`` (with a ``name_map`` for a model
     with Conv1D weights it is accepted: it only says how the base stores its weight),
     ``modules_to_save``, an ``init_lora_weights`` that rewrites the base such as PiSSA or
@@ -555,6 +557,15 @@ def load(
         )
     with safe_open(str(directory / WEIGHTS_NAME), framework="numpy") as f:
         raw = {k: f.get_tensor(k) for k in f.keys()}
+    biases = sorted(k for k in raw if k.endswith(".bias"))
+    if config.get("bias", "none") != "none" and biases:
+        # Without bias tensors in the file (a bias-free base), PEFT computes plain LoRA.
+        raise PeftFormatError(
+            f"adapter_config.json sets bias={config['bias']!r} and {WEIGHTS_NAME} holds "
+            f"biases ({biases[:2]}...), which PEFT loads over the base's; dora_jax computes "
+            f"only bias='none' and does not load it approximately. Put these biases into "
+            f"params and remove them from the file, or train the adapter with bias='none'."
+        )
     shared = {k: raw.pop(k) for k in ("base_model.vera_A", "base_model.vera_B") if k in raw}
     suffixes = (
         (
@@ -675,8 +686,14 @@ def load(
             f"kernel of params (a different model, or a target dora_jax cannot map: pass "
             f"name_map= and axes=)."
             + (
-                " These params tie lm_head to embed_tokens, so there is no lm_head kernel; "
-                "PEFT trained an lm_head of an untied model."
+                " These params tie lm_head to embed_tokens, so there is no lm_head kernel: "
+                "the adapter adapts the output layer alone (PEFT does so on an untied "
+                "model, and on a tied one without ensure_weight_tying, where the embedding "
+                "lookup keeps the base table). Load it onto untied params, the table copied "
+                "into lm_head (config = dataclasses.replace(config, tie_embeddings=False); "
+                "params['lm_head'] = {'kernel': params['embed_tokens']['embedding'].T}), "
+                "or retrain it with ensure_weight_tying=True (then embed_tokens and lm_head "
+                "share the update, as here)."
                 if llama
                 and "lm_head" in unplaced
                 and "embed_tokens/embedding" in leaves

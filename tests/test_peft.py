@@ -279,7 +279,6 @@ def test_save_refuses_what_peft_cannot_express(base, tmp_path):
     [
         ("lora_bias", True),
         ("fan_in_fan_out", True),
-        ("bias", "all"),
         ("modules_to_save", ["lm_head"]),
         ("init_lora_weights", "pissa"),
         ("layer_replication", [[0, 1]]),
@@ -298,6 +297,57 @@ def test_load_refuses_options_it_does_not_implement(base, tmp_path, option, valu
     _, params = from_hf(directory)
     with pytest.raises(dora_jax.peft.PeftFormatError, match=option):
         dora_jax.peft.load(tmp_path, params)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_option_loads_on_a_bias_free_base_and_is_refused_with_biases(base, tmp_path, bias):
+    # The Llama has no biases: PEFT's bias="all"/"lora_only" then saves and loads none, and
+    # computes plain LoRA. A file that holds biases (of another base) is still refused.
+    directory, tokens = base
+    model = peft.get_peft_model(
+        hf_llama(directory), peft.LoraConfig(r=2, target_modules=["q_proj"], bias=bias)
+    )
+    randomise_peft(model)
+    model.save_pretrained(tmp_path)
+    llama_config, params = from_hf(directory)
+    adapted = dora_jax.peft.load(tmp_path, params)
+    got = adapted_logits(llama_config, adapted, tokens)
+    np.testing.assert_allclose(got, torch_logits(model.eval(), tokens), **TOL)
+    assert np.abs(got - torch_logits(hf_llama(directory), tokens)).max() > 1e-2  # it changed
+    from safetensors.numpy import save_file
+
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors[f"{q}.base_layer.bias"] = np.ones(SIZES["hidden_size"], np.float32)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(dora_jax.peft.PeftFormatError, match=f"bias='{bias}'.*holds biases"):
+        dora_jax.peft.load(tmp_path, params)
+
+
+def test_an_lm_head_adapter_of_a_tied_model_says_how_to_load_it(tmp_path):
+    # PEFT adapts a tied model's lm_head alone (without ensure_weight_tying): the lookup
+    # keeps the base table. That is an untied model whose lm_head is a copy of the table.
+    import dataclasses
+
+    tiny_hf_model(tied=True).save_pretrained(tmp_path / "base")
+    tokens = token_batch(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's own warning about the tied lm_head
+        model = peft.get_peft_model(
+            hf_llama(tmp_path / "base"), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"])
+        )
+    randomise_peft(model)
+    model.save_pretrained(tmp_path / "adapter")
+    config, params = from_hf(tmp_path / "base")
+    hint = "adapts the output layer alone.*untied params.*ensure_weight_tying=True"
+    with pytest.raises(dora_jax.peft.PeftFormatError, match=hint):
+        dora_jax.peft.load(tmp_path / "adapter", params)
+    # As the message says: untie, the table copied into lm_head.
+    config = dataclasses.replace(config, tie_embeddings=False)
+    params = {**params, "lm_head": {"kernel": params["embed_tokens"]["embedding"].T}}
+    got = adapted_logits(config, dora_jax.peft.load(tmp_path / "adapter", params), tokens)
+    np.testing.assert_allclose(got, torch_logits(model.eval(), tokens), **TOL)
 
 
 def test_fan_in_fan_out_is_accepted_with_a_name_map_for_conv1d_models(base, tmp_path):

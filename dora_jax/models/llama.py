@@ -44,7 +44,15 @@ def projection_regex(names=tuple(PROJECTIONS)) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Architecture hyper-parameters of a Llama decoder."""
+    """Architecture hyper-parameters of a Llama decoder.
+
+    ``sliding_window`` (a Mistral checkpoint's): transformers attends to the last
+    ``sliding_window`` tokens only, so :class:`Llama`, which attends to all, refuses inputs
+    longer than that. ``bos_token_id``, ``eos_token_id`` (an int or a tuple of
+    them) and ``pad_token_id`` change nothing here: :func:`from_hf` reads them and
+    :func:`to_hf` writes them back, for ``generate`` to stop where the source model's does;
+    ``None`` where unknown.
+    """
 
     vocab_size: int = 49152
     hidden_size: int = 576
@@ -57,8 +65,14 @@ class LlamaConfig:
     tie_embeddings: bool = True
     max_seq_len: int = 8192
     scan_layers: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.eos_token_id, list):  # as config.json has it; hashable here
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be divisible by num_heads")
         if self.num_heads % self.num_kv_heads:
@@ -377,6 +391,13 @@ class Llama(nn.Module):
         cfg = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         b, t = input_ids.shape
+        if cfg.sliding_window is not None and t > cfg.sliding_window:
+            raise ValueError(
+                f"{t} tokens in a sequence, more than sliding_window={cfg.sliding_window}: "
+                f"transformers attends to the last {cfg.sliding_window} tokens only, and "
+                f"this Llama computes full causal attention, the same only up to that length. "
+                f"Split the input into sequences of at most {cfg.sliding_window} tokens."
+            )
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -511,7 +532,11 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
     """A :class:`LlamaConfig` from a Hugging Face ``config.json`` dict (Llama family).
 
     Refuses, naming the option, any setting :class:`Llama` does not compute exactly
-    (biases, rope scaling, sliding-window attention, another activation or head size).
+    (biases, rope scaling, another activation or head size, a sliding window shorter than
+    ``max_position_embeddings``: a window at least that long is full causal attention up
+    to it, and :class:`Llama` refuses longer inputs). Absent options take transformers'
+    defaults for the model type (a Mistral config without ``sliding_window`` has 4096), the
+    token ids included.
     """
 
     def refuse(option, value, why):
@@ -523,15 +548,23 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
     model_type = hf.get("model_type")
     if model_type not in _HF_MODEL_TYPES:
         refuse("model_type", model_type, f"only {_HF_MODEL_TYPES} checkpoints are read")
-    if hf.get("hidden_act", "silu") != "silu":
+    mistral = model_type == "mistral"
+    # transformers' ACT2FN maps "swish" to torch's SiLU: the same function.
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
         refuse("hidden_act", hf["hidden_act"], "the MLP is SwiGLU with silu")
     for option in ("attention_bias", "mlp_bias"):
         if hf.get(option):
             refuse(option, hf[option], "projections have no bias")
     if hf.get("rope_interleaved"):  # SmolLM configs carry this flag
         refuse("rope_interleaved", True, "rotary embeddings rotate halves (HF's rotate_half)")
-    if hf.get("sliding_window") is not None:
-        refuse("sliding_window", hf["sliding_window"], "attention is full causal attention")
+    max_seq_len = int(hf.get("max_position_embeddings", 131072 if mistral else 2048))
+    window = hf.get("sliding_window", 4096 if mistral else None)
+    if window is not None and int(window) < max_seq_len:
+        refuse(
+            "sliding_window", window, f"attention is full causal attention, a sliding "
+            f"window's only for inputs of at most {window} tokens, and "
+            f"max_position_embeddings={max_seq_len} allows longer ones",
+        )  # fmt: skip
     rope = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling")
     if scaling:
@@ -554,16 +587,29 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
         "rope_theta": float(theta),
         "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "max_seq_len": int(hf.get("max_position_embeddings", 2048)),
+        "max_seq_len": max_seq_len,
+        # transformers' Llama ignores the option; its Mistral attends within the window.
+        "sliding_window": int(window) if mistral and window is not None else None,
+        # For generate (transformers' defaults for both model types: 1, 2, None).
+        "bos_token_id": hf.get("bos_token_id", 1),
+        "eos_token_id": hf.get("eos_token_id", 2),
+        "pad_token_id": hf.get("pad_token_id"),
     }
     return LlamaConfig(**{**fields, **overrides})
 
 
 def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
-    """The Hugging Face ``config.json`` dict of a :class:`LlamaConfig`."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    """The Hugging Face ``config.json`` dict of a :class:`LlamaConfig`.
+
+    A Llama config, or a Mistral one where the config has a ``sliding_window`` (the same
+    weights; transformers then keeps the window). The token ids are written as they are,
+    unknown ones (``None``) as null rather than transformers' Llama defaults: set them
+    (``dataclasses.replace(config, eos_token_id=...)``) for ``generate`` to stop at EOS.
+    """
+    eos, mistral = config.eos_token_id, config.sliding_window is not None
+    hf = {
+        "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
+        "model_type": "mistral" if mistral else "llama",
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -580,8 +626,14 @@ def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
         "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
+        "pad_token_id": config.pad_token_id,
         "dtype": dtype,
     }
+    if mistral:
+        hf["sliding_window"] = config.sliding_window
+    return hf
 
 
 def _safetensors_files(directory) -> list:
@@ -613,9 +665,13 @@ def from_hf(directory, *, dtype: Dtype | None = None, scan_layers: bool = False)
 
     ``directory`` is what ``save_pretrained`` writes: ``config.json`` and one or several
     ``*.safetensors`` files (with ``model.safetensors.index.json``). Llama, SmolLM2 and
-    Mistral-style (no sliding window) configs, grouped-query attention, tied or untied
-    embeddings and any rope theta are read; options :class:`Llama` does not compute
-    exactly are refused by :func:`config_from_hf`. Tensors are read one at a time with
+    Mistral-style (no sliding window shorter than the context) configs, grouped-query
+    attention, tied or untied embeddings and any rope theta are read; options
+    :class:`Llama` does not compute exactly are refused by :func:`config_from_hf`. A tied
+    config whose files also hold an ``lm_head.weight`` is read as transformers reads it:
+    tied if it equals ``model.embed_tokens.weight``, else untied, with a warning (the
+    returned config then has ``tie_embeddings=False``); stored only as ``lm_head.weight``,
+    the table is the embedding's too. Tensors are read one at a time with
     ``safetensors.safe_open`` (memory-mapped), transposed from torch's ``(out, in)`` to
     Flax's ``(in, out)``; scanned layers are stacked into one preallocated array per
     parameter, so no file is ever held twice in memory. Never touches the network.
@@ -647,12 +703,15 @@ def from_hf(directory, *, dtype: Dtype | None = None, scan_layers: bool = False)
     params: dict = {}
     stacks: dict = {}
     found = set()
+    head = None  # a tied config's lm_head.weight, if the files hold one
     for file in _safetensors_files(directory):
         with safe_open(str(file), framework="numpy") as f:
             for name in f.keys():
                 if name not in wanted:
                     if name == "lm_head.weight" and config.tie_embeddings:
-                        continue  # some writers keep the tied copy
+                        head = f.get_tensor(name)
+                        head = head.astype(dtype) if dtype is not None else head
+                        continue
                     if name.endswith("rotary_emb.inv_freq"):
                         continue  # older transformers saved the rope buffer
                     raise ValueError(
@@ -674,6 +733,9 @@ def from_hf(directory, *, dtype: Dtype | None = None, scan_layers: bool = False)
                 else:
                     _set(params, (f"layers_{layer}", *path), jnp.asarray(x))
                 found.add(name)
+    if head is not None:
+        config = _tie_as_transformers(directory, config, params, head, found)
+        wanted = {name: path for path, _, name, _ in _hf_tensors(config)}
     missing = sorted(set(wanted) - found)
     if missing:
         raise ValueError(
@@ -683,6 +745,41 @@ def from_hf(directory, *, dtype: Dtype | None = None, scan_layers: bool = False)
     for path in list(stacks):
         _set(params, ("layers", *path), jnp.asarray(stacks.pop(path)))
     return config, params
+
+
+def _tie_as_transformers(directory, config: LlamaConfig, params: dict, head, found: set):
+    """What transformers' ``tie_weights`` makes of a tied config whose files hold an
+    ``lm_head.weight`` (``head``, as read): the table of both uses if the embedding is
+    absent or equal to it; else both are kept, untied. Puts it in ``params``; returns the
+    config."""
+    import warnings
+
+    import numpy as np
+
+    embed = "model.embed_tokens.weight"
+    if embed not in found:
+        _set(params, ("embed_tokens", "embedding"), jnp.asarray(head))
+        found.add(embed)
+        return config
+    table = np.asarray(params["embed_tokens"]["embedding"])
+    if table.shape != head.shape:
+        raise ValueError(
+            f"{directory} holds lm_head.weight {head.shape} beside model.embed_tokens.weight "
+            f"{table.shape}: not one (vocab, hidden) table, as tie_word_embeddings=true says."
+        )
+    if np.array_equal(table, head):
+        return config  # some writers keep the tied copy
+    warnings.warn(
+        f"{directory}/config.json has tie_word_embeddings=true, but the checkpoint holds an "
+        f"lm_head.weight that differs from model.embed_tokens.weight. transformers does not "
+        f"tie them then and uses both as stored; so does from_hf: the returned config has "
+        f"tie_embeddings=False and params an lm_head kernel. Set tie_word_embeddings=false "
+        f"in config.json to silence this warning.",
+        stacklevel=3,
+    )
+    _set(params, ("lm_head", "kernel"), jnp.asarray(head.T))
+    found.add("lm_head.weight")
+    return dataclasses.replace(config, tie_embeddings=False)
 
 
 def _set(tree: dict, path: tuple, value) -> None:
@@ -709,6 +806,8 @@ def to_hf(
     ``transformers.LlamaForCausalLM.from_pretrained(directory)`` loads. ``params`` are plain
     params, scanned or not (for adapted ones, write ``dora_jax.merge(adapted)``). Kernels are
     transposed to torch's ``(out, in)``; each shard is built and written on its own.
+    ``config.json`` carries the config's token ids (see :func:`config_to_hf`), so that
+    ``generate`` stops at the EOS that :func:`from_hf` read.
 
     Args:
       directory: created if missing.

@@ -78,6 +78,11 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
         "tie_embeddings": "output.weight" not in names,
         "max_seq_len": int(_field(reader, "llama.context_length", 2048)),
     }
+    # The tokenizer's ids, for to_hf to write (generate stops at eos_token_id).
+    for key, gguf_key in {"bos": "bos", "eos": "eos", "pad": "padding"}.items():
+        value = _field(reader, f"tokenizer.ggml.{gguf_key}_token_id")
+        if value is not None:
+            cfg[f"{key}_token_id"] = int(value)
     return LlamaConfig(**{**cfg, **overrides})
 
 

