@@ -2,12 +2,12 @@
 
 :func:`apply` traces the user's function once with each adapter node standing in for its
 base kernel, then evaluates the resulting jaxpr with an interpreter that follows every
-adapted kernel through dtype casts, transposes, nested ``jit``, ``remat``, ``scan``,
-``cond``, ``while`` and ``shard_map``. The interpreter is a table of rules, one per
-primitive family (:data:`RULES`); where an adapted kernel meets a contraction
-(``dot_general`` with any contraction and batch pattern, ``conv_general_dilated``) or an
-embedding lookup (``gather``), the rule computes the factored form (DoRA, Liu et al.
-2024, Sec. 4.3)::
+adapted kernel through dtype casts, transposes, sharding constraints and reshards, nested
+``jit``, ``remat``, ``scan``, ``cond``, ``while`` and ``shard_map``. The interpreter is a
+table of rules, one per primitive family (:data:`RULES`); where an adapted kernel meets a
+contraction (``dot_general`` with any contraction and batch pattern,
+``conv_general_dilated``) or an embedding lookup (``gather``), the rule computes the
+factored form (DoRA, Liu et al. 2024, Sec. 4.3)::
 
     y = (x W0 + (x L) R) * (m / ||W0 + L R||_c)
 
@@ -262,7 +262,11 @@ def _eval(jaxpr, consts, args, ctx: _Context) -> list:
         outs = None
         if any(_is_view(x) for x in invals):
             rule = RULES.get(eqn.primitive.name)
-            outs = rule(eqn, invals, ctx) if rule is not None else None
+            if rule is not None:
+                # Under the equation's own context: its abstract mesh (Auto axes inside
+                # jax.sharding.auto_axes, as an embedding lookup with out_sharding= uses).
+                with eqn.ctx.manager:
+                    outs = rule(eqn, invals, ctx)
             if outs is None:
                 name = eqn.primitive.name
                 outs = _bind(eqn, [_plain(x, ctx, name) for x in invals])
@@ -441,6 +445,75 @@ def _squeeze_rule(eqn, invals, ctx):
             inputs=tuple(a - (a > axis) for a in node.inputs),
         )
     return [view.replace(node=node, axes=tuple(axes))]
+
+
+# --- sharding constraints and reshards of a kernel -----------------------------------------
+# Flax's nn.with_partitioning constrains each boxed param to its spec when a mesh is set
+# (``sharding_constraint``); on an Explicit mesh, FSDP gathers a kernel before its contraction
+# with ``jax.sharding.reshard``. Either asks for a layout of the kernel, not for its values:
+# the node stays a node, the base and every field laid out like the kernel axes they span.
+
+
+def _field_specs(node: Adapter, kernel_spec: tuple) -> dict | None:
+    """``{field: PartitionSpec}`` for the base and every field of ``node`` its kind lays out
+    (``layout``), from the kernel's spec over the node's axes: ``A ([*stack,] *in, r)``
+    takes the input axes' entries and None for the rank, ``B`` None and the output axes',
+    the magnitude the output axes'. Shared fields (VeRA's matrices) are replicated, a
+    quantised base is left out; None when a field does not fit its layout."""
+    roles = {
+        "stack": tuple(kernel_spec[p] for p in node.stack),
+        "in": tuple(kernel_spec[p] for p in node.inputs),
+        "out": tuple(kernel_spec[p] for p in node.outputs),
+        "rank": (None,),
+    }
+    specs = {} if node.quantised else {"base": P(*kernel_spec)}
+    # Replicated rather than left: a reshard may move the kernel onto another mesh (the
+    # Auto-typed one of jax.sharding.auto_axes), where every piece must then be.
+    specs.update({name: P(*(None,) * getattr(node, name).ndim) for name in node.shared})
+    for name, layout in type(node).layout.items():
+        value = getattr(node, name)
+        if name in node.shared or value is None:
+            continue
+        spec = sum((roles[r] for r in layout), ())
+        if value.ndim != len(spec):
+            return None
+        specs[name] = P(*spec)
+    return specs
+
+
+def _laid_out_rule(key: str):
+    """The rule of a primitive that only changes a value's sharding (named by param
+    ``key``): the same primitive on the base and on each field, with its spec."""
+
+    def rule(eqn, invals, ctx):
+        view, sharding = invals[0], eqn.params[key]
+        if len(invals) != 1 or not isinstance(sharding, jax.sharding.NamedSharding):
+            return None
+        if eqn.params.get("layout") is not None:
+            return None  # a memory layout is the kernel's own: no field has it
+        if ctx.probing:
+            return [view]
+        node = view.node
+        if node.quantised and key == "dst_sharding":
+            return None  # its codes and scales are blocked over the input axes
+        specs = _field_specs(node, _node_spec(view, sharding.spec))
+        if specs is None:
+            return None
+        fields = {}
+        for name, spec in specs.items():
+            params = {**eqn.params, key: sharding.update(spec=spec)}
+            if "unconstrained_dims" in params:
+                params["unconstrained_dims"] = frozenset(
+                    d for d, entry in enumerate(spec) if entry is P.UNCONSTRAINED
+                )
+            fields[name] = _bind(eqn, [getattr(node, name)], params)[0]
+        return [view.replace(node=dataclasses.replace(node, **fields))]
+
+    return rule
+
+
+_rule("sharding_constraint")(_laid_out_rule("sharding"))
+_rule("reshard")(_laid_out_rule("dst_sharding"))
 
 
 # --- calls, remat, control flow ----------------------------------------------------------
@@ -735,6 +808,21 @@ def _node_spec(view: _View, spec) -> tuple:
     return tuple(out)
 
 
+def _typed(x: jax.Array, spec, mesh) -> jax.Array:
+    """``x`` resharded to ``spec`` where ``mesh`` has ``Explicit`` axes and ``x``'s type
+    says otherwise: there ``shard_map`` checks its ``in_specs`` against the arguments' types,
+    and a piece made here (VeRA's ``B`` cut from the replicated shared matrix, the scale, a
+    formed ``W'``) or a factor placed apart from its kernel may be sharded unlike the piece
+    of the kernel it enters as."""
+    if jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
+        return x
+    want = (*spec, *(None,) * (x.ndim - len(spec)))
+    have = getattr(jax.typeof(x).sharding, "spec", ())
+    if (*have, *(None,) * (x.ndim - len(have))) == want:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, P(*want)))
+
+
 @_rule("shard_map")
 def _shard_map_rule(eqn, invals, ctx):
     """A ``shard_map`` over adapted kernels: the factored forward inside, scale from outside.
@@ -749,8 +837,13 @@ def _shard_map_rule(eqn, invals, ctx):
     p = eqn.params
     args, specs, views = [], [], []
     for x, spec in zip(invals, p["in_specs"]):
-        if not _is_view(x) or (not ctx.probing and x.node.quantised):
-            args.append(_plain(x, ctx, "shard_map"))
+        if not _is_view(x):
+            args.append(x)
+            specs.append(spec)
+            views.append(None)
+            continue
+        if not ctx.probing and x.node.quantised:
+            args.append(_typed(_plain(x, ctx, "shard_map"), spec, p["mesh"]))
             specs.append(spec)
             views.append(None)
             continue
@@ -764,7 +857,7 @@ def _shard_map_rule(eqn, invals, ctx):
             leaves, treedef = jax.tree.flatten(node)
             spec_leaves = treedef.flatten_up_to(node.specs(node_spec))
         views.append((len(leaves), treedef, x))
-        args += leaves
+        args += [_typed(leaf, s, p["mesh"]) for leaf, s in zip(leaves, spec_leaves)]
         specs += spec_leaves
     axes = sorted(p["newly_manual_axes"])
     key = ctx.next_key() if ctx.key is not None else None
@@ -1765,9 +1858,7 @@ def _run(fn, treedef, static, dynamic, paths, strict, warned, values, key, passe
 
     _check_nodes({paths[i]: v for i, v in zip(dynamic, values) if is_adapter(v)})
     # Trace with a stand-in of the (dequantised) kernel's type in place of each node.
-    stand_ins = [
-        jax.ShapeDtypeStruct(v.base.shape, v.base.dtype) if is_adapter(v) else v for v in values
-    ]
+    stand_ins = [_kernel_type(v) if is_adapter(v) else v for v in values]
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*stand_ins)
     inputs, originals = [], {}
     for k, (i, leaf, stand_in) in enumerate(zip(dynamic, values, stand_ins)):
@@ -1792,6 +1883,40 @@ def _run(fn, treedef, static, dynamic, paths, strict, warned, values, key, passe
         results.append(value)
     outs = results
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+
+def _kernel_type(node: Adapter) -> jax.ShapeDtypeStruct:
+    """The type the traced program sees for ``node``'s kernel: the base's shape, dtype and,
+    where the base is split over ``Explicit`` mesh axes, its sharding, which is part of the
+    type there (a ``shard_map`` over the kernel checks its ``in_specs`` against it; unsharded,
+    the stand-in would tell the model the kernel is replicated)."""
+    base = node.base
+    if not node.quantised:
+        return _typed_like(jax.typeof(base))
+    split = [_typed_like(jax.typeof(x)).sharding for x in jax.tree.leaves(base)]
+    if any(s is not None for s in split):  # as its dequantised kernel is split
+        return _typed_like(jax.eval_shape(lambda q: q.dequantize(), base))
+    return jax.ShapeDtypeStruct(base.shape, base.dtype)
+
+
+def _typed_like(aval) -> jax.ShapeDtypeStruct:
+    """A stand-in of ``aval``'s shape and dtype, with its sharding where that names
+    ``Explicit`` mesh axes (part of the type there, as :func:`_kernel_type` says)."""
+    sharding = getattr(aval, "sharding", None)
+    if not (isinstance(sharding, jax.sharding.NamedSharding) and _names_explicit(sharding)):
+        sharding = None
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sharding)
+
+
+def _names_explicit(sharding) -> bool:
+    """Whether a NamedSharding's spec splits an axis over an ``Explicit`` mesh axis."""
+    kinds = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types))
+    return any(
+        kinds.get(name) == jax.sharding.AxisType.Explicit
+        for entry in sharding.spec
+        if entry is not None and entry is not P.UNCONSTRAINED
+        for name in ((entry,) if isinstance(entry, str) else entry)
+    )
 
 
 def _returned(out, originals: dict, ctx: _Context):
@@ -1870,7 +1995,7 @@ def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> InferredAxes:
         outs = _eval(closed.jaxpr, closed.consts, inputs, ctx)
         return [_plain(o, ctx, "output") for o in outs]
 
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
+    avals = [_typed_like(v.aval) for v in closed.jaxpr.invars]
     jax.make_jaxpr(probe)(*avals)
     result = InferredAxes()
     for i, seen in sorted(found.items()):
