@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib.util
 import io
+import json
 import math
 import os
 import re
@@ -42,6 +43,15 @@ def run_on_devices(code: str, devices: int, *, timeout: int = 600, env=None):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
         cwd=ROOT,
     )  # fmt: skip
+
+
+def device_result(code: str, devices: int, **kwargs) -> dict:
+    """:func:`run_on_devices`, asserting the script exited cleanly, and the JSON it printed on
+    its line starting ``RESULT``."""
+    proc = run_on_devices(code, devices, **kwargs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    return json.loads(line[len("RESULT") :])
 
 
 # Never the network: every Hugging Face model here is built locally.

@@ -4,12 +4,10 @@ parallel o_proj/down_proj) keeps it sharded, never gathered onto every device.
 The device count is fixed when jax starts, so the run is a subprocess.
 """
 
-import json
-
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, run_on_devices
+from tests.helpers import ROOT, device_result
 
 pytestmark = pytest.mark.e2e
 
@@ -44,10 +42,7 @@ print("RESULT" + json.dumps(out))
 
 
 def test_direct_norm_of_an_input_sharded_kernel_stays_sharded():
-    proc = run_on_devices(_SCRIPT.format(root=str(ROOT)), 8)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    result = json.loads(line[len("RESULT") :])
+    result = device_result(_SCRIPT.format(root=str(ROOT)), 8)
     want, runs = np.asarray(result["want"]), result["runs"]
     for tensor, run in runs.items():
         np.testing.assert_allclose(run["norm"], want, rtol=2e-3, err_msg=f"tensor={tensor}")

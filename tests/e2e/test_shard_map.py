@@ -5,11 +5,9 @@ per case; each case compares the loss and the trainable leaves' gradients with a
 reference of the formula (tests/helpers.py) on unsharded arrays.
 """
 
-import json
-
 import pytest
 
-from tests.helpers import ROOT, run_on_devices
+from tests.helpers import ROOT, device_result
 
 pytestmark = pytest.mark.e2e
 
@@ -359,10 +357,7 @@ print("RESULT" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def results():
-    proc = run_on_devices(_SCRIPT.format(root=str(ROOT)), 8)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
+    return device_result(_SCRIPT.format(root=str(ROOT)), 8)
 
 
 def _cases(prefix):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import MESH_STEPS as STEPS
-from tests.helpers import ROOT, run_on_devices
+from tests.helpers import ROOT, device_result
 
 pytestmark = pytest.mark.e2e
 
@@ -40,11 +40,6 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def _result(stdout: str) -> dict:
-    line = next(ln for ln in stdout.splitlines() if ln.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
-
-
 def _assert_matches(reference, losses, params):
     ref_losses, ref_params = reference
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
@@ -58,9 +53,7 @@ def _assert_matches(reference, losses, params):
 def test_meshes_of_8_devices_match_one_device(reference):
     meshes = ["data=8", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2"]
     code = _MESH_SCRIPT.format(root=str(ROOT), meshes=meshes, steps=STEPS)
-    proc = run_on_devices(code, 8, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = _result(proc.stdout)
+    out = device_result(code, 8, timeout=300)
     for spec in meshes:
         _assert_matches(reference, out[spec]["losses"], out[spec]["params"])
         assert out[spec]["devices"] == 8
@@ -149,9 +142,7 @@ print("RESULT" + json.dumps(report))
 
 @pytest.mark.e2e
 def test_quantised_base_is_split_over_8_devices_and_trains_like_one():
-    proc = run_on_devices(_QUANTISED_ON_8, 8)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = _result(proc.stdout)
+    out = device_result(_QUANTISED_ON_8, 8)
     np.testing.assert_allclose(out["mesh"], out["one"], rtol=1e-4)
     q = out["bytes"]["layers/self_attn/q_proj/kernel/base/codes"]  # fsdp on in, tensor on out
     assert q[1] * 8 == q[0], q

@@ -13,11 +13,9 @@ Losses and gradients are compared with a plain-jnp reference that forms ``W'`` b
 (tests/helpers.py) on unsharded copies.
 """
 
-import json
-
 import pytest
 
-from tests.helpers import ROOT, run_on_devices
+from tests.helpers import ROOT, device_result
 
 METHODS = ("lora", "dora", "vera", "dvora")
 
@@ -307,10 +305,7 @@ print("RESULT" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def results():
-    proc = run_on_devices(_SCRIPT.format(root=str(ROOT)), 8)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
+    return device_result(_SCRIPT.format(root=str(ROOT)), 8)
 
 
 @pytest.mark.parametrize(
