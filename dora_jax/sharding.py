@@ -15,6 +15,9 @@ adapts:
   output axes' spec on ``out`` and its input axes' spec on the blocks (blocks run along each
   output feature's inputs), so a quantised base is split over the devices like its kernel.
 
+For an NNX model whose kernels carry their own sharding metadata (``nnx.with_partitioning``),
+:func:`get_partition_spec` takes each kernel's spec from that metadata instead of the rules.
+
 Optimiser state is sharded like the parameter each entry belongs to, the batch over
 ``(data, fsdp)``. Meshes use ``Auto`` axis types: an ordinary Flax model (which does not
 annotate its intermediate shardings) then compiles unchanged, with XLA propagating shardings
@@ -37,12 +40,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
+from flax.nnx import spmd as nnx_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dora_jax.adapters import is_adapter
 from dora_jax.quant import QuantizedArray
-from dora_jax.tree import path_str
+from dora_jax.tree import STASHED_SHARDING, path_str
 
 PyTree = Any
 Rules = Sequence[tuple[str, P]]
@@ -221,11 +226,16 @@ def _kernel_spec(path: str, ndim: int, stack: tuple[int, ...], rules: Rules) -> 
 
 
 def _node_specs(node, path: str, rules: Rules, mesh: Mesh | None):
-    """An adapter node of the same type whose leaves are PartitionSpecs.
+    """An adapter node of the same type whose leaves are PartitionSpecs, by the rules."""
+    return _field_specs(node, _kernel_spec(path, node.base.ndim, node.stack, rules), mesh)
+
+
+def _field_specs(node, kernel: tuple, mesh: Mesh | None):
+    """An adapter node of the same type whose leaves are PartitionSpecs, each field's derived
+    from ``kernel``, the spec of its base kernel over all its axes.
 
     The node's kind says which kernel axes each of its leaves carries (its ``layout``).
     """
-    kernel = _kernel_spec(path, node.base.ndim, node.stack, rules)
     kernel = tuple(_fit(kernel, node.base.shape, mesh))
     roles = {
         "stack": tuple(kernel[p] for p in node.stack),
@@ -300,6 +310,50 @@ def shardings(tree: PyTree, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> PyTree:
 
 def _is_spec(x) -> bool:
     return isinstance(x, P)
+
+
+def get_partition_spec(tree: PyTree, mesh: Mesh | None = None) -> PyTree:
+    """``nnx.get_partition_spec`` for an NNX state holding adapter nodes.
+
+    The same tree as flax's (each ``Variable`` holding a PartitionSpec), except that each
+    ``Param`` holding an adapter node holds a node of the same type whose leaves are specs,
+    derived from the adapted kernel's own sharding metadata (``nnx.with_partitioning``,
+    ``out_sharding``; logical axis rules apply as in flax): the base like the kernel, ``A``
+    like its input axes with the rank axis unsharded, ``B`` and the magnitude like its output
+    axes, VeRA's ``d`` by its stack axes, ``b`` like the output axes, shared matrices
+    replicated. Flax's own function gives such a ``Param`` one spec, ``P()`` (replicated): a
+    Variable's metadata holds one spec, which cannot describe fields of different ranks, so
+    :func:`dora_jax.wrap` keeps the kernel's under ``kernel_out_sharding`` instead.
+
+    Args:
+      tree: an ``nnx.State`` (``nnx.state(model)``) of a model wrapped by
+        :func:`dora_jax.wrap`, or of a plain one (then the same as flax's).
+      mesh: if given, mesh axes that the mesh lacks or that do not divide a field's
+        dimension are dropped from the adapters' specs.
+
+    Example::
+
+      state = nnx.state(model)
+      state = jax.lax.with_sharding_constraint(state, sharding.get_partition_spec(state))
+    """
+
+    def one(x):
+        if not (isinstance(x, nnx.Variable) and is_adapter(node := x.get_raw_value())):
+            return nnx.get_partition_spec(x)
+        stashed = STASHED_SHARDING["out_sharding"]
+        restored = x.copy(out_sharding=x.get_metadata(stashed, None))
+        kernel = tuple(nnx_spmd.get_var_pspec(restored) or ())
+        if len(kernel) > node.base.ndim:
+            raise ValueError(
+                f"The sharding metadata {kernel} of an adapted kernel of shape "
+                f"{tuple(node.base.shape)} names more axes than the kernel has (the state "
+                f"of one layer of an nnx.scan/nnx.vmap stack, inside the transform, still "
+                f"carries the stack's): take the specs of the whole stacked model's state."
+            )
+        kernel += (None,) * (node.base.ndim - len(kernel))
+        return x.replace(_field_specs(node, kernel, mesh))
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def opt_state_shardings(opt_state: PyTree, params: PyTree, param_shardings: PyTree, mesh: Mesh):

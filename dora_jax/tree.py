@@ -555,7 +555,7 @@ def _wrap(params, rank, axes, layers, *, method, alpha, targets, key, dropout, r
             assumed_layout=assumed, scale=scale, dtype=dtype, dropout=cfg["dropout"],
             exact_norm_grad=cfg["exact_norm_grad"],
         )  # fmt: skip
-    return jax.tree.unflatten(treedef, new_leaves)
+    return _stash_kernel_sharding(jax.tree.unflatten(treedef, new_leaves))
 
 
 def _resolve_rules(rules, paths: list[str], defaults: dict) -> list[dict]:
@@ -763,9 +763,48 @@ def merge(adapted: PyTree) -> PyTree:
       y = model.apply({"params": merged}, x)
     """
     _check_whole(adapted, "merge", plain_ok=True)
-    return jax.tree.map(
+    merged = jax.tree.map(
         lambda x: x.materialise() if is_adapter(x) else x, adapted, is_leaf=is_adapter
     )
+    return _restore_kernel_sharding(merged)
+
+
+# The sharding metadata of an NNX kernel Variable (flax's ``out_sharding``, and the
+# ``optimizer_sharding`` that nnx.Optimizer reads) is one spec for one array: on the Variable
+# that holds an adapter node it would be applied to every field (wrong for A, B and m, whose
+# ranks and axes differ), by nnx.get_partition_spec and by eager sharding alike. wrap keeps
+# it under these names instead (the node then reads as replicated, P()), where
+# dora_jax.sharding.get_partition_spec derives each field's spec from it; merge puts it back.
+STASHED_SHARDING = {"out_sharding": "kernel_out_sharding",
+                    "optimizer_sharding": "kernel_optimizer_sharding"}  # fmt: skip
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _renamed_metadata(tree: PyTree, holds_node: bool, names: Mapping[str, str]) -> PyTree:
+    """``tree`` with the metadata keys ``names`` renamed on its NNX Variables that hold an
+    adapter node (``holds_node``) or do not."""
+
+    def one(x):
+        if not _is_variable(x) or is_adapter(x.get_raw_value()) != holds_node:
+            return x
+        metadata = x.get_metadata()
+        moved = {names[k]: metadata.pop(k) for k in list(metadata) if k in names}
+        if not moved:
+            return x
+        return type(x).from_metadata(x.get_raw_value(), {**metadata, **moved})
+
+    return jax.tree.map(one, tree, is_leaf=_is_variable)
+
+
+def _stash_kernel_sharding(adapted: PyTree) -> PyTree:
+    return _renamed_metadata(adapted, True, STASHED_SHARDING)
+
+
+def _restore_kernel_sharding(merged: PyTree) -> PyTree:
+    return _renamed_metadata(merged, False, {v: k for k, v in STASHED_SHARDING.items()})
 
 
 def trainable_mask(adapted: PyTree) -> PyTree:
