@@ -4,10 +4,12 @@ A :class:`QuantizedArray` stands in for a frozen kernel ``W0`` (stack axes first
 output axes at any positions after them) wherever an adapter node holds its ``base``: it
 reports the logical ``shape`` and ``dtype`` and dequantises on demand, so
 :func:`dora_jax.apply` turns it back into floats at the contraction that uses it (one layer
-at a time in a scanned stack; in an unrolled model XLA:CPU hoists every dequantisation
-ahead of the matmuls, so there QDoRA holds about two float32 kernels per layer: see the
-README's QDoRA), and ``merge`` returns full-precision kernels in the dtype the base had
-before quantisation.
+at a time in a scanned stack; in an unrolled model XLA:CPU's default, concurrency-optimised
+scheduler runs every dequantisation ahead of the matmuls, so there QDoRA holds about two
+float32 kernels per layer unless jax starts with
+``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false``: see the README's
+QDoRA and ``benchmarks/qdora_layers.py``), and ``merge`` returns full-precision kernels in
+the dtype the base had before quantisation.
 
 Layout. Blocks run along the flattened input axes of each output feature, as in llama.cpp's
 GGUF files and bitsandbytes (both block the torch ``(out, in)`` weight row by row)::

@@ -54,6 +54,7 @@ def rejected(name: str, argv: list[str], capsys) -> str:
         ("peft_compare", ["--frameworks", "pytorch"], "jax,torch"),
         ("qdora_memory", ["--methods", "qdora_nf5"], "dora,qdora_nf4,qdora_int8,qdora_q4_1"),
         ("qdora_memory", ["--targets", "q,x"], "q,k,v,o,gate,up,down"),
+        ("qdora_layers", ["--formats", "nf5"], "float32,nf4,int8"),
         ("commonsense_throughput", ["--tasks", "winogrande,obqa2"], "winogrande"),
     ],
 )  # fmt: skip
@@ -88,6 +89,8 @@ def test_unknown_names_are_rejected_with_the_valid_ones_listed(name, argv, liste
         ("layout_overhead", ["--rounds", "0"]),
         ("sharding_memory", ["--rank", "0"]),
         ("qdora_memory", ["--steps", "0"]),
+        ("qdora_layers", ["--layers", "2,0"]),
+        ("qdora_layers", ["--layers", "two"]),
     ],
 )
 def test_counts_out_of_range_are_rejected(name, argv, capsys):
@@ -99,6 +102,7 @@ def test_valid_command_lines_parse_to_lists():
     assert args.methods == ["lora", "dora"] and args.layouts == ["scanned", "unscanned"]
     assert parse("layout_overhead", ["--tokens", "64", "--rounds", "1"]).tokens == 64
     assert parse("gpu", ["--warmup", "0"]).warmup == 0
+    assert parse("qdora_layers", ["--layers", "1,3"]).layers == [1, 3]
 
 
 def test_gpu_quick_fills_only_the_sizes_not_given():
