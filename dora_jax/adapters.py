@@ -307,6 +307,34 @@ def warn_zero_columns(magnitude: Array, path: str) -> None:
         )
 
 
+def _explicit_mesh(*trees):
+    """The mesh of the first array in ``trees`` typed with ``Explicit`` mesh axes, or None."""
+    for x in jax.tree.leaves(trees):
+        m = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+        if any(t == jax.sharding.AxisType.Explicit for t in getattr(m, "axis_types", ())):
+            return m
+    return None
+
+
+def _spec_on(aval, mesh) -> tuple:
+    """The partition spec of a value of type ``aval`` (``jax.typeof``), one entry per axis,
+    where it is typed on ``mesh``; else replicated (a value off the mesh)."""
+    sharding = getattr(aval, "sharding", None)
+    on = getattr(sharding, "mesh", None) == mesh
+    spec = tuple(getattr(sharding, "spec", None) or ()) if on else ()
+    return (*spec, *(None,) * (len(aval.shape) - len(spec)))
+
+
+def _concrete_mesh(mesh, trees):
+    """The devices' mesh of ``mesh`` (abstract) where an array in ``trees`` holds it (eager
+    calls: an array off the mesh can only be moved onto devices); else ``mesh``."""
+    for x in jax.tree.leaves(trees):
+        m = getattr(getattr(x, "sharding", None), "mesh", None)
+        if isinstance(m, jax.sharding.Mesh) and m.abstract_mesh == mesh:
+            return m
+    return mesh
+
+
 def _sharded_like(fn, like: Array, *inputs):
     """``fn(*inputs)``, its result sharded like ``like``, also on ``Explicit`` mesh axes.
 
@@ -314,12 +342,7 @@ def _sharded_like(fn, like: Array, *inputs):
     input axis must name its output's sharding; the norm's maths then runs with the axes
     made ``Auto`` and its result takes ``like``'s sharding (the magnitude's).
     """
-    mesh = None
-    for x in jax.tree.leaves(inputs):
-        m = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-        if any(t == jax.sharding.AxisType.Explicit for t in getattr(m, "axis_types", ())):
-            mesh = m
-            break
+    mesh = _explicit_mesh(inputs)
     if mesh is None:
         return fn(*inputs)
     spec = getattr(getattr(jax.typeof(like), "sharding", None), "spec", None) or P()
@@ -481,27 +504,91 @@ class Adapter:
 
     # --- derived maths ----------------------------------------------------------------
     def delta(self) -> Array:
-        """``dW = L R`` in float32, in the kernel's layout. Forms a kernel-sized array."""
-        left, right = self.factors()
-        n_in, n_out, r = _prod(self.in_shape), _prod(self.out_shape), left.shape[-1]
-        left = left.astype(jnp.float32).reshape(*self.stack_shape, n_in, r)
-        right = right.astype(jnp.float32).reshape(*self.stack_shape, r, n_out)
-        d = jnp.matmul(left, right).reshape(*self.stack_shape, *self.in_shape, *self.out_shape)
-        return to_kernel_layout(d, self.base.ndim, self.stack, self.inputs)
+        """``dW = L R`` in float32, in the kernel's layout and, on ``Explicit`` mesh axes,
+        with the kernel's sharding. Forms a kernel-sized array."""
+        return self._like_kernel(type(self)._delta, self._kernel_type())
 
     def materialise(self) -> Array:
-        """The adapted kernel ``W'`` in the base dtype, maths in float32.
+        """The adapted kernel ``W'`` in the base dtype, maths in float32, sharded as the
+        (dequantised) base kernel.
 
         Forms kernel-sized arrays: meant for ``merge`` and for uses of the kernel that the
         factored forward does not handle.
         """
         base = self.dequantised_base()
-        v = base.astype(jnp.float32) + self.delta()
+        return self._like_kernel(type(self)._materialised, jax.typeof(base), base)
+
+    def _delta(self) -> Array:
+        left, right = self.factors()
+        ns, ni = len(self.stack), len(self.inputs)
+        s = tuple(range(ns))
+        # Contracted over r with the input and output axes as they are: flattening them
+        # would reshape a sharded axis.
+        d = lax.dot_general(
+            left.astype(jnp.float32), right.astype(jnp.float32), (((ns + ni,), (ns,)), (s, s))
+        )  # (*stack, *in, *out)
+        return to_kernel_layout(d, self.base.ndim, self.stack, self.inputs)
+
+    def _materialised(self, base: Array) -> Array:
+        v = base.astype(jnp.float32) + self._delta()
         scale = self.output_scale(base)
         if scale is not None:
             scale = scale.reshape(*self.stack_shape, *(1,) * len(self.inputs), *self.out_shape)
             v = v * to_kernel_layout(scale, base.ndim, self.stack, self.inputs)
         return v.astype(base.dtype)
+
+    def _kernel_type(self):
+        """The (dequantised) kernel's type: its shape, dtype and sharding."""
+        if self.quantised:
+            return jax.eval_shape(self.base.dequantize)
+        return jax.typeof(self.base)
+
+    def _like_kernel(self, fn: Callable, kernel, *args) -> Array:
+        """``fn(self, *args)``, a kernel-shaped result sharded as ``kernel`` (a type).
+
+        On ``Explicit`` mesh axes the leaves may be split otherwise than the kernel (``A``
+        over its input axis, ``B`` replicated, the base over its output axis), where adding
+        ``dW`` to ``W0`` is a sharding type error. There each leaf is first resharded to
+        follow the kernel axes it spans (its ``layout``; shared leaves replicated): only the
+        small adapter leaves move, so ``dW`` forms where the kernel's shards are and no
+        kernel-sized array is gathered. The maths then runs with the axes made ``Auto``.
+        """
+        mesh = _explicit_mesh(self, args)
+        if mesh is None:
+            return fn(self, *args)
+        kernel_spec = _spec_on(kernel, mesh)
+        roles = {
+            "stack": tuple(kernel_spec[p] for p in self.stack),
+            "in": tuple(kernel_spec[p] for p in self.inputs),
+            "out": tuple(kernel_spec[p] for p in self.outputs),
+            "rank": (None,),
+        }
+        target = _concrete_mesh(mesh, (self, args))
+        moved = {}
+        for name in (*self.shared, *type(self).layout):
+            value = getattr(self, name)
+            if value is None or name in moved:
+                continue
+            if name in self.shared:
+                spec = (None,) * jnp.ndim(value)
+            else:
+                spec = sum((roles[r] for r in type(self).layout[name]), ())
+            if len(spec) != jnp.ndim(value):
+                continue  # not laid out as the kind says: left as it is
+            # Gathered over the mesh axes it leaves, then sliced over those it takes: one
+            # reshard between two tilings would replicate it first (XLA warns of that).
+            now = _spec_on(jax.typeof(value), mesh)
+            for step in (tuple(a if a == b else None for a, b in zip(now, spec)), spec):
+                if step != now:
+                    value = jax.sharding.reshard(value, NamedSharding(target, P(*step)))
+                    now = step
+            moved[name] = value
+        node = dataclasses.replace(self, **moved)
+        # On the devices' mesh where known (eager): a result that reads no input (a
+        # Magnitude node's empty update) is otherwise placed on no device.
+        out = NamedSharding(target, P(*kernel_spec))
+        with jax.sharding.use_abstract_mesh(mesh):
+            return jax.sharding.auto_axes(fn, out_sharding=out)(node, *args)
 
 
 class _Decomposed(Adapter):
