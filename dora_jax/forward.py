@@ -257,7 +257,7 @@ def _eval(jaxpr, consts, args, ctx: _Context) -> list:
         env[v] = c
     for v, a in zip(jaxpr.invars, args):
         env[v] = a
-    for eqn in jaxpr.eqns:
+    for eqn in _live_eqns(jaxpr):
         invals = [read(v) for v in eqn.invars]
         outs = None
         if any(_is_view(x) for x in invals):
@@ -275,6 +275,22 @@ def _eval(jaxpr, consts, args, ctx: _Context) -> list:
         for v, o in zip(eqn.outvars, outs):
             env[v] = o
     return [read(v) for v in jaxpr.outvars]
+
+
+def _live_eqns(jaxpr) -> list:
+    """The equations whose results the outputs need, or that have effects, in order.
+
+    A dead use of a kernel (haliax's ``scan`` takes layer 0 of every stacked leaf only for
+    its structure) is then neither recorded by ``infer_axes`` nor forms ``W'``; XLA would
+    drop it from the compiled program anyway.
+    """
+    live = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+    kept = []
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in live for v in eqn.outvars):
+            kept.append(eqn)
+            live.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
+    return kept[::-1]
 
 
 def _zeros_like_outputs(eqn) -> list:

@@ -560,3 +560,21 @@ def test_a_sliced_table_left_unread_names_the_slice(take):
     # A slice on the way to a contraction that reads the kernel is not named.
     read = dora_jax.infer_axes(lambda p, x: x @ p["pos"][:, :3], params, rand(2, 5, 16))
     assert read == {"pos": Axes(0, 1)} and not read.unread
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_a_dead_use_of_a_kernel_is_neither_read_nor_formed(method):
+    # haliax's scan takes layer 0 of every stacked leaf only for its structure: that take
+    # was read as a lookup over the layer axis ("used in inconsistent ways"), and apply
+    # formed W' for it.
+    params, x = {"w": rand(0, 3, 16, 16)}, rand(1, 4, 16)
+
+    def fn(p, x):
+        jnp.take(p["w"], 0, axis=0)  # dead
+        return lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]
+
+    axes = dora_jax.infer_axes(fn, params, x)
+    assert axes == {"w": Axes((0,), (1,))} and not axes.unread
+    adapted = perturb(dora_jax.wrap(params, rank=2, method=method, targets="w", axes=axes))
+    out = jax.jit(dora_jax.apply(fn, strict=True))(adapted, x)
+    close(out, fn(ref_params(adapted), x))
