@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import warnings
 from collections.abc import Callable
@@ -31,8 +32,9 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import serialization
-from jax import lax
+from jax import export, lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -94,7 +96,92 @@ def _pytree_dataclass(cls):
         })  # fmt: skip
 
     serialization.register_serialization_state(cls, to_state, from_state)
-    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+    cls = jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+    _register_export(cls, meta)
+    NODE_TYPES.append(cls)
+    return cls
+
+
+# Every class registered by _pytree_dataclass: the adapter kinds and a quantised base.
+NODE_TYPES: list[type] = []
+
+
+def _register_export(cls, meta: list[str]) -> None:
+    """Registers ``cls`` for ``jax.export`` serialisation (``Exported.serialize()`` writes
+    the in/out trees of an exported function) as ``dora_jax.<class name>``. The aux data
+    (the static fields' values, in ``meta`` order) is written as JSON by field name with a
+    type tag on every value, so it reads back equal (a tuple stays a tuple, a dtype a
+    dtype) and a field added later with a default reads old files."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name in meta}
+
+    def serialize(aux: tuple) -> bytes:
+        fields = {name: _tagged(value, f"{cls.__name__}.{name}") for name, value in zip(meta, aux)}
+        return json.dumps({"version": 1, "fields": fields}).encode()
+
+    def deserialize(data: bytes) -> tuple:
+        record = json.loads(data)
+        fields = record.get("fields", {})
+        unknown = sorted(set(fields) - set(meta))
+        lacking = [n for n in meta if n not in fields and defaults[n] is dataclasses.MISSING]
+        if record.get("version") != 1 or unknown or lacking:
+            raise ValueError(
+                f"Cannot read the static fields of a serialised dora_jax.{cls.__name__} "
+                f"(version {record.get('version')}, unknown fields {unknown}, missing "
+                f"{lacking}): it was written by another dora_jax version."
+            )
+        return tuple(_untagged(fields[n]) if n in fields else defaults[n] for n in meta)
+
+    export.register_pytree_node_serialization(
+        cls,
+        serialized_name=f"dora_jax.{cls.__name__}",
+        serialize_auxdata=serialize,
+        deserialize_auxdata=deserialize,
+    )
+
+
+def _tagged(value: Any, where: str) -> list:
+    """``[tag, payload]`` JSON for a static field's value; :func:`_untagged` inverts it."""
+    if value is None:
+        return ["none", None]
+    if isinstance(value, bool):
+        return ["bool", value]
+    if isinstance(value, int) and not isinstance(value, np.generic):
+        return ["int", value]
+    if isinstance(value, float) and not isinstance(value, np.generic):
+        return ["float", value.hex()]  # exact, nan, inf and -0.0 included
+    if isinstance(value, str):
+        return ["str", value]
+    if isinstance(value, tuple | list):
+        items = [_tagged(v, where) for v in value]
+        return ["tuple" if isinstance(value, tuple) else "list", items]
+    if isinstance(value, np.dtype):
+        return ["dtype", value.name]
+    if isinstance(value, type) and issubclass(value, np.generic):
+        return ["scalar_type", np.dtype(value).name]
+    if isinstance(value, np.generic):  # a numpy scalar: its dtype and its value
+        return ["scalar", [value.dtype.name, _tagged(value.item(), where)]]
+    raise TypeError(
+        f"Cannot serialise the static field {where}={value!r} ({type(value).__name__}) for "
+        f"jax.export: static fields hold None, bools, ints, floats, strings, tuples, dtypes."
+    )
+
+
+def _untagged(item: list) -> Any:
+    tag, payload = item
+    if tag in ("none", "bool", "int", "str"):
+        return payload
+    if tag == "float":
+        return float.fromhex(payload)
+    if tag in ("tuple", "list"):
+        items = [_untagged(v) for v in payload]
+        return tuple(items) if tag == "tuple" else items
+    if tag == "dtype":
+        return np.dtype(payload)
+    if tag == "scalar_type":
+        return np.dtype(payload).type
+    if tag == "scalar":
+        return np.dtype(payload[0]).type(_untagged(payload[1]))
+    raise ValueError(f"Unknown tag {tag!r} in a serialised dora_jax node's static fields.")
 
 
 def static(default: Any = dataclasses.MISSING):

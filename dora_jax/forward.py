@@ -49,7 +49,7 @@ from dora_jax.adapters import (
     to_kernel_layout,
 )
 from dora_jax.axes import Axes
-from dora_jax.tree import _check_whole, path_str
+from dora_jax.tree import _check_whole, check_no_node_dicts, path_str
 
 PyTree = Any
 
@@ -1589,6 +1589,7 @@ def apply(fn: Callable, *, key: jax.Array | None = None, strict: bool = False) -
         flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapter)
         leaves = [leaf for _, leaf in flat]
         if not any(is_adapter(leaf) for leaf in leaves):
+            check_no_node_dicts(tree, "dora_jax.apply")  # adapters restored as dicts?
             return fn(*args, **kwargs)
         dynamic = [i for i, leaf in enumerate(leaves) if is_adapter(leaf) or _is_array(leaf)]
         values = [leaves[i] for i in dynamic]

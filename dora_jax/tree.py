@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dora_jax.adapters import KINDS, is_adapter
+from dora_jax.adapters import KINDS, NODE_TYPES, is_adapter
 from dora_jax.axes import Axes, example_hint
 
 PyTree = Any
@@ -424,6 +424,7 @@ def wrap(
         method=method, alpha=alpha, targets=targets, key=key, dropout=dropout, rslora=rslora,
         exact_norm_grad=exact_norm_grad, dtype=dtype, rules=rules,
     )  # fmt: skip
+    check_no_node_dicts(params, "wrap")
     if isinstance(params, nnx.Module):
         graphdef, state = nnx.split(params)
         adapted = _wrap(state, rank, axes, _layer_axes(params), **settings)
@@ -785,7 +786,10 @@ def _is_variable(x) -> bool:
 
 def _renamed_metadata(tree: PyTree, holds_node: bool, names: Mapping[str, str]) -> PyTree:
     """``tree`` with the metadata keys ``names`` renamed on its NNX Variables that hold an
-    adapter node (``holds_node``) or do not."""
+    adapter node (``holds_node``) or do not; ``tree`` itself where it holds no Variable (a
+    mapped tree would rebuild every pytree node in it, e.g. a user's QuantizedArray)."""
+    if not any(map(_is_variable, jax.tree.leaves(tree, is_leaf=_is_variable))):
+        return tree
 
     def one(x):
         if not _is_variable(x) or is_adapter(x.get_raw_value()) != holds_node:
@@ -894,9 +898,67 @@ def combine(frozen: PyTree, trainable: PyTree) -> PyTree:
     return combined
 
 
+def _node_key_sets() -> dict[frozenset[str], str]:
+    """The keys a node of each registered kind becomes as a dict: its array fields, and
+    without those that may be None (msgpack drops them), e.g. a quantised base's offsets."""
+    sets = {}
+    for cls in NODE_TYPES:
+        fields = [f for f in dataclasses.fields(cls) if f.metadata.get("static") is not True]
+        names = frozenset(f.name for f in fields)
+        sets[names] = cls.__name__
+        # Annotated ``... | None`` (a string: this module defers annotations).
+        optional = {f.name for f in fields if "None" in str(f.type)}
+        sets.setdefault(names - optional, cls.__name__)
+    return sets
+
+
+def check_no_node_dicts(tree: PyTree, what: str) -> None:
+    """Refuses a tree holding dicts in place of adapter nodes: one restored without a target.
+
+    orbax's ``restore(path)`` with no target and ``flax.serialization.msgpack_restore`` give
+    each node back as a dict of its array fields (``{'a', 'b', 'base', 'magnitude'}`` for
+    DoRA), which ``merge`` would pass through unchanged and a model would fail on far from
+    the cause. Walks dicts, lists and tuples only, reading keys, never array values, so it
+    is cheap enough for every call (``what`` names the caller in the message).
+
+    Example::
+
+      check_no_node_dicts(params, "dora_jax.apply")
+    """
+    sets = _node_key_sets()
+
+    def walk(x, path):
+        if isinstance(x, Mapping):
+            # Fields are arrays (a quantised base a dict of its own); submodules are dicts.
+            fields = all(isinstance(k, str) and (k == "base" or not isinstance(v, Mapping))
+                         for k, v in x.items())  # fmt: skip
+            kind = sets.get(frozenset(x)) if fields else None
+            if kind is not None:
+                raise ValueError(
+                    f"{what} got a plain dict at '{'/'.join(path)}' with the fields of a "
+                    f"dora_jax.{kind} node ({sorted(x)}): the tree was restored without a "
+                    f"target (orbax restore(path) with no target, flax.serialization."
+                    f"msgpack_restore), which gives each adapter node back as a dict. Restore "
+                    f"into a template instead: the adapted tree itself, or "
+                    f"jax.eval_shape(lambda: dora_jax.wrap(params, rank=..., ...)) with the "
+                    f"wrap settings it was saved with, e.g. checkpointer.restore(path, "
+                    f"template) or flax.serialization.from_bytes(template, data); or save and "
+                    f"restore with dora_jax.checkpoint."
+                )
+            for k, v in x.items():
+                walk(v, (*path, str(k)))
+        elif isinstance(x, list | tuple):
+            for i, v in enumerate(x):
+                walk(v, (*path, str(i)))
+
+    walk(tree, ())
+
+
 def _check_whole(adapted: PyTree, what: str, plain_ok: bool = False) -> None:
-    """Clear errors for a tree with one half of a partition missing, or (unless
-    ``plain_ok``: merging plain params returns them unchanged) without adapters."""
+    """Clear errors for a tree with one half of a partition missing, with adapter nodes
+    restored as dicts, or (unless ``plain_ok``: merging plain params returns them unchanged)
+    without adapters."""
+    check_no_node_dicts(adapted, what)
     nodes = [
         (path_str(p), x)
         for p, x in jax.tree_util.tree_flatten_with_path(adapted, is_leaf=is_adapter)[0]

@@ -665,3 +665,78 @@ def test_float16_adapters_are_warned_of_because_adam_gives_nan(method):
 def test_eight_bit_float_adapters_are_refused(dtype):
     with pytest.raises(TypeError, match="8-bit floats cannot hold the small updates"):
         dora_jax.wrap(TWO, rank=2, dtype=dtype)
+
+
+# --- trees restored without a target: adapter nodes as plain dicts ------------------------
+
+
+def _adapted_mlp(method):
+    _, params, _ = mlp_setup()
+    if method == "qdora":
+        return dora_jax.quantize_base(perturb(dora_jax.wrap(params, rank=2)), "nf4")
+    return perturb(dora_jax.wrap(params, rank=2, method=method, key=jax.random.key(1)))
+
+
+_NO_TARGET = (
+    r"merge got a plain dict at 'fc1/kernel' with the fields of a dora_jax\.{kind}.*"
+    r"restored without a target.*jax\.eval_shape.*dora_jax\.checkpoint"
+)
+_KINDS = {"lora": "LoRA", "dora": "DoRA", "vera": "VeRA", "dvora": "DVoRA",
+          "magnitude": "Magnitude", "qdora": "DoRA"}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", list(_KINDS))
+def test_a_tree_restored_by_orbax_without_a_target_is_a_clear_error(tmp_path, method):
+    import orbax.checkpoint as ocp
+
+    adapted = _adapted_mlp(method)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "adapted", adapted)
+        checkpointer.wait_until_finished()
+        restored = checkpointer.restore(tmp_path / "adapted")
+        template = jax.eval_shape(lambda: adapted)
+        with_target = checkpointer.restore(tmp_path / "adapted", template)
+    assert isinstance(restored["fc1"]["kernel"], dict)  # what orbax gives without a target
+    with pytest.raises(ValueError, match=_NO_TARGET.format(kind=_KINDS[method])):
+        dora_jax.merge(restored)
+    with pytest.raises(ValueError, match="partition got a plain dict at 'fc1/kernel'"):
+        dora_jax.partition(restored)
+    with pytest.raises(ValueError, match="wrap got a plain dict at 'fc1/kernel'"):
+        dora_jax.wrap(restored, rank=2)
+    equal = np.testing.assert_array_equal
+    jax.tree.map(equal, dora_jax.merge(with_target), dora_jax.merge(adapted))
+
+
+@pytest.mark.parametrize("method", list(_KINDS))
+def test_a_tree_from_msgpack_restore_is_a_clear_error(method):
+    from flax import serialization
+
+    adapted = _adapted_mlp(method)
+    data = serialization.to_bytes(adapted)
+    restored = serialization.msgpack_restore(data)  # a quantised base's None offsets dropped
+    with pytest.raises(ValueError, match=_NO_TARGET.format(kind=_KINDS[method])):
+        dora_jax.merge(restored)
+    model, _, x = mlp_setup()
+    with pytest.raises(ValueError, match="dora_jax.apply got a plain dict at .*fc1/kernel"):
+        dora_jax.apply(model.apply)({"params": restored}, x)
+    with_target = serialization.from_bytes(adapted, data)
+    equal = np.testing.assert_array_equal
+    jax.tree.map(equal, dora_jax.merge(with_target), dora_jax.merge(adapted))
+
+
+def test_node_dicts_are_found_anywhere_and_other_dicts_pass():
+    from dora_jax.tree import check_no_node_dicts
+
+    node = {"base": 0, "a": 1, "b": 2, "magnitude": 3}  # keys only: values are never read
+    with pytest.raises(ValueError, match="apply got a plain dict at 'layers/1/q/kernel'.*DoRA"):
+        check_no_node_dicts({"layers": [{}, {"q": {"kernel": node}}]}, "apply")
+    with pytest.raises(ValueError, match="at 'w'.*dora_jax.QuantizedArray"):
+        check_no_node_dicts({"w": {"codes": 0, "scales": 1}}, "merge")
+    # A subset or superset of a node's fields is someone's own params.
+    check_no_node_dicts({"x": {"a": 1, "b": 2}, "y": {**node, "bias": 4}}, "merge")
+
+
+def test_submodules_named_like_node_fields_are_not_taken_for_restored_nodes():
+    params = {name: {"kernel": jnp.ones((4, 4))} for name in ("a", "b", "base")}
+    adapted = dora_jax.wrap(params, rank=2)
+    assert all(dora_jax.is_adapter(adapted[name]["kernel"]) for name in params)
