@@ -412,6 +412,18 @@ def _spec_on(aval, mesh) -> tuple:
     return (*spec, *(None,) * (len(aval.shape) - len(spec)))
 
 
+def reshard_in_steps(x: Array, have: tuple, want: tuple, mesh) -> Array:
+    """``x``, typed with spec ``have`` (one entry per axis), resharded to ``want`` on
+    ``mesh``: gathered over the mesh axes it leaves, then sliced over those it takes. One
+    reshard between two tilings would replicate it first (XLA warns of an "involuntary full
+    rematerialization")."""
+    for step in (tuple(a if a == b else None for a, b in zip(have, want)), want):
+        if step != have:
+            x = jax.sharding.reshard(x, NamedSharding(mesh, P(*step)))
+            have = step
+    return x
+
+
 def _concrete_mesh(mesh, trees):
     """The devices' mesh of ``mesh`` (abstract) where an array in ``trees`` holds it (eager
     calls: an array off the mesh can only be moved onto devices); else ``mesh``."""
@@ -662,14 +674,7 @@ class Adapter:
                 spec = sum((roles[r] for r in type(self).layout[name]), ())
             if len(spec) != jnp.ndim(value):
                 continue  # not laid out as the kind says: left as it is
-            # Gathered over the mesh axes it leaves, then sliced over those it takes: one
-            # reshard between two tilings would replicate it first (XLA warns of that).
-            now = _spec_on(jax.typeof(value), mesh)
-            for step in (tuple(a if a == b else None for a, b in zip(now, spec)), spec):
-                if step != now:
-                    value = jax.sharding.reshard(value, NamedSharding(target, P(*step)))
-                    now = step
-            moved[name] = value
+            moved[name] = reshard_in_steps(value, _spec_on(jax.typeof(value), mesh), spec, target)
         node = dataclasses.replace(self, **moved)
         # On the devices' mesh where known (eager): a result that reads no input (a
         # Magnitude node's empty update) is otherwise placed on no device.

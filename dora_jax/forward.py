@@ -41,10 +41,14 @@ from jax.sharding import PartitionSpec as P
 
 from dora_jax.adapters import (
     Adapter,
+    _concrete_mesh,
     _Decomposed,
+    _explicit_mesh,
     _pytree_dataclass,
+    _spec_on,
     _varying_axes,
     is_adapter,
+    reshard_in_steps,
     static,
     to_kernel_layout,
 )
@@ -827,16 +831,41 @@ def _node_spec(view: _View, spec) -> tuple:
 def _typed(x: jax.Array, spec, mesh) -> jax.Array:
     """``x`` resharded to ``spec`` where ``mesh`` has ``Explicit`` axes and ``x``'s type
     says otherwise: there ``shard_map`` checks its ``in_specs`` against the arguments' types,
-    and a piece made here (VeRA's ``B`` cut from the replicated shared matrix, the scale, a
-    formed ``W'``) or a factor placed apart from its kernel may be sharded unlike the piece
-    of the kernel it enters as."""
+    operands of an elementwise op must be sharded alike, and a piece made here (VeRA's ``B``
+    cut from the replicated shared matrix, the scale, a formed ``W'``) or a factor placed
+    apart from its kernel may be sharded unlike the piece of the kernel it meets."""
     if jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
         return x
     want = (*spec, *(None,) * (x.ndim - len(spec)))
     have = getattr(jax.typeof(x).sharding, "spec", ())
-    if (*have, *(None,) * (x.ndim - len(have))) == want:
-        return x
-    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, P(*want)))
+    return reshard_in_steps(x, (*have, *(None,) * (x.ndim - len(have))), want, mesh)
+
+
+def _placed_like_kernel(node: Adapter) -> Adapter:
+    """``node`` with its small leaves resharded to follow the kernel axes they span, where
+    they sit on ``Explicit`` mesh axes (else ``node`` itself, so that an ``Auto`` mesh
+    compiles as before).
+
+    There the pieces of :meth:`Adapter.low_rank` and :meth:`Adapter.output_scale` meet
+    kernel-sized terms elementwise (``x W0 + (x L) R``, VeRA's ``A_s diag(d)``), which is a
+    sharding type error when a user placed ``B``, the magnitude or VeRA's ``b`` and ``d``
+    on other mesh axes than the kernel's: only those small leaves move (their gradients
+    move back), never the base, its codes, or an activation. The specs are
+    :func:`_field_specs`'s, the placement ``dora_jax.sharding.shardings`` gives, under
+    which nothing moves."""
+    mesh = _explicit_mesh(node)
+    if mesh is None:
+        return node
+    specs = _field_specs(node, _spec_on(node._kernel_type(), mesh))
+    if specs is None:
+        return node
+    target = _concrete_mesh(mesh, node)
+    moved = {
+        name: _typed(getattr(node, name), spec, target)
+        for name, spec in specs.items()
+        if name != "base"
+    }
+    return dataclasses.replace(node, **moved)
 
 
 @_rule("shard_map")
@@ -1156,7 +1185,7 @@ def _dot_general_rule(eqn, invals, ctx):
 
 def _factored_dot_general(eqn, view, x, kc, xc, kb, xb, kernel_first, ctx):
     """The factored ``dot_general`` of ``x`` with the adapted kernel of ``view``."""
-    node = view.node
+    node = _placed_like_kernel(view.node)
     nkc = [view.axes[d] for d in kc]  # as node (kernel) axes
     nkb = [view.axes[d] for d in kb]
     stack, inputs, outputs = node.stack, node.inputs, node.outputs
@@ -1397,7 +1426,7 @@ def _conv_rule(eqn, invals, ctx):
     if groups:  # grouped / depthwise: each output sees one group of inputs; W' is formed
         w = _materialise(view, ctx, f"a grouped convolution ({', '.join(groups)})")
         return _bind(eqn, [x, w])
-    node = view.node
+    node = _placed_like_kernel(view.node)
     rhs = tuple(view.axes[d] for d in dn.rhs_spec)  # (out, in, *window) as node axes
     if node.stack or set(rhs[1:]) != set(node.inputs) or (rhs[0],) != node.outputs:
         raise _layout_error(view, (), rhs[1:], "a convolution")
@@ -1458,6 +1487,7 @@ def _gather_rule(eqn, invals, ctx):
         or len(node.outputs) != 1
     ):
         return None
+    node = _placed_like_kernel(node)
     dtype = view.dtype
     kept = [d for d in range(len(shape)) if d not in dn.collapsed_slice_dims]
     out = axes.index(node.outputs[0])  # the feature axis, in the program's layout

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dora_jax.adapters import DoRA, DVoRA, LoRA, VeRA, is_adapter, to_kernel_layout
-from dora_jax.tree import Axes, _resolve_axes, _wrap, path_str
+from dora_jax.tree import Axes, _resolve_axes, _wrap, check_no_node_dicts, path_str
 
 PyTree = Any
 NameMap = Callable[[str, tuple], "str | None"]
@@ -206,6 +206,7 @@ def save(
     flat = jax.tree_util.tree_flatten_with_path(adapted, is_leaf=is_adapter)[0]
     nodes = [(path_str(p), x) for p, x in flat if is_adapter(x)]
     if not nodes:
+        check_no_node_dicts(adapted, "peft.save")  # restored without a target?
         raise PeftFormatError("adapted holds no adapter nodes; wrap params first.")
     kinds = sorted({type(x).__name__ for _, x in nodes})
     if len(kinds) > 1:

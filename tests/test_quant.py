@@ -641,3 +641,34 @@ def test_quantize_base_of_a_plain_array_is_a_clear_error():
         dora_jax.quantize_base(jnp.ones((8, 4)), "nf4")
     with pytest.raises(TypeError, match="dora_jax.quantize\\(x, format\\)"):
         dora_jax.quantize_base({"kernel": jnp.ones((8, 4))}, "nf4")
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8", "q4_1"])
+def test_codes_cast_to_float_are_refused_with_the_fix(fmt, x):
+    """A naive cast of the whole tree turns the integer codes into bfloat16: dequantize (and
+    so the forward and merge, jitted or not) refuses them, naming the cast that keeps them."""
+    model, _, adapted = build("mlp", x, "dora", fmt)
+    naive = jax.tree.map(lambda a: a.astype(jnp.bfloat16), adapted)
+    assert naive["fc1"]["kernel"].base.codes.dtype == jnp.bfloat16
+    message = r"integer codes.*jnp.issubdtype\(x.dtype, jnp.floating\).*does not follow a cast"
+    fn = dora_jax.apply(model.apply)
+    for run in (
+        lambda: naive["fc1"]["kernel"].base.dequantize(),
+        lambda: fn({"params": naive}, x),
+        lambda: jax.jit(fn)({"params": naive}, x),
+        lambda: dora_jax.merge(naive),
+        lambda: jax.jit(dora_jax.merge)(naive),
+    ):
+        with pytest.raises(TypeError, match=message):
+            run()
+
+    # The cast the message gives keeps the codes, and the kernel's (static) dtype with them.
+    cast = jax.tree.map(
+        lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a, adapted
+    )
+    q = cast["fc1"]["kernel"].base
+    assert q.codes.dtype == adapted["fc1"]["kernel"].base.codes.dtype
+    assert q.scales.dtype == jnp.bfloat16 and q.dequantize().dtype == jnp.float32
+    np.testing.assert_array_equal(q.dequantize(), reference_dequantize(q))
+    y = jax.jit(fn)({"params": cast}, x.astype(jnp.bfloat16))
+    np.testing.assert_allclose(y.astype(np.float32), fn({"params": adapted}, x), atol=0.1)

@@ -708,7 +708,7 @@ def test_a_tree_restored_by_orbax_without_a_target_is_a_clear_error(tmp_path, me
 
 
 @pytest.mark.parametrize("method", list(_KINDS))
-def test_a_tree_from_msgpack_restore_is_a_clear_error(method):
+def test_a_tree_from_msgpack_restore_is_a_clear_error(tmp_path, method):
     from flax import serialization
 
     adapted = _adapted_mlp(method)
@@ -719,6 +719,8 @@ def test_a_tree_from_msgpack_restore_is_a_clear_error(method):
     model, _, x = mlp_setup()
     with pytest.raises(ValueError, match="dora_jax.apply got a plain dict at .*fc1/kernel"):
         dora_jax.apply(model.apply)({"params": restored}, x)
+    with pytest.raises(ValueError, match="peft.save got a plain dict at 'fc1/kernel'"):
+        dora_jax.peft.save(tmp_path / "peft", restored, name_map=lambda path: path)
     with_target = serialization.from_bytes(adapted, data)
     equal = np.testing.assert_array_equal
     jax.tree.map(equal, dora_jax.merge(with_target), dora_jax.merge(adapted))
