@@ -136,6 +136,16 @@ def _no_target_error(targets, leaves_with_path) -> ValueError:
         for p in (path_str(path) for path, leaf in leaves_with_path if _is_float_array(leaf))
         if p.rsplit("/", 1)[-1] == top and _NOT_KERNELS.search(p)
     ]
+    rest = [(n, k) for n, k in names.most_common() if n != top]
+    if rest and not top.isdigit():
+        shown = [n for n, _ in rest[:3] if not n.isdigit()]
+        left = ", ".join(f"'{n}' ({k})" for n, k in rest[:5]) + (", ..." if len(rest) > 5 else "")
+        example += f", which leaves out the matrices named {left}" + (
+            f": name them too to adapt them, e.g. targets=r'(^|/)("
+            f"{'|'.join(re.escape(n) for n in [top, *shown])})$'"
+            if shown
+            else ""
+        )
     if others and not top.isdigit():
         example += (
             f", though that also picks {len(others)} leaf(s) under bias or norm names (e.g. "
@@ -145,7 +155,8 @@ def _no_target_error(targets, leaves_with_path) -> ValueError:
     return ValueError(
         f"No kernel matches {which}. The floating leaves with two or more axes here are "
         f"named {listed}. Pass targets= a regex searched in the '/'-joined path (e.g. "
-        f"{example}; Haiku and Gemma name their weights 'w', Equinox 'weight'), a list of "
+        f"{example}; Haiku names its weights 'w', Equinox 'weight', Gemma 'w' and, in its "
+        f"MLP, 'gating_einsum' and 'linear'), a list of "
         f"them, or a predicate (path, leaf) -> bool. A kernel not stored inputs-first, (in, "
         f"out), also needs axes=: dora_jax.infer_axes(fn, params, *args) reads them from the "
         f"model."

@@ -742,3 +742,18 @@ def test_submodules_named_like_node_fields_are_not_taken_for_restored_nodes():
     params = {name: {"kernel": jnp.ones((4, 4))} for name in ("a", "b", "base")}
     adapted = dora_jax.wrap(params, rank=2)
     assert all(dora_jax.is_adapter(adapted[name]["kernel"]) for name in params)
+
+
+def test_no_target_suggestion_says_which_matrices_its_regex_leaves_out():
+    # Gemma's weights are 'w' in attention but 'gating_einsum' and 'linear' in its MLP: the
+    # regex for the commonest name alone would adapt attention only, without a word.
+    gemma_like = {
+        "attn": {"q_einsum": {"w": jnp.ones((8, 4))}, "attn_vec_einsum": {"w": jnp.ones((4, 8))}},
+        "mlp": {"gating_einsum": jnp.ones((8, 16)), "linear": jnp.ones((16, 8))},
+    }
+    with pytest.raises(ValueError, match=r"leaves out the matrices named 'gating_einsum' \(1\), "
+                       r"'linear' \(1\): name them too") as e:  # fmt: skip
+        dora_jax.wrap(gemma_like, rank=2)
+    suggested = re.findall(r"targets=r'([^']+)'", str(e.value))[-1]
+    adapted = dora_jax.wrap(gemma_like, rank=2, targets=suggested)
+    assert len(ref.adapter_nodes(adapted)) == 4
