@@ -90,21 +90,24 @@ class _View:
 
     ``node`` is the adapter (or a :class:`_Probe` under :func:`infer_axes`); the value the
     program holds is the node's kernel with its axes permuted so that axis ``k`` is the
-    node's axis ``axes[k]``, cast to ``dtype``.
+    node's axis ``axes[k]``, cast to ``dtype``, times ``factor`` (a scalar the program
+    multiplied the kernel by, :func:`_scaled_rule`; None for none).
     """
 
-    def __init__(self, node, dtype, path: str, axes: tuple[int, ...]):
+    def __init__(self, node, dtype, path: str, axes: tuple[int, ...], factor=None):
         self.node, self.dtype, self.path, self.axes = node, dtype, path, axes
+        self.factor = factor
 
     def tree_flatten(self):
-        return (self.node,), (self.dtype, self.path, self.axes)
+        return (self.node, self.factor), (self.dtype, self.path, self.axes)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(children[0], *aux)
+        return cls(children[0], *aux, factor=children[1])
 
     def replace(self, **changes) -> _View:
-        fields = dict(node=self.node, dtype=self.dtype, path=self.path, axes=self.axes)
+        fields = dict(node=self.node, dtype=self.dtype, path=self.path, axes=self.axes,
+                      factor=self.factor)  # fmt: skip
         return _View(**{**fields, **changes})
 
 
@@ -122,6 +125,8 @@ class _Context:
     arranged: dict = dataclasses.field(default_factory=dict)
     # Inside a scan body: DoRA scales its outputs with _rescaled (see there).
     in_scan: bool = False
+    # Arrays broadcast from one value: {id: (array, the value as a scalar)} (_scalar_of).
+    broadcasts: dict = dataclasses.field(default_factory=dict)
 
     @property
     def probing(self) -> bool:
@@ -134,8 +139,9 @@ class _Context:
     def with_key(self, key, *, in_scan: bool | None = None) -> _Context:
         in_scan = self.in_scan if in_scan is None else in_scan
         return _Context(
-            key, self.strict, self.warned, found=self.found, unread=self.unread, in_scan=in_scan
-        )
+            key, self.strict, self.warned, found=self.found, unread=self.unread, in_scan=in_scan,
+            broadcasts=self.broadcasts,
+        )  # fmt: skip
 
     def output(self, base: jax.Array, z: jax.Array, post, scale) -> jax.Array:
         """An adapted contraction's output ``(base + z * post) * scale`` in ``base``'s dtype,
@@ -219,7 +225,15 @@ def _materialise(view: _View, ctx: _Context, why: str) -> jax.Array:
     w = node.materialise()
     if view.axes != _identity(w.ndim):
         w = jnp.transpose(w, view.axes)
-    return w.astype(view.dtype)
+    return _times_factor(w.astype(view.dtype), view)
+
+
+def _times_factor(y: jax.Array, view: _View) -> jax.Array:
+    """``y`` times the scalar the program multiplied ``view``'s kernel by (if any), in
+    ``y``'s dtype: a contraction is linear in its kernel, ``x (c W') = c (x W')``."""
+    if view.factor is None:
+        return y
+    return (y * view.factor).astype(y.dtype)
 
 
 def _plain(x, ctx: _Context, why: str):
@@ -276,6 +290,8 @@ def _eval(jaxpr, consts, args, ctx: _Context) -> list:
                 outs = _bind(eqn, [_plain(x, ctx, name) for x in invals])
         else:
             outs = _bind(eqn, invals)
+            if eqn.primitive.name == "broadcast_in_dim" and math.prod(np.shape(invals[0])) == 1:
+                ctx.broadcasts[id(outs[0])] = (outs[0], jnp.reshape(invals[0], ()))
         for v, o in zip(eqn.outvars, outs):
             env[v] = o
     return [read(v) for v in jaxpr.outvars]
@@ -443,9 +459,15 @@ def _rev_rule(eqn, invals, ctx):
 
 @_rule("squeeze")
 def _squeeze_rule(eqn, invals, ctx):
-    view = invals[0]
+    return _squeezed(invals[0], eqn.params["dimensions"])
+
+
+def _squeezed(view: _View, dims) -> list | None:
+    """``[view]`` with its size-1 program axes ``dims`` dropped from the node and every field
+    holding them (a squeezed stack axis takes that layer's pieces); None when the node
+    cannot be cut there. A probe forgets the axis: a contraction after it reads the others."""
     node, axes = view.node, list(view.axes)
-    for d in sorted(eqn.params["dimensions"], reverse=True):
+    for d in sorted(dims, reverse=True):
         axis = axes.pop(d)
         axes = [a - (a > axis) for a in axes]
         if isinstance(node, _Probe):
@@ -465,6 +487,100 @@ def _squeeze_rule(eqn, invals, ctx):
             inputs=tuple(a - (a > axis) for a in node.inputs),
         )
     return [view.replace(node=node, axes=tuple(axes))]
+
+
+def _single_slice(eqn, ids) -> bool:
+    """Whether a gather picks one slice of its operand, with no batch of indices:
+    ``jnp.take(w, i, axis)`` with a scalar ``i`` (haliax's ``hax.take`` of one layer), the
+    same as a ``dynamic_slice`` and a squeeze of the collapsed axes. A lookup of token ids
+    (``table[ids]``, ids of any shape, ``(batch, 1)`` in a decode step included) has
+    batch dimensions of indices and is none."""
+    dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+    shape = eqn.invars[0].aval.shape
+    return (
+        np.ndim(ids) == 1
+        and not dn.operand_batching_dims
+        and all(sizes[d] == n for d, n in enumerate(shape) if d not in dn.start_index_map)
+    )
+
+
+def _taken(eqn, view: _View, ids, ctx: _Context) -> list | None:
+    """``[view]`` cut as the single-slice gather ``eqn`` cuts the kernel (see
+    :func:`_single_slice`): each field holding a cut axis is gathered alike (same index,
+    mode and fill), then the collapsed axes are squeezed, as ``dynamic_slice`` and
+    ``squeeze`` do. A probe is followed through it, so that the contraction after it
+    records the kernel's true axes (a layer picked from a stack is not a lookup). None when
+    the node cannot be cut there: an input axis (a lookup of one row, which the lookup rule
+    reads) or shared matrices."""
+    p = eqn.params
+    dn, sizes = p["dimension_numbers"], p["slice_sizes"]
+    shape = eqn.invars[0].aval.shape
+    cuts = {}
+    for k, d in enumerate(dn.start_index_map):
+        if sizes[d] == shape[d] and d not in dn.collapsed_slice_dims:
+            continue  # taken whole (its start clamped to 0)
+        if not ctx.probing and view.axes[d] in view.node.inputs:
+            return None
+
+        def cut(x, at, k=k, size=sizes[d]):
+            slice_sizes = list(x.shape)
+            slice_sizes[at] = size
+            dnums = lax.GatherDimensionNumbers(
+                offset_dims=tuple(range(x.ndim)), collapsed_slice_dims=(), start_index_map=(at,)
+            )
+            return lax.gather(
+                x, ids[k : k + 1], dnums, tuple(slice_sizes), indices_are_sorted=True,
+                unique_indices=True, mode=p["mode"], fill_value=p["fill_value"],
+            )  # fmt: skip
+
+        cuts[d] = cut
+    cut_view = _cut_view(view, cuts, op="gather")
+    return cut_view and _squeezed(cut_view[0], dn.collapsed_slice_dims)
+
+
+# --- a kernel times a scalar ----------------------------------------------------------------
+# gemma3n's ``Einsum(w_scale=...)`` computes ``jnp.einsum(eqn, x, w * w_scale)``. Every
+# adapted use is linear in the kernel, ``x (c W') = c (x W')``: the view carries the factor
+# and the contraction (or lookup) scales its output by it.
+
+
+def _scalar_of(x, ctx: _Context):
+    """The scalar ``x`` holds (a literal, a 0-d or size-1 array, or an array broadcast from
+    one in this program), or None."""
+    if _is_view(x):
+        return None
+    if math.prod(np.shape(x)) == 1:
+        return jnp.reshape(x, ())
+    hit = ctx.broadcasts.get(id(x))
+    return hit[1] if hit is not None and hit[0] is x else None
+
+
+@_rule("mul", "div")
+def _scaled_rule(eqn, invals, ctx):
+    """``c * w``, ``w * c`` or ``w / c`` with a scalar ``c`` that is not the kernel: the view
+    with the factor ``c`` (``1 / c``). Under :func:`infer_axes` the probe goes on through
+    any product of the kernel's shape (a mask, a per-column scale): the contraction after
+    it tells the kernel's axes; apply forms W' for a non-scalar product, as before."""
+    a, b = invals
+    if _is_view(a) == _is_view(b) or (eqn.primitive.name == "div" and not _is_view(a)):
+        return None
+    at = 0 if _is_view(a) else 1
+    view, other = invals[at], invals[1 - at]
+    aval = eqn.outvars[0].aval
+    if aval.shape != eqn.invars[at].aval.shape or aval.dtype != view.dtype:
+        return None  # the product broadcasts the kernel to another shape, or casts it
+    op = eqn.primitive.name
+    if ctx.probing:
+        probe = view.node
+        via = probe.via if op in probe.via else (*probe.via, op)
+        return [view.replace(node=_Probe(probe.value, probe.index, probe.origin, probe.scanned,
+                                         via))]  # fmt: skip
+    c = _scalar_of(other, ctx)
+    if c is None:
+        return None
+    if op == "div":
+        c = 1 / c
+    return [view.replace(factor=c if view.factor is None else view.factor * c)]
 
 
 # --- sharding constraints and reshards of a kernel -----------------------------------------
@@ -543,18 +659,29 @@ def _concrete_sharding(s):
     return s if isinstance(s, jax.sharding.Sharding) else None
 
 
-#: Primitives that only lay a kernel out anew: their rules return views of it.
+#: Primitives that only lay a kernel out anew (or scale it): their rules return views of it.
 _LAYOUT_PRIMITIVES = frozenset(
-    {"rev", "transpose", "slice", "squeeze", "convert_element_type", "copy", "copy_p"}
-)
+    {"rev", "transpose", "slice", "squeeze", "convert_element_type", "copy", "copy_p",
+     "dynamic_slice", "gather", "mul", "div"}
+)  # fmt: skip
 
 
-def _relays_only(jaxpr, p) -> bool:
-    """Whether a nested jit only lays its operands out anew (``jnp.flip`` is a jit of one
-    ``rev``) and asks for no sharding: inlined, its outputs stay views of the kernels."""
+def _relays_only(jaxpr, p, invals) -> bool:
+    """Whether a nested jit only lays its kernel operands out anew (``jnp.flip`` is a jit of
+    one ``rev``) and asks for no sharding: inlined, its outputs stay views of the kernels.
+    Other operations are allowed where they compute no output but the kernels' views
+    (``jnp.take(w, i, axis=0)`` is a jit of a ``gather``, with arithmetic on ``i``)."""
     shardings = [*p.get("in_shardings", ()), *p.get("out_shardings", ())]
-    return all(e.primitive.name in _LAYOUT_PRIMITIVES for e in jaxpr.eqns) and not any(
-        _concrete_sharding(s) is not None for s in shardings
+    if any(_concrete_sharding(s) is not None for s in shardings):
+        return False
+    kernels = {v for v, x in zip(jaxpr.invars, invals) if _is_view(x)}
+    for e in jaxpr.eqns:
+        if any(v in kernels for v in e.invars if not isinstance(v, jcore.Literal)):
+            if e.primitive.name not in _LAYOUT_PRIMITIVES:
+                return False
+            kernels.update(e.outvars)
+    return all(e.primitive.name in _LAYOUT_PRIMITIVES for e in jaxpr.eqns) or all(
+        v in kernels for v in jaxpr.outvars if not isinstance(v, jcore.Literal)
     )
 
 
@@ -563,7 +690,7 @@ def _call_rule(eqn, invals, ctx):
     p = eqn.params
     closed = p.get("jaxpr", p.get("call_jaxpr"))
     jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "jaxpr") else (closed, ())
-    if eqn.primitive.name not in ("jit", "pjit") or ctx.probing or _relays_only(jaxpr, p):
+    if eqn.primitive.name not in ("jit", "pjit") or ctx.probing or _relays_only(jaxpr, p, invals):
         return _eval(jaxpr, consts, invals, ctx)
     # Stay a jit: a nested jit keeps its name and the shardings it asked for. (Donation
     # only acts on a top-level call, never inside an outer trace, so none is lost.)
@@ -709,6 +836,7 @@ def _passed_through(y, xs_body: list, rebuild: list) -> _View | None:
     for x, info in zip(xs_body, rebuild):
         if (
             info is not None
+            and x.factor is y.factor
             and (x.path, x.dtype, x.axes, type(x.node)) == (y.path, y.dtype, y.axes, type(y.node))
             and jax.tree.structure(x.node) == jax.tree.structure(y.node)
             and all(
@@ -901,7 +1029,9 @@ def _shard_map_rule(eqn, invals, ctx):
             node = _Factored.of(x.node)
             leaves, treedef = jax.tree.flatten(node)
             spec_leaves = treedef.flatten_up_to(node.specs(node_spec))
-        views.append((len(leaves), treedef, x))
+        if x.factor is not None:  # a scalar: enters replicated, after the node's pieces
+            leaves, spec_leaves = [*leaves, jnp.asarray(x.factor)], [*spec_leaves, P()]
+        views.append((len(leaves) - (x.factor is not None), treedef, x))
         args += [_typed(leaf, s, p["mesh"]) for leaf, s in zip(leaves, spec_leaves)]
         specs += spec_leaves
     axes = sorted(p["newly_manual_axes"])
@@ -916,8 +1046,11 @@ def _shard_map_rule(eqn, invals, ctx):
             else:
                 n, treedef, view = info
                 node = jax.tree.unflatten(treedef, flat[pos : pos + n])
-                inputs.append(view.replace(node=node))
                 pos += n
+                factor = None
+                if view.factor is not None:
+                    factor, pos = flat[pos], pos + 1
+                inputs.append(view.replace(node=node, factor=factor))
         if key is not None:  # a different dropout mask on every shard
             for name in axes:
                 key = jax.random.fold_in(key, lax.axis_index(name))
@@ -1179,8 +1312,10 @@ def _dot_general_rule(eqn, invals, ctx):
         if isinstance(out_sharding, P) and mesh.empty:
             mesh = jax.typeof(x).sharding.mesh
         with jax.sharding.use_abstract_mesh(mesh):
-            return [jax.sharding.auto_axes(run, out_sharding=out_sharding)(x, view.node)]
-    return [_factored_dot_general(eqn, view, x, kc, xc, kb, xb, kernel_first, ctx)]
+            y = jax.sharding.auto_axes(run, out_sharding=out_sharding)(x, view.node)
+        return [_times_factor(y, view)]
+    y = _factored_dot_general(eqn, view, x, kc, xc, kb, xb, kernel_first, ctx)
+    return [_times_factor(y, view)]
 
 
 def _factored_dot_general(eqn, view, x, kc, xc, kb, xb, kernel_first, ctx):
@@ -1445,7 +1580,7 @@ def _conv_rule(eqn, invals, ctx):
     a = to_kernel_layout(left.astype(dtype), node.base.ndim, (), node.inputs)
     h = _bind(eqn, [_dropped(node, x, ctx).astype(dtype), a], params)[0]
     y = _feature_output(y, h, feature, node, low_rank, scale, dtype, ctx)
-    return [y.astype(eqn.outvars[0].aval.dtype)]
+    return [_times_factor(y.astype(eqn.outvars[0].aval.dtype), view)]
 
 
 def _looked_up(dn, sizes, shape) -> tuple[int, ...] | None:
@@ -1474,6 +1609,10 @@ def _gather_rule(eqn, invals, ctx):
     p = eqn.params
     dn = p["dimension_numbers"]
     shape = eqn.invars[0].aval.shape
+    if _single_slice(eqn, ids):
+        taken = _taken(eqn, view, ids, ctx)
+        if taken is not None:
+            return taken
     looked = _looked_up(dn, p["slice_sizes"], shape)
     if looked is None:
         return None
@@ -1508,7 +1647,7 @@ def _gather_rule(eqn, invals, ctx):
     sizes[out] = rank
     h = _bind(eqn, [a, ids], dict(p, slice_sizes=tuple(sizes)))[0]
     y = _feature_output(y, h, feature, node, low_rank, scale, dtype, ctx)
-    return [y.astype(eqn.outvars[0].aval.dtype)]
+    return [_times_factor(y.astype(eqn.outvars[0].aval.dtype), view)]
 
 
 def _fmix32(h):
@@ -1969,7 +2108,7 @@ def _names_explicit(sharding) -> bool:
 def _returned(out, originals: dict, ctx: _Context):
     """``(output, position)``: an adapter passed through unchanged is returned as the node
     itself, with its position among the inputs; any other output with position None."""
-    if _is_view(out) and id(out.node) in originals:
+    if _is_view(out) and out.factor is None and id(out.node) in originals:
         leaf, k = originals[id(out.node)]
         if out.axes == _identity(leaf.base.ndim) and out.dtype == leaf.base.dtype:
             return leaf, k

@@ -73,7 +73,7 @@ def test_eager_strict_and_warnings():
     _, adapted, x = _setup()
 
     def uses_kernel_elementwise(p, x):
-        return x @ (p["w1"] * 2.0)
+        return x @ jnp.abs(p["w1"])
 
     with pytest.warns(dora_jax.FallbackWarning):
         dora_jax.apply(uses_kernel_elementwise)(adapted, x)

@@ -578,3 +578,105 @@ def test_a_dead_use_of_a_kernel_is_neither_read_nor_formed(method):
     adapted = perturb(dora_jax.wrap(params, rank=2, method=method, targets="w", axes=axes))
     out = jax.jit(dora_jax.apply(fn, strict=True))(adapted, x)
     close(out, fn(ref_params(adapted), x))
+
+
+def _take_loop(p, x):
+    h = x
+    for i in range(3):
+        h = jnp.tanh(h @ jnp.take(p["w"], i, axis=0))  # a gather of one layer
+    return h
+
+
+def _index_loop(p, x):
+    h = x
+    for i in range(3):
+        h = jnp.tanh(h @ p["w"][i])  # slice and squeeze
+    return h
+
+
+def _fori_loop(p, x):
+    return lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"][i]), x)  # dynamic_slice
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_a_layer_taken_from_a_stack_is_not_read_as_a_lookup(method):
+    # haliax's hax.take / NamedArray layer indexing lowers to jnp.take(w, i, axis=0): a
+    # gather of one slice. It was read as an embedding lookup over the LAYER axis, and DoRA
+    # then normed over the layers, silently. Its axes are now those of w[i], and apply cuts
+    # the node's fields along the taken axis.
+    params, x = {"w": rand(0, 3, 16, 16) * 0.5}, rand(1, 4, 16)
+    forms = {f: dora_jax.infer_axes(f, params, x) for f in (_take_loop, _index_loop, _fori_loop)}
+    for axes in forms.values():
+        assert axes == {"w": Axes((), (1,))} and not axes.unread
+    for axes in (forms[_take_loop], {"w": Axes((0,), (1,))}):  # as read; a stack by hand
+        adapted = perturb(
+            dora_jax.wrap(params, rank=2, method=method, targets="w", axes=axes), size=0.3
+        )
+        _matches_reference(_take_loop, adapted, x)
+    # A taken input axis (rows of a table) is not cut: W' is formed for it, and said so.
+    adapted = dora_jax.wrap(params, rank=2, method=method, targets="w",
+                            axes={"w": Axes((), (0,))})  # fmt: skip
+    with pytest.warns(dora_jax.FallbackWarning, match="`gather`"):
+        dora_jax.apply(lambda p, x: x @ jnp.take(p["w"], 1, axis=0))(adapted, x)
+
+
+def test_a_lookup_of_token_ids_with_take_is_still_a_lookup():
+    params = {"table": rand(0, 32, 8)}
+    for ids in (jnp.array([[1, 5, 7], [0, 2, 31]]), jnp.array([[3], [4]])):  # decode: (b, 1)
+        axes = dora_jax.infer_axes(lambda p, i: jnp.take(p["table"], i, axis=0), params, ids)
+        assert axes == {"table": Axes((), (0,))} and not axes.unread
+    # A row looked up by a scalar id is a lookup in apply (the taken axis is its input).
+    adapted = perturb(dora_jax.wrap(params, rank=2, targets="table", axes=axes), size=0.3)
+    fn = lambda p, i: jnp.tanh(jnp.take(p["table"], i, axis=0))  # noqa: E731
+    close(dora_jax.apply(fn, strict=True)(adapted, 5), fn(ref_params(adapted), 5))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_a_kernel_times_a_scalar_is_read_and_stays_factored(method):
+    # gemma3n's Einsum(w_scale=...): jnp.einsum(eqn, x, w * w_scale). The kernel was listed
+    # as unread ('mul') and said to be "not a kernel".
+    params, x = {"w": rand(0, 16, 2, 4)}, rand(1, 3, 16)
+
+    def fn(p, x):
+        return jnp.einsum("td,dnh->tnh", x, p["w"] * 16**-0.5)
+
+    axes = dora_jax.infer_axes(fn, params, x)
+    assert axes == {"w": Axes((), (0,))} and not axes.unread
+    adapted = perturb(dora_jax.wrap(params, rank=2, method=method, targets="w", axes=axes))
+    _matches_reference(fn, adapted, x)
+    # A traced factor, from an input that is differentiated; a looked-up table scaled too.
+    two_d, v = {"kernel": rand(2, 16, 16), "table": rand(3, 32, 16)}, rand(4, 4, 16)
+    ids = jnp.array([1, 5, 7, 31])
+
+    def scaled(p, x, c):
+        return jnp.tanh(x @ (p["kernel"] * c)) @ (c / 2 * p["kernel"]) + (p["table"] / c)[ids]
+
+    axes = dora_jax.infer_axes(scaled, two_d, v, 0.5)
+    assert axes == {"kernel": Axes(0, 1), "table": Axes(0, 1)} and not axes.unread
+    adapted = perturb(dora_jax.wrap(two_d, rank=2, method=method, targets="kernel|table"),
+                      size=0.3)  # fmt: skip
+    loss = lambda a, c, f: jnp.sum(jnp.sin(f(a, v, c)))  # noqa: E731
+    want = jax.value_and_grad(lambda a, c: loss(ref_params(a), c, scaled), (0, 1))(adapted, 0.7)
+    for jit in (False, True):
+        f = jax.value_and_grad(loss, (0, 1))
+        value, grads = (jax.jit(f, static_argnums=2) if jit else f)(
+            adapted, 0.7, dora_jax.apply(scaled, strict=True)
+        )
+        close(value, want[0], tol=1e-4)
+        close(grads[1], want[1][1], tol=1e-4)  # the factor's
+        for name, node in grads[0].items():
+            for leaf in type(node).trainable:
+                close(getattr(node, leaf), getattr(want[1][0][name], leaf), tol=1e-4)
+
+
+def test_a_kernel_times_an_array_is_read_but_formed():
+    # A mask of the kernel's shape: the contraction after it still tells the axes (not
+    # "not a kernel"); apply forms W' for the product and says so.
+    params, x = {"w": rand(0, 16, 8)}, rand(1, 3, 16)
+    mask = (rand(2, 16, 8) > 0).astype(jnp.float32)
+    fn = lambda p, x: x @ (p["w"] * mask)  # noqa: E731
+    axes = dora_jax.infer_axes(fn, params, x)
+    assert axes == {"w": Axes(0, 1)} and not axes.unread
+    adapted = perturb(dora_jax.wrap(params, rank=2, targets="w", axes=axes))
+    with pytest.warns(dora_jax.FallbackWarning, match="`mul`"):
+        close(dora_jax.apply(fn)(adapted, x), fn(ref_params(adapted), x))
