@@ -54,6 +54,14 @@ def device_result(code: str, devices: int, **kwargs) -> dict:
     return json.loads(line[len("RESULT") :])
 
 
+def case_result(result: dict, name: str) -> dict:
+    """Case ``name`` of a :func:`device_result` whose script records each case's outcome,
+    failing with the script's traceback where the case raised (``{"error": ...}``)."""
+    got = result[name]
+    assert "error" not in got, f"{name}:\n{got['error']}"
+    return got
+
+
 # Never the network: every Hugging Face model here is built locally.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

@@ -15,7 +15,7 @@ The device count is fixed when jax starts, so the run is one subprocess for the 
 
 import pytest
 
-from tests.helpers import ROOT, device_result
+from tests.helpers import ROOT, case_result, device_result
 
 pytestmark = pytest.mark.e2e
 
@@ -344,25 +344,19 @@ def result():
     return device_result(_SCRIPT.format(root=str(ROOT)), 8, timeout=600)
 
 
-def _ok(result, name) -> dict:
-    got = result[name]
-    assert "error" not in got, f"{name}:\n{got['error']}"
-    return got
-
-
 def _close(got: dict, name: str, tol: float) -> None:
     assert got["err"] <= tol * max(1.0, got["scale"]), f"{name}: {got}"
 
 
 def test_reference_dequantisation_matches_one_device(result):
     for fmt in FORMATS:
-        assert _ok(result, f"{fmt}/one_device")["err"] <= 1e-6, fmt
+        assert case_result(result, f"{fmt}/one_device")["err"] <= 1e-6, fmt
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_sharded_codes_dequantise_in_place_bit_for_bit(result, fmt, placement):
-    got = dict(_ok(result, f"{fmt}/{placement}/dequantize"))
+    got = dict(case_result(result, f"{fmt}/{placement}/dequantize"))
     assert not got.pop("collectives"), got
     for how, run in got.items():
         assert run["same"], f"{fmt}/{placement} {how}: differs from one device"
@@ -372,16 +366,17 @@ def test_sharded_codes_dequantise_in_place_bit_for_bit(result, fmt, placement):
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_qdora_forward_on_sharded_codes(result, fmt, placement):
-    got = _ok(result, f"{fmt}/{placement}/apply_jit")
+    got = case_result(result, f"{fmt}/{placement}/apply_jit")
     assert not got["collectives"], got["collectives"]
     _close(got, f"{fmt}/{placement}/apply_jit", 1e-4)
-    _close(_ok(result, f"{fmt}/{placement}/apply_eager"), f"{fmt}/{placement}/apply_eager", 1e-4)
+    eager = f"{fmt}/{placement}/apply_eager"
+    _close(case_result(result, eager), eager, 1e-4)
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_qdora_gradient_on_sharded_codes(result, fmt, placement):
-    got = _ok(result, f"{fmt}/{placement}/grad")
+    got = case_result(result, f"{fmt}/{placement}/grad")
     assert got["count"] == 6
     _close(got, f"{fmt}/{placement}/grad", 1e-4)
 
@@ -389,7 +384,7 @@ def test_qdora_gradient_on_sharded_codes(result, fmt, placement):
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_qdora_merge_on_sharded_codes(result, fmt, placement):
-    got = dict(_ok(result, f"{fmt}/{placement}/merge"))
+    got = dict(case_result(result, f"{fmt}/{placement}/merge"))
     assert not got.pop("collectives"), got
     for how, run in got.items():
         assert run["spec"] == run["want"], f"{fmt}/{placement} {how}: {run}"
@@ -398,14 +393,14 @@ def test_qdora_merge_on_sharded_codes(result, fmt, placement):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_forward_with_pieces_on_other_mesh_axes(result, method):
-    got = _ok(result, f"{method}/apply_jit")
+    got = case_result(result, f"{method}/apply_jit")
     assert got["specs"] == [str((None, "model")), str((None, "data", "model"))], got
     _close(got, f"{method}/apply_jit", 1e-4)
-    _close(_ok(result, f"{method}/apply_eager"), f"{method}/apply_eager", 1e-4)
+    _close(case_result(result, f"{method}/apply_eager"), f"{method}/apply_eager", 1e-4)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_gradient_with_pieces_on_other_mesh_axes(result, method):
-    got = _ok(result, f"{method}/grad")
+    got = case_result(result, f"{method}/grad")
     assert got["count"] == 2 * (3 if method in ("dora", "dvora") else 2)
     _close(got, f"{method}/grad", 1e-4)

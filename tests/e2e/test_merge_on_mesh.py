@@ -16,7 +16,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, device_result
+from tests.helpers import ROOT, case_result, device_result
 
 pytestmark = pytest.mark.e2e
 
@@ -296,12 +296,6 @@ def result():
     return device_result(_SCRIPT.format(root=str(ROOT)), 8, timeout=600)
 
 
-def _ok(result, name) -> dict:
-    got = result[name]
-    assert "error" not in got, f"{name}:\n{got['error']}"
-    return got
-
-
 def _assert_merged(got: dict, name: str) -> None:
     for kernel, run in got.items():
         if not isinstance(run, dict):
@@ -317,12 +311,12 @@ def _assert_merged(got: dict, name: str) -> None:
 def test_merge_of_a_tree_sharded_otherwise_than_its_kernels(result, mesh, method):
     for how in ("merge_eager", "merge_jit"):
         name = f"{mesh}/{method}/{how}"
-        _assert_merged(_ok(result, name), name)
+        _assert_merged(case_result(result, name), name)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_merge_on_an_explicit_mesh_moves_no_kernel_between_devices(result, method):
-    found = _ok(result, f"explicit/{method}/collectives")["found"]
+    found = case_result(result, f"explicit/{method}/collectives")["found"]
     assert not found, "kernel-sized collectives:\n" + "\n".join(found)
 
 
@@ -330,7 +324,7 @@ def test_merge_on_an_explicit_mesh_moves_no_kernel_between_devices(result, metho
 @pytest.mark.parametrize("method", METHODS)
 def test_partition_and_combine_keep_the_placed_leaves(result, mesh, method):
     name = f"{mesh}/{method}/partition_combine"
-    got = _ok(result, name)
+    got = case_result(result, name)
     assert got.pop("same_leaves"), name
     _assert_merged(got, name)
 
@@ -338,14 +332,14 @@ def test_partition_and_combine_keep_the_placed_leaves(result, mesh, method):
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize("method", METHODS)
 def test_factored_forward_on_the_mesh(result, mesh, method):
-    got = _ok(result, f"{mesh}/{method}/apply")
+    got = case_result(result, f"{mesh}/{method}/apply")
     assert got["err"] <= 1e-4 * max(1.0, got["scale"]), got
 
 
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize("method", METHODS)
 def test_peft_save_writes_the_placed_leaves(result, mesh, method):
-    got = _ok(result, f"{mesh}/{method}/peft_save")
+    got = case_result(result, f"{mesh}/{method}/peft_save")
     if "missing" in got:
         pytest.skip(f"needs {got['missing']}")
     assert got["count"] > 0 and got["err"] == 0.0, got
@@ -354,6 +348,6 @@ def test_peft_save_writes_the_placed_leaves(result, mesh, method):
 def test_to_hf_writes_the_merged_kernels(result):
     if importlib.util.find_spec("safetensors") is None:
         pytest.skip("needs safetensors")
-    got = _ok(result, "explicit/dora/to_hf")
+    got = case_result(result, "explicit/dora/to_hf")
     assert got["err"] <= 2e-5, got
     assert np.isfinite(got["err"])
