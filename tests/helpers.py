@@ -62,6 +62,17 @@ def case_result(result: dict, name: str) -> dict:
     return got
 
 
+def record_case(out: dict, name: str, thunk) -> None:
+    """``out[name] = thunk()``, or ``{"error": traceback}`` where it raised: the recorder of
+    the device scripts whose cases :func:`case_result` reads."""
+    try:
+        out[name] = thunk()
+    except Exception:
+        import traceback
+
+        out[name] = {"error": traceback.format_exc()[-2500:]}
+
+
 # Never the network: every Hugging Face model here is built locally.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

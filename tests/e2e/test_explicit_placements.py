@@ -24,11 +24,12 @@ PLACEMENTS = ("rules", "hand")
 METHODS = ("lora", "dora", "vera", "dvora")
 
 _SCRIPT = r"""
-import dataclasses, json, re, sys, traceback, warnings
+import dataclasses, functools, json, re, sys, warnings
 sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 import dora_jax
+from tests.helpers import record_case
 
 jax.config.update("jax_default_matmul_precision", "highest")
 warnings.simplefilter("ignore")
@@ -46,11 +47,7 @@ assert all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
 out = {{}}
 
 
-def case(name, thunk):
-    try:
-        out[name] = thunk()
-    except Exception:
-        out[name] = {{"error": traceback.format_exc()[-2500:]}}
+case = functools.partial(record_case, out)
 
 
 def put(x, spec):

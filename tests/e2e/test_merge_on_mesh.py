@@ -24,11 +24,12 @@ METHODS = ("lora", "dora", "vera", "dvora")
 MESHES = ("explicit", "auto")
 
 _SCRIPT = r"""
-import dataclasses, importlib.util, json, re, sys, tempfile, traceback, warnings
+import dataclasses, functools, importlib.util, json, re, sys, tempfile, warnings
 sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import dora_jax
+from tests.helpers import record_case
 
 jax.config.update("jax_default_matmul_precision", "highest")
 warnings.simplefilter("ignore")
@@ -50,11 +51,7 @@ SHARED = dict(shared_a=P("model", None), shared_b=P(None, "model"))
 out = {{}}
 
 
-def case(name, thunk):
-    try:
-        out[name] = thunk()
-    except Exception:
-        out[name] = {{"error": traceback.format_exc()[-2500:]}}
+case = functools.partial(record_case, out)
 
 
 def host_tree(method):
