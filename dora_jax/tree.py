@@ -889,6 +889,7 @@ def combine(frozen: PyTree, trainable: PyTree) -> PyTree:
     s_frozen = jax.tree.structure(frozen, is_leaf=is_none)
     s_trainable = jax.tree.structure(trainable, is_leaf=is_none)
     if s_frozen != s_trainable:
+        _check_trainable_not_restored_as_dicts(frozen, trainable)
         raise ValueError(
             "combine(frozen, trainable) got trees of different structure; pass the two "
             "halves returned by one dora_jax.partition call (after optax updates the "
@@ -907,6 +908,34 @@ def combine(frozen: PyTree, trainable: PyTree) -> PyTree:
     combined = jax.tree.map(pick, frozen, trainable, is_leaf=is_none)
     _check_fits(combined)
     return combined
+
+
+def _check_trainable_not_restored_as_dicts(frozen: PyTree, trainable: PyTree) -> None:
+    """Refuses a trainable half holding a plain dict where ``frozen`` holds a node: saved
+    with ``flax.serialization.to_bytes`` and read back with ``msgpack_restore`` (or orbax
+    without a target), each node is a dict of its trainable fields."""
+    with_path = jax.tree_util.tree_flatten_with_path
+    nodes = {
+        jax.tree_util.keystr(p): n for p, n in with_path(frozen, is_leaf=is_adapter)[0]
+        if is_adapter(n)
+    }  # fmt: skip
+    # A node's fields are arrays (or None; a quantised base's fields a dict of their own).
+    arrays = lambda x: isinstance(x, Mapping) and all(  # noqa: E731
+        k == "base" or not isinstance(v, Mapping) for k, v in x.items()
+    )
+    for path, held in with_path(trainable, is_leaf=arrays)[0]:
+        node = nodes.get(jax.tree_util.keystr(path))
+        fields = node is not None and {f.name for f in dataclasses.fields(node)}
+        if fields and arrays(held) and set(type(node).trainable) <= set(held) <= fields:
+            raise ValueError(
+                f"combine got a plain dict at '{path_str(path)}' ({sorted(held)}) where the "
+                f"frozen half holds a dora_jax.{type(node).__name__} node: the trainable half "
+                f"was restored without a target (flax.serialization.msgpack_restore, orbax "
+                f"restore(path) with no target). Restore it into the trainable half of the "
+                f"adapted tree as a template instead: frozen, template = "
+                f"dora_jax.partition(adapted); trainable = flax.serialization.from_bytes("
+                f"template, data) (or checkpointer.restore(path, template))."
+            )
 
 
 def _node_key_sets() -> dict[frozenset[str], str]:

@@ -726,6 +726,27 @@ def test_a_tree_from_msgpack_restore_is_a_clear_error(tmp_path, method):
     jax.tree.map(equal, dora_jax.merge(with_target), dora_jax.merge(adapted))
 
 
+@pytest.mark.parametrize("method", list(_KINDS))
+def test_a_trainable_half_restored_without_a_target_is_a_clear_error(tmp_path, method):
+    # Its dicts hold trainable fields only (no base), so they look like anyone's params;
+    # combine, which has the frozen half's nodes beside them, named only the structures.
+    import orbax.checkpoint as ocp
+    from flax import serialization
+
+    frozen, trainable = dora_jax.partition(_adapted_mlp(method))
+    data = serialization.to_bytes(trainable)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "t", trainable)
+    with ocp.StandardCheckpointer() as ckpt:
+        from_orbax = ckpt.restore(tmp_path / "t")
+    for restored in (serialization.msgpack_restore(data), from_orbax):
+        with pytest.raises(ValueError, match=rf"combine got a plain dict at 'fc1/kernel' "
+                           rf".*dora_jax\.{_KINDS[method]} node.*from_bytes\(template"):
+            dora_jax.combine(frozen, restored)
+    back = dora_jax.combine(frozen, serialization.from_bytes(trainable, data))
+    jax.tree.map(np.testing.assert_array_equal, back, dora_jax.combine(frozen, trainable))
+
+
 def test_node_dicts_are_found_anywhere_and_other_dicts_pass():
     from dora_jax.tree import check_no_node_dicts
 
