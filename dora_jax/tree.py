@@ -919,10 +919,12 @@ def _check_trainable_not_restored_as_dicts(frozen: PyTree, trainable: PyTree) ->
         jax.tree_util.keystr(p): n for p, n in with_path(frozen, is_leaf=is_adapter)[0]
         if is_adapter(n)
     }  # fmt: skip
-    # A node's fields are arrays (or None; a quantised base's fields a dict of their own).
-    arrays = lambda x: isinstance(x, Mapping) and all(  # noqa: E731
-        k == "base" or not isinstance(v, Mapping) for k, v in x.items()
-    )
+
+    def arrays(x) -> bool:  # a node's fields: arrays or None, a quantised base a dict
+        return isinstance(x, Mapping) and all(
+            k == "base" or not isinstance(v, Mapping) for k, v in x.items()
+        )
+
     for path, held in with_path(trainable, is_leaf=arrays)[0]:
         node = nodes.get(jax.tree_util.keystr(path))
         fields = node is not None and {f.name for f in dataclasses.fields(node)}

@@ -740,8 +740,11 @@ def test_a_trainable_half_restored_without_a_target_is_a_clear_error(tmp_path, m
     with ocp.StandardCheckpointer() as ckpt:
         from_orbax = ckpt.restore(tmp_path / "t")
     for restored in (serialization.msgpack_restore(data), from_orbax):
-        with pytest.raises(ValueError, match=rf"combine got a plain dict at 'fc1/kernel' "
-                           rf".*dora_jax\.{_KINDS[method]} node.*from_bytes\(template"):
+        with pytest.raises(
+            ValueError,
+            match=rf"combine got a plain dict at 'fc1/kernel' "
+            rf".*dora_jax\.{_KINDS[method]} node.*from_bytes\(template",
+        ):
             dora_jax.combine(frozen, restored)
     back = dora_jax.combine(frozen, serialization.from_bytes(trainable, data))
     jax.tree.map(np.testing.assert_array_equal, back, dora_jax.combine(frozen, trainable))
