@@ -531,6 +531,10 @@ class Adapter:
         # was called with adapted params directly.
         raise self._not_an_array()
 
+    def __array__(self, dtype=None, copy=None):
+        # np.asarray(node) would otherwise be a 0-d object array holding the node.
+        raise self._not_an_array()
+
     def __getitem__(self, index):
         # An NNX layer reads its kernel as `self.kernel[...]`: an adapted NNX model called
         # directly.

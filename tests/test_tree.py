@@ -236,6 +236,9 @@ def test_calling_an_adapted_model_without_apply_says_how():
     adapted = dora_jax.wrap(layer, rank=2)
     with pytest.raises(TypeError, match=r"dora_jax.apply\(lambda model, x: model\(x\)\)"):
         adapted(x)
+    # numpy made a 0-d object array of the node, without a word.
+    with pytest.raises(TypeError, match=r"An adapter node \(DoRA, base \(4, 3\)\) was used"):
+        np.asarray(dora_jax.wrap(params, rank=2)["kernel"])
     np.testing.assert_allclose(dora_jax.apply(lambda m, x: m(x))(adapted, x), layer(x), rtol=1e-6)
 
 
