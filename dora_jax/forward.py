@@ -67,7 +67,8 @@ class _Probe:
     """A kernel followed by :func:`infer_axes`: a stand-in value and where its axes came from.
 
     ``origin[k]`` is the original kernel axis of axis ``k`` of ``value``; ``scanned`` lists
-    original axes already sliced off by enclosing scans (stack axes); ``via`` the slices
+    original axes already sliced off by enclosing scans or picked by a scalar index (stack
+    axes); ``via`` the slices
     taken of it on the way (named with the use that leaves it unread, if any).
     """
 
@@ -373,19 +374,19 @@ def _field_axis(node, roles: tuple[str, ...], axis: int) -> int | None:
 def _cut_fields(node, axis: int, cut, *, whole: bool = False) -> dict | None:
     """``{field: cut(field, its axis)}`` for the base and every field holding node axis
     ``axis``; None when the node cannot be cut there (an input axis, shared matrices, a
-    quantised base, or a field not laid out as its ``layout`` says).
+    quantised base anywhere but a stack axis, or a field not laid out as its ``layout`` says).
 
     ``whole``: ``cut`` keeps every entry of the axis, permuted or moved (a flip, a move to
     the front). An input axis may then be cut too (the column norm sums over it, so it is
     invariant to a permutation of its entries), and so may a stack axis of a node with
     shared matrices (those have no stack axes)."""
-    if node.quantised or (whole and not type(node).layout):
-        return None
+    if (node.quantised and axis not in node.stack) or (whole and not type(node).layout):
+        return None  # a quantised base's blocks run along the flattened input and output axes
     if whole and node.shared and axis not in node.stack:
         return None  # VeRA's shared matrices span the input and output axes
     if not whole and (axis in node.inputs or node.shared):
         return None
-    fields = {"base": cut(node.base, axis)}
+    fields = {"base": _cut_base(node.base, axis, cut)}
     sizes = {"stack": len(node.stack), "in": len(node.inputs), "out": len(node.outputs)}
     for name, roles in type(node).layout.items():
         value = getattr(node, name)
@@ -395,6 +396,17 @@ def _cut_fields(node, axis: int, cut, *, whole: bool = False) -> dict | None:
         if at is not None:
             fields[name] = cut(value, at)
     return fields
+
+
+def _cut_base(base, axis: int, cut):
+    """``cut(base, axis)``; a quantised base's codes, scales and offsets cut alike (its
+    stack axes lead every leaf, so stack axis ``axis`` is axis ``axis`` of each)."""
+    if not hasattr(base, "dequantize"):
+        return cut(base, axis)
+    leaves = {f: getattr(base, f) for f in ("codes", "scales", "offsets")}
+    return dataclasses.replace(
+        base, **{f: None if v is None else cut(v, axis) for f, v in leaves.items()}
+    )
 
 
 @_rule("slice")
@@ -465,15 +477,20 @@ def _squeeze_rule(eqn, invals, ctx):
 def _squeezed(view: _View, dims) -> list | None:
     """``[view]`` with its size-1 program axes ``dims`` dropped from the node and every field
     holding them (a squeezed stack axis takes that layer's pieces); None when the node
-    cannot be cut there. A probe forgets the axis: a contraction after it reads the others."""
+    cannot be cut there. A probe takes the axis as a stack axis where a matrix is left (one
+    slice of a stack), or forgets it where a vector is: a contraction after it reads the
+    others."""
     node, axes = view.node, list(view.axes)
     for d in sorted(dims, reverse=True):
         axis = axes.pop(d)
         axes = [a - (a > axis) for a in axes]
         if isinstance(node, _Probe):
             origin = node.origin[:axis] + node.origin[axis + 1 :]
-            node = _Probe(jnp.squeeze(node.value, axis), node.index, origin, node.scanned,
-                          node.via)  # fmt: skip
+            # One matrix picked from a stack (w[i], a fori_loop's dynamic slice, jnp.take of
+            # a scalar): the axis is a stack axis, one adapter per slice, as a scanned one.
+            # A pick that leaves a vector (x @ w[:, 0]) forgets an output axis.
+            scanned = node.scanned + (node.origin[axis],) * (node.value.ndim > 2)
+            node = _Probe(jnp.squeeze(node.value, axis), node.index, origin, scanned, node.via)
             continue
         if node.outputs == (axis,):
             return None  # its only output axis: no kernel left
@@ -528,9 +545,12 @@ def _taken(eqn, view: _View, ids, ctx: _Context) -> list | None:
             dnums = lax.GatherDimensionNumbers(
                 offset_dims=tuple(range(x.ndim)), collapsed_slice_dims=(), start_index_map=(at,)
             )
+            # A quantised base's integer codes take their own dtype's fill (NaN would not
+            # cast); its scales are filled as the kernel is.
+            fill = p["fill_value"] if jnp.issubdtype(x.dtype, jnp.inexact) else None
             return lax.gather(
                 x, ids[k : k + 1], dnums, tuple(slice_sizes), indices_are_sorted=True,
-                unique_indices=True, mode=p["mode"], fill_value=p["fill_value"],
+                unique_indices=True, mode=p["mode"], fill_value=fill,
             )  # fmt: skip
 
         cuts[d] = cut
@@ -2132,7 +2152,10 @@ def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> InferredAxes:
     - a ``conv_general_dilated``: the window and input-feature axes are input axes;
     - a ``gather`` embedding lookup: the looked-up (vocabulary) axis is the input axis; a
       tied ``attend`` that contracts the other axis is then its transposed use;
-    - a scanned-over axis counts as a stack axis.
+    - a scanned-over axis counts as a stack axis, and so does an axis indexed by a scalar
+      before a contraction (``w[i]`` in a Python or ``fori_loop`` loop over layers,
+      ``jnp.take(w, i, axis=0)``, Gemma's ``w_gating[0]`` and ``w_gating[1]``): one
+      adapter per slice, as for separate matrices.
 
     Nothing is computed: the function is only traced.
 

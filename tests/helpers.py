@@ -162,11 +162,13 @@ def ref_kernel(node, exact=False):
     if isinstance(node, (dora_jax.VeRA, dora_jax.DVoRA)):
         b = node.b.reshape(*stack_shape, n_out)
         v = w0 + vera_delta(node.shared_a, node.shared_b, node.d, b, n_in, n_out)
+    elif isinstance(node, dora_jax.Magnitude):
+        v = w0  # only the magnitude trains
     else:
         a = flat2(node.a, len(node.stack), len(node.inputs))
         b = node.b.reshape(*stack_shape, -1, n_out)
         v = w0 + lora_delta(a, b, node.scale)
-    if isinstance(node, (dora_jax.DoRA, dora_jax.DVoRA)):
+    if isinstance(node, (dora_jax.DoRA, dora_jax.DVoRA, dora_jax.Magnitude)):
         v = decompose(v, node.magnitude.reshape(*stack_shape, n_out), exact=exact)
     # Back to the kernel's layout: v is (*stack, in, out) over the canonical axis order.
     canonical = (*node.stack, *node.inputs, *node.outputs)

@@ -675,3 +675,51 @@ def test_codes_cast_to_float_are_refused_with_the_fix(fmt, x):
     np.testing.assert_array_equal(q.dequantize(), reference_dequantize(q))
     y = jax.jit(fn)({"params": cast}, x.astype(jnp.bfloat16))
     np.testing.assert_allclose(y.astype(np.float32), fn({"params": adapted}, x), atol=0.1)
+
+
+def _layer_loop(p, x):
+    for i in range(3):
+        x = jnp.tanh(x @ p["w"][i])
+    return x
+
+
+def _layer_fori(p, x):
+    return jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"][i]), x)
+
+
+def _layer_take(p, x):
+    return jnp.tanh(x @ jnp.take(p["w"], 1, axis=0)) + jnp.tanh(x @ jnp.take(p["w"], 2, axis=0))
+
+
+def _gemma_gating(p, x):  # Gemma's FeedForward: jnp.dot(x, w_gating[0]), w_gating[1]
+    return jax.nn.gelu(x @ p["w"][0]) * (x @ p["w"][1])
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8", "q4_1"])
+@pytest.mark.parametrize("fn", [_layer_loop, _layer_fori, _layer_take, _gemma_gating])
+def test_a_slice_of_a_quantised_stack_stays_factored(fmt, fn):
+    """``w[i]`` of a quantised stack (a loop over layers, Gemma's gating halves) cuts the
+    codes and scales of that layer: no W' is formed (strict), and values and gradients equal
+    the reference on the kernel dequantised in numpy. It formed W' of every use before."""
+    k = jax.random.split(jax.random.key(0), 2)
+    params, x = {"w": jax.random.normal(k[0], (3, 64, 64)) / 8}, jax.random.normal(k[1], (4, 64))
+    axes = dora_jax.infer_axes(fn, params, x)
+    assert axes == {"w": dora_jax.Axes((0,), (1,))}  # one adapter per slice
+    adapted = perturb(dora_jax.wrap(params, rank=4, targets="w", axes=axes), size=0.3)
+    frozen, trainable = dora_jax.partition(dora_jax.quantize_base(adapted, fmt))
+    node = frozen["w"]
+    plain = dataclasses.replace(node, base=jnp.asarray(reference_dequantize(node.base)))
+
+    def loss(t, forward):
+        return jnp.sum(jnp.sin(forward(dora_jax.combine(frozen, t), x)))
+
+    ref_forward = lambda q, x: fn(
+        ref.ref_params({"w": dataclasses.replace(q["w"], base=plain.base)}), x
+    )  # noqa: E731,E501
+    want, want_grads = jax.value_and_grad(loss)(trainable, ref_forward)
+    forward = dora_jax.apply(fn, strict=True)
+    for f in (jax.value_and_grad(loss), jax.jit(jax.value_and_grad(loss), static_argnums=1)):
+        value, grads = f(trainable, forward)
+        np.testing.assert_allclose(value, want, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads,
+                     want_grads)  # fmt: skip

@@ -325,10 +325,14 @@ def test_slices_of_output_and_stack_axes_stay_factored(method):
     x = rand(2, 3, 5)
     params = {"g": rand(0, 2, 5, 6)}
     axes = dora_jax.infer_axes(gating, params, x)
-    assert axes == {"g": Axes((), (1,))} and not axes.unread  # axis 0: output columns
-    adapted = perturb(
-        dora_jax.wrap(params, rank=2, method=method, targets="g", axes=axes), size=0.3
-    )
+    assert axes == {"g": Axes((0,), (1,))} and not axes.unread  # gate and up: two matrices
+    as_read = perturb(dora_jax.wrap(params, rank=2, method=method, targets="g", axes=axes),
+                      size=0.3)  # fmt: skip
+    assert as_read["g"].axes == Axes((0,), (1,))
+    _matches_reference(gating, as_read, x)
+    # Given by hand, axis 0 as output columns: one adapter over both halves.
+    adapted = perturb(dora_jax.wrap(params, rank=2, method=method, targets="g",
+                                    axes={"g": Axes((), (1,))}), size=0.3)  # fmt: skip
     node = adapted["g"]
     loss = lambda n: jnp.sum(jnp.sin(dora_jax.apply(gating, strict=True)({"g": n}, x)))
     ref_loss = lambda n: jnp.sum(jnp.sin(_gating_reference(n, x)))
@@ -603,12 +607,13 @@ def test_a_layer_taken_from_a_stack_is_not_read_as_a_lookup(method):
     # haliax's hax.take / NamedArray layer indexing lowers to jnp.take(w, i, axis=0): a
     # gather of one slice. It was read as an embedding lookup over the LAYER axis, and DoRA
     # then normed over the layers, silently. Its axes are now those of w[i], and apply cuts
-    # the node's fields along the taken axis.
+    # the node's fields along the taken axis. The layer axis is a stack axis in all three
+    # forms (one adapter per layer; it was an output axis: one A over all layers).
     params, x = {"w": rand(0, 3, 16, 16) * 0.5}, rand(1, 4, 16)
     forms = {f: dora_jax.infer_axes(f, params, x) for f in (_take_loop, _index_loop, _fori_loop)}
     for axes in forms.values():
-        assert axes == {"w": Axes((), (1,))} and not axes.unread
-    for axes in (forms[_take_loop], {"w": Axes((0,), (1,))}):  # as read; a stack by hand
+        assert axes == {"w": Axes((0,), (1,))} and not axes.unread
+    for axes in (forms[_take_loop], {"w": Axes((), (1,))}):  # as read; one A, by hand
         adapted = perturb(
             dora_jax.wrap(params, rank=2, method=method, targets="w", axes=axes), size=0.3
         )
