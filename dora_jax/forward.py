@@ -373,18 +373,17 @@ def _field_axis(node, roles: tuple[str, ...], axis: int) -> int | None:
 
 def _cut_fields(node, axis: int, cut, *, whole: bool = False) -> dict | None:
     """``{field: cut(field, its axis)}`` for the base and every field holding node axis
-    ``axis``; None when the node cannot be cut there (an input axis, shared matrices, a
-    quantised base anywhere but a stack axis, or a field not laid out as its ``layout`` says).
+    ``axis``; None when the node cannot be cut there (an input axis; any but a stack axis of
+    a node with VeRA's shared matrices, which span the input and output axes but no stack
+    axis, or of a quantised base, whose blocks run along the flattened input and output
+    axes; a field not laid out as its ``layout`` says).
 
     ``whole``: ``cut`` keeps every entry of the axis, permuted or moved (a flip, a move to
     the front). An input axis may then be cut too (the column norm sums over it, so it is
-    invariant to a permutation of its entries), and so may a stack axis of a node with
-    shared matrices (those have no stack axes)."""
-    if (node.quantised and axis not in node.stack) or (whole and not type(node).layout):
-        return None  # a quantised base's blocks run along the flattened input and output axes
-    if whole and node.shared and axis not in node.stack:
-        return None  # VeRA's shared matrices span the input and output axes
-    if not whole and (axis in node.inputs or node.shared):
+    invariant to a permutation of its entries)."""
+    if (node.shared or node.quantised) and axis not in node.stack:
+        return None
+    if (whole and not type(node).layout) or (not whole and axis in node.inputs):
         return None
     fields = {"base": _cut_base(node.base, axis, cut)}
     sizes = {"stack": len(node.stack), "in": len(node.inputs), "out": len(node.outputs)}

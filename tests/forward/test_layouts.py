@@ -625,6 +625,24 @@ def test_a_layer_taken_from_a_stack_is_not_read_as_a_lookup(method):
         dora_jax.apply(lambda p, x: x @ jnp.take(p["w"], 1, axis=0))(adapted, x)
 
 
+def _middle_pick(p, x):  # a fused (in, 3, out) kernel used one slice at a time
+    return sum(jnp.tanh(x @ p["w"][:, i]) for i in range(3))
+
+
+@pytest.mark.parametrize("method", ["vera", "dvora"])
+@pytest.mark.parametrize("fn", [_take_loop, _index_loop, _fori_loop, _middle_pick])
+def test_vera_layers_taken_from_a_stack_stay_factored(method, fn):
+    # Their shared matrices span no stack axis, so a stack axis is cut like LoRA's: each
+    # layer's d, b (and magnitude). W' was formed for every such use (strict: an error).
+    w = rand(0, 16, 3, 16) if fn is _middle_pick else rand(0, 3, 16, 16)
+    params, x = {"w": w * 0.5}, rand(1, 4, 16)
+    axes = dora_jax.infer_axes(fn, params, x)
+    assert axes == {"w": Axes((1,), (0,)) if fn is _middle_pick else Axes((0,), (1,))}
+    adapted = perturb(dora_jax.wrap(params, rank=4, method=method, targets="w", axes=axes),
+                      size=0.3)  # fmt: skip
+    _matches_reference(fn, adapted, x)
+
+
 def test_a_lookup_of_token_ids_with_take_is_still_a_lookup():
     params = {"table": rand(0, 32, 8)}
     for ids in (jnp.array([[1, 5, 7], [0, 2, 31]]), jnp.array([[3], [4]])):  # decode: (b, 1)
