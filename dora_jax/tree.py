@@ -316,8 +316,9 @@ def _resolve_axes(
         f"(N, D, H), Axes((), (0, 1, 2)) for a conv kernel (kh, kw, in, out)), or learn them "
         f"from the model with axes=dora_jax.infer_axes(fn, params, *args)."
         + (
-            " An NNX model: pass the module itself, wrap(model, rank=...), and its layers "
-            "say their axes."
+            " An NNX model whose kernels sit in Flax's own layers (nnx.Linear, "
+            "LinearGeneral, Einsum, Conv): pass the module itself, wrap(model, rank=...), and "
+            "those layers say their axes (a model's own layer classes do not: infer_axes)."
             if layers is None
             else " Its NNX layer does not say its layout (a LinearGeneral, Einsum with its "
             "equation, Conv or Linear would), so give this kernel's axes."
