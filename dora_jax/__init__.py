@@ -7,7 +7,7 @@ from dora_jax.forward import FallbackWarning, apply, infer_axes
 from dora_jax.optim import only_trainable
 from dora_jax.quant import QuantizedArray, quantize, quantize_base
 from dora_jax.sharding import mesh_from_string
-from dora_jax.tree import Axes, combine, merge, partition, trainable_mask, wrap
+from dora_jax.tree import Axes, combine, merge, partition, summary, trainable_mask, wrap
 
 __all__ = [
     "Axes",
@@ -34,6 +34,7 @@ __all__ = [
     "quantize",
     "quantize_base",
     "sharding",
+    "summary",
     "trainable_mask",
     "wrap",
 ]

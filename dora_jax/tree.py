@@ -849,6 +849,47 @@ def trainable_mask(adapted: PyTree) -> PyTree:
     return jax.tree.map(node_mask, adapted, is_leaf=is_adapter)
 
 
+def summary(adapted: PyTree) -> str:
+    """A table of what :func:`wrap` adapted and what it left: for each adapter node its path,
+    kind, rank, kernel shape and axes, and trainable parameters; then the floating leaves
+    with 2 or more axes that are not adapted (projections a target missed show up there),
+    and the trainable share of all parameters (as PEFT's ``print_trainable_parameters``).
+
+    Example::
+
+      adapted = dora_jax.wrap(params, rank=8)
+      print(dora_jax.summary(adapted))
+    """
+    if isinstance(adapted, nnx.Module):
+        adapted = nnx.state(adapted)
+    flat = jax.tree_util.tree_flatten_with_path(adapted, is_leaf=is_adapter)[0]
+    rows, left, total, trainable = [], [], 0, 0
+    for path, x in flat:
+        if is_adapter(x):
+            own = sum(math.prod(np.shape(getattr(x, n))) for n in x.trainable)
+            total += own + math.prod(x.shape)
+            trainable += own
+            rank = "-" if not x.trainable or x.trainable == ("magnitude",) else x.rank
+            roles = ",".join(map(str, x.stack)) or "-", ",".join(map(str, x.inputs))
+            rows.append((path_str(path), type(x).__name__, str(rank), str(tuple(x.shape)),
+                         f"{roles[0]} | {roles[1]}", f"{own:,}"))  # fmt: skip
+        elif hasattr(x, "shape") and hasattr(x, "dtype"):
+            total += math.prod(np.shape(x))
+            if _is_float_array(x) and np.ndim(x) >= 2:
+                left.append((path_str(path), str(tuple(np.shape(x)))))
+    lines = [f"adapted kernels: {len(rows)}"]
+    if rows:
+        head = ("path", "kind", "rank", "kernel", "stack | in", "trainable")
+        width = [max(len(r[k]) for r in (head, *rows)) for k in range(len(head))]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, width)) for r in (head, *rows)]
+    lines.append(f"not adapted, floating with 2 or more axes: {len(left)}")
+    pad = max((len(p) for p, _ in left), default=0)
+    lines += [f"  {p.ljust(pad)}  {shape}" for p, shape in left]
+    share = 100 * trainable / total if total else 0.0
+    lines.append(f"trainable: {trainable:,} of {total:,} parameters ({share:.4g}%)")
+    return "\n".join(lines)
+
+
 def _data_fields(node) -> list[str]:
     return [f.name for f in dataclasses.fields(node) if f.metadata.get("static") is not True]
 

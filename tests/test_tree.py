@@ -784,3 +784,31 @@ def test_no_target_suggestion_says_which_matrices_its_regex_leaves_out():
     suggested = re.findall(r"targets=r'([^']+)'", str(e.value))[-1]
     adapted = dora_jax.wrap(gemma_like, rank=2, targets=suggested)
     assert len(ref.adapter_nodes(adapted)) == 4
+
+
+def test_summary_lists_adapted_kernels_those_left_and_the_trainable_share():
+    x = jnp.ones((2, 8))
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(16, name="up")(x)
+            return nn.DenseGeneral((2, 4), name="q")(x)  # a projection the target misses
+
+    params = Block().init(jax.random.key(0), x)["params"]
+    text = dora_jax.summary(dora_jax.wrap(params, rank=2, targets="up"))
+    lines = text.splitlines()
+    assert lines[0] == "adapted kernels: 1"
+    # A (8, 2), B (2, 16), magnitude (16,).
+    assert lines[2].split() == ["up/kernel", "DoRA", "2", "(8,", "16)", "-", "|", "0", "64"]
+    assert lines[3] == "not adapted, floating with 2 or more axes: 2"
+    assert [ln.split()[0] for ln in lines[4:6]] == ["q/bias", "q/kernel"]
+    total = 8 * 16 + 16 + 16 * 8 + 8 + 64
+    assert lines[-1] == f"trainable: 64 of {total} parameters ({100 * 64 / total:.4g}%)"
+    # An NNX module, VeRA (d (4,), b (16,)), magnitude only on a quantised base.
+    layer = dora_jax.wrap(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), rank=4, method="vera")
+    assert "kernel  VeRA  4     (8, 16)  - | 0       20" in dora_jax.summary(layer)
+    quantised = dora_jax.quantize_base(
+        dora_jax.wrap(params, method="magnitude", targets="up"), "nf4"
+    )
+    assert "up/kernel  Magnitude  -     (8, 16)" in dora_jax.summary(quantised)
