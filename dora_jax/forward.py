@@ -476,8 +476,8 @@ def _squeeze_rule(eqn, invals, ctx):
 def _squeezed(view: _View, dims) -> list | None:
     """``[view]`` with its size-1 program axes ``dims`` dropped from the node and every field
     holding them (a squeezed stack axis takes that layer's pieces); None when the node
-    cannot be cut there. A probe takes the axis as a stack axis where a matrix is left (one
-    slice of a stack), or forgets it where a vector is: a contraction after it reads the
+    cannot be cut there. A probe takes a leading axis as a stack axis where a matrix is
+    left (one slice of a stack), and otherwise forgets it: a contraction after it reads the
     others."""
     node, axes = view.node, list(view.axes)
     for d in sorted(dims, reverse=True):
@@ -486,9 +486,12 @@ def _squeezed(view: _View, dims) -> list | None:
         if isinstance(node, _Probe):
             origin = node.origin[:axis] + node.origin[axis + 1 :]
             # One matrix picked from a stack (w[i], a fori_loop's dynamic slice, jnp.take of
-            # a scalar): the axis is a stack axis, one adapter per slice, as a scanned one.
-            # A pick that leaves a vector (x @ w[:, 0]) forgets an output axis.
-            scanned = node.scanned + (node.origin[axis],) * (node.value.ndim > 2)
+            # a scalar): a leading axis is a stack axis, one adapter per slice, as a scanned
+            # one. A pick of another axis (w[:, i]: stack axes lead a quantised base) or one
+            # that leaves a vector (x @ w[:, 0]) forgets an output axis.
+            picked = node.origin[axis]
+            stacked = node.value.ndim > 2 and all(picked < o for o in origin)
+            scanned = node.scanned + (picked,) * stacked
             node = _Probe(jnp.squeeze(node.value, axis), node.index, origin, scanned, node.via)
             continue
         if node.outputs == (axis,):
@@ -2151,10 +2154,11 @@ def infer_axes(fn: Callable, params: PyTree, *args, **kwargs) -> InferredAxes:
     - a ``conv_general_dilated``: the window and input-feature axes are input axes;
     - a ``gather`` embedding lookup: the looked-up (vocabulary) axis is the input axis; a
       tied ``attend`` that contracts the other axis is then its transposed use;
-    - a scanned-over axis counts as a stack axis, and so does an axis indexed by a scalar
-      before a contraction (``w[i]`` in a Python or ``fori_loop`` loop over layers,
+    - a scanned-over axis counts as a stack axis, and so does a leading axis indexed by a
+      scalar before a contraction (``w[i]`` in a Python or ``fori_loop`` loop over layers,
       ``jnp.take(w, i, axis=0)``, Gemma's ``w_gating[0]`` and ``w_gating[1]``): one
-      adapter per slice, as for separate matrices.
+      adapter per slice, as for separate matrices (an axis after others, ``w[:, i]``, is
+      an output axis).
 
     Nothing is computed: the function is only traced.
 
