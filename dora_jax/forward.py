@@ -68,8 +68,8 @@ class _Probe:
 
     ``origin[k]`` is the original kernel axis of axis ``k`` of ``value``; ``scanned`` lists
     original axes already sliced off by enclosing scans or picked by a scalar index (stack
-    axes); ``via`` the slices
-    taken of it on the way (named with the use that leaves it unread, if any).
+    axes); ``via`` the slices taken of it on the way (named with the use that leaves it
+    unread, if any).
     """
 
     def __init__(self, value, index: int, origin: tuple[int, ...], scanned: tuple[int, ...],

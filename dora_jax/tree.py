@@ -869,7 +869,7 @@ def summary(adapted: PyTree) -> str:
             own = sum(math.prod(np.shape(getattr(x, n))) for n in x.trainable)
             total += own + math.prod(x.shape)
             trainable += own
-            rank = "-" if not x.trainable or x.trainable == ("magnitude",) else x.rank
+            rank = "-" if x.trainable == ("magnitude",) else x.rank  # magnitude only: none
             roles = ",".join(map(str, x.stack)) or "-", ",".join(map(str, x.inputs))
             rows.append((path_str(path), type(x).__name__, str(rank), str(tuple(x.shape)),
                          f"{roles[0]} | {roles[1]}", f"{own:,}"))  # fmt: skip
