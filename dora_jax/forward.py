@@ -385,7 +385,8 @@ def _cut_fields(node, axis: int, cut, *, whole: bool = False) -> dict | None:
         return None
     if (whole and not type(node).layout) or (not whole and axis in node.inputs):
         return None
-    fields = {"base": _cut_base(node.base, axis, cut)}
+    # A quantised base's codes, scales and offsets too: its stack axes lead every leaf.
+    fields = {"base": jax.tree.map(lambda v: cut(v, axis), node.base)}
     sizes = {"stack": len(node.stack), "in": len(node.inputs), "out": len(node.outputs)}
     for name, roles in type(node).layout.items():
         value = getattr(node, name)
@@ -395,17 +396,6 @@ def _cut_fields(node, axis: int, cut, *, whole: bool = False) -> dict | None:
         if at is not None:
             fields[name] = cut(value, at)
     return fields
-
-
-def _cut_base(base, axis: int, cut):
-    """``cut(base, axis)``; a quantised base's codes, scales and offsets cut alike (its
-    stack axes lead every leaf, so stack axis ``axis`` is axis ``axis`` of each)."""
-    if not hasattr(base, "dequantize"):
-        return cut(base, axis)
-    leaves = {f: getattr(base, f) for f in ("codes", "scales", "offsets")}
-    return dataclasses.replace(
-        base, **{f: None if v is None else cut(v, axis) for f, v in leaves.items()}
-    )
 
 
 @_rule("slice")
@@ -529,8 +519,8 @@ def _taken(eqn, view: _View, ids, ctx: _Context) -> list | None:
     mode and fill), then the collapsed axes are squeezed, as ``dynamic_slice`` and
     ``squeeze`` do. A probe is followed through it, so that the contraction after it
     records the kernel's true axes (a layer picked from a stack is not a lookup). None when
-    the node cannot be cut there: an input axis (a lookup of one row, which the lookup rule
-    reads) or shared matrices."""
+    the node cannot be cut there (:func:`_cut_fields`): an input axis (a lookup of one row,
+    which the lookup rule reads), or other than a stack axis of VeRA or a quantised base."""
     p = eqn.params
     dn, sizes = p["dimension_numbers"], p["slice_sizes"]
     shape = eqn.invars[0].aval.shape

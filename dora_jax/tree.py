@@ -961,16 +961,10 @@ def _check_trainable_not_restored_as_dicts(frozen: PyTree, trainable: PyTree) ->
         jax.tree_util.keystr(p): n for p, n in with_path(frozen, is_leaf=is_adapter)[0]
         if is_adapter(n)
     }  # fmt: skip
-
-    def arrays(x) -> bool:  # a node's fields: arrays or None, a quantised base a dict
-        return isinstance(x, Mapping) and all(
-            k == "base" or not isinstance(v, Mapping) for k, v in x.items()
-        )
-
-    for path, held in with_path(trainable, is_leaf=arrays)[0]:
+    for path, held in with_path(trainable, is_leaf=_holds_fields)[0]:
         node = nodes.get(jax.tree_util.keystr(path))
         fields = node is not None and {f.name for f in dataclasses.fields(node)}
-        if fields and arrays(held) and set(type(node).trainable) <= set(held) <= fields:
+        if fields and _holds_fields(held) and set(type(node).trainable) <= set(held) <= fields:
             raise ValueError(
                 f"combine got a plain dict at '{path_str(path)}' ({sorted(held)}) where the "
                 f"frozen half holds a dora_jax.{type(node).__name__} node: the trainable half "
@@ -980,6 +974,14 @@ def _check_trainable_not_restored_as_dicts(frozen: PyTree, trainable: PyTree) ->
                 f"dora_jax.partition(adapted); trainable = flax.serialization.from_bytes("
                 f"template, data) (or checkpointer.restore(path, template))."
             )
+
+
+def _holds_fields(x) -> bool:
+    """Whether ``x`` could be a node restored as a dict: a mapping of string keys to arrays
+    (or None), a quantised ``base`` a dict of its own; a submodule holds dicts."""
+    return isinstance(x, Mapping) and all(
+        isinstance(k, str) and (k == "base" or not isinstance(v, Mapping)) for k, v in x.items()
+    )
 
 
 def _node_key_sets() -> dict[frozenset[str], str]:
@@ -1013,10 +1015,7 @@ def check_no_node_dicts(tree: PyTree, what: str) -> None:
 
     def walk(x, path):
         if isinstance(x, Mapping):
-            # Fields are arrays (a quantised base a dict of its own); submodules are dicts.
-            fields = all(isinstance(k, str) and (k == "base" or not isinstance(v, Mapping))
-                         for k, v in x.items())  # fmt: skip
-            kind = sets.get(frozenset(x)) if fields else None
+            kind = sets.get(frozenset(x)) if _holds_fields(x) else None
             if kind is not None:
                 raise ValueError(
                     f"{what} got a plain dict at '{'/'.join(path)}' with the fields of a "
